@@ -1,0 +1,268 @@
+"""`longwriter build`: ingest -> plan -> write -> filter -> export, as one Prefect flow.
+
+Run it:   longwriter build --instructions data.jsonl --db runs/lw.db --out runs/out
+          (no --base-url: the embedded SmolLM2 llama.cpp server is started for the run)
+
+The flow only orders and fans out. Instructions are cut into batches; each batch is three
+Prefect tasks (plan, write, filter), and every batch runs concurrently on the flow's event loop.
+Inside a task the LLM calls are plain asyncio behind the client's concurrency limit, so a
+build of 90,000 calls is a few hundred task runs, not 90,000 (a task run costs milliseconds
+and a row in Prefect's database; an LLM call inside one costs nothing extra).
+Rerunning the same command resumes from the store: finished steps are skipped, stored calls
+are never paid twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel, Field
+
+from storage.store import Store, redact_db_url
+from tasks.endpoints import open_endpoints
+from tasks.export import export_task
+from tasks.filters import FilterConfig, filter_batch
+from tasks.ingest import ingest_task
+from tasks.llm_client import LLMClient, RetryPolicy
+from tasks.plan import plan_batch
+from tasks.report import build_summary, length_histogram_png, summary_markdown
+from tasks.runtime import BuildRuntime, Progress, StageConfig, register, unregister
+from tasks.write import ContextBudget, write_batch
+
+UNFINISHED = ("pending", "planned", "written")
+
+
+class BuildSettings(BaseModel):
+    """Everything a build needs. A Prefect deployment takes it as its parameter (the UI shows a
+    form); it holds the *name* of the API key variable, never the key."""
+
+    instructions: str | None = Field(None, description="instruction file (jsonl/json/parquet/csv)")
+    db_url: str = Field("sqlite:///longwriter.db", description="store URL or SQLite path")
+    out_dir: str = Field("out", description="where shards and manifest.json go")
+    base_urls: list[str] = Field(default_factory=list, description="OpenAI-compatible /v1 URLs")
+    model: str | None = None
+    api_key_env: str = "LONGWRITER_API_KEY"
+    concurrency: int = Field(16, ge=1, le=4096)
+    min_words: int = Field(2000, ge=0)
+    limit: int | None = Field(None, ge=1, description="build only the first N instructions")
+    batch_size: int = Field(50, ge=1, description="instructions per plan/write/filter task")
+    context_window: int | None = Field(None, description="model context; default 8192 embedded")
+    max_paragraph_tokens: int = 2048
+    plan_temperature: float = 0.5
+    write_temperature: float = 0.7
+    frequency_penalty: float | None = None
+    json_plan: bool = True
+    max_repetition: float = 0.3
+    decontaminate: bool = True
+    export: bool = True
+    shard_size: int = 1000
+    request_timeout_s: float = 600.0
+    max_attempts: int = 6
+    progress: bool = False  # terminal progress bar (the CLI turns it on for a tty)
+
+    def public(self) -> dict[str, Any]:
+        """Settings safe to store and publish: the DB password hidden, no key values."""
+        d = self.model_dump()
+        d["db_url"] = redact_db_url(self.db_url)
+        return d
+
+
+def _chunks(ids: list[int], size: int) -> list[list[int]]:
+    return [ids[i : i + size] for i in range(0, len(ids), size)]
+
+
+@contextlib.asynccontextmanager
+async def _progress_reporters(
+    progress: Progress, show_bar: bool, interval_s: float = 2.0
+) -> AsyncIterator[None]:
+    """Terminal bar (rich) and a Prefect progress artifact, refreshed every few seconds."""
+    from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
+
+    artifact_id = await acreate_progress_artifact(
+        progress=0.0, key="build-progress", description="instructions finished"
+    )
+    bar: Any = None
+    task_id: Any = None
+    if show_bar:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn
+
+        bar = RichProgress(
+            TextColumn("[bold]build"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"),
+            transient=False,
+        )
+        bar.start()
+        task_id = bar.add_task("build", total=progress.instructions_total or 1, detail="")
+
+    def refresh() -> None:
+        if bar is not None:
+            bar.update(
+                task_id,
+                completed=progress.instructions_done,
+                total=progress.instructions_total or 1,
+                detail=(
+                    f"paragraphs {progress.paragraphs} · words {progress.words} · "
+                    f"accepted {progress.accepted} · {progress.tokens_per_s():.1f} tok/s"
+                ),
+            )
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            refresh()
+            pct = 100.0 * progress.instructions_done / max(1, progress.instructions_total)
+            with contextlib.suppress(Exception):  # the UI is a view; never fail the build on it
+                await aupdate_progress_artifact(artifact_id, pct)
+
+    ticker = asyncio.create_task(loop())
+    try:
+        yield
+    finally:
+        ticker.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await ticker
+        refresh()
+        if bar is not None:
+            bar.stop()
+        with contextlib.suppress(Exception):
+            await aupdate_progress_artifact(artifact_id, 100.0)
+
+
+async def run_agentwrite(rt: BuildRuntime, ids: list[int], batch_size: int) -> None:
+    """Fan out: every batch runs plan -> write -> filter; batches run concurrently."""
+    runtime_id = register(rt)
+
+    async def batch(chunk: list[int]) -> None:
+        await plan_batch(runtime_id, chunk)
+        await write_batch(runtime_id, chunk)
+        await filter_batch(runtime_id, chunk)
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for chunk in _chunks(ids, batch_size):
+                tg.create_task(batch(chunk))
+    finally:
+        unregister(runtime_id)
+
+
+@flow(name="longwriter-build", log_prints=True)
+async def build_flow(settings: BuildSettings) -> dict[str, Any]:
+    logger = get_run_logger()
+    started = time.monotonic()
+    store = Store(settings.db_url)
+    run_id = store.start_run("build", settings.public())
+    try:
+        if settings.instructions:
+            counts = ingest_task(settings.db_url, settings.instructions, settings.decontaminate)
+            logger.info("ingest %s: %s", settings.instructions, counts)
+        first = store.instruction_ids(
+            ["pending", "planned", "written", "accepted", "rejected"], settings.limit
+        )
+        ids = store.instruction_ids(UNFINISHED)
+        ids = [i for i in ids if i in set(first)]
+        logger.info("%d instructions to build (%d in scope)", len(ids), len(first))
+        progress = Progress(instructions_total=len(ids))
+        if ids:
+            extra: dict[str, Any] = {}
+            if settings.frequency_penalty is not None:
+                extra["frequency_penalty"] = settings.frequency_penalty
+            async with open_endpoints(
+                settings.base_urls,
+                settings.model,
+                settings.api_key_env,
+                settings.concurrency,
+                settings.context_window,
+            ) as resolved:
+                logger.info(
+                    "endpoints: %s (model %s%s)",
+                    [e.base_url for e in resolved.endpoints],
+                    resolved.model,
+                    ", embedded" if resolved.embedded else "",
+                )
+                policy = RetryPolicy(
+                    max_attempts=settings.max_attempts, read_timeout_s=settings.request_timeout_s
+                )
+                async with LLMClient(resolved.endpoints, resolved.model, policy) as client:
+                    rt = BuildRuntime(
+                        store=store,
+                        client=client,
+                        config=StageConfig(
+                            min_words=settings.min_words,
+                            json_plan=settings.json_plan,
+                            plan_temperature=settings.plan_temperature,
+                            write_temperature=settings.write_temperature,
+                            max_paragraph_tokens=settings.max_paragraph_tokens,
+                            context_window=resolved.context_window,
+                            extra_params=extra,
+                            filters=FilterConfig(
+                                min_words=settings.min_words,
+                                max_repetition=settings.max_repetition,
+                            ),
+                        ),
+                        progress=progress,
+                        chain_slots=asyncio.Semaphore(settings.concurrency),
+                        budget=ContextBudget(resolved.context_window),
+                    )
+                    async with _progress_reporters(progress, settings.progress):
+                        await run_agentwrite(rt, ids, settings.batch_size)
+                    logger.info(
+                        "LLM: %d calls made, %d reused from the store, %d HTTP requests, "
+                        "%d retries",
+                        progress.calls,
+                        progress.cached_calls,
+                        client.stats.requests,
+                        client.stats.retries,
+                    )
+        manifest = None
+        if settings.export:
+            manifest = export_task(settings.db_url, settings.out_dir, settings.public(), settings.shard_size)
+        summary = build_summary(store)
+        summary["wall_s"] = round(time.monotonic() - started, 2)
+        summary["out_dir"] = str(Path(settings.out_dir).resolve()) if settings.export else None
+        summary["shards"] = manifest["counts"]["shards"] if manifest else 0
+        await _publish(store, settings, summary)
+        store.finish_run(run_id, "completed", summary)
+        return summary
+    except BaseException as exc:
+        store.finish_run(run_id, "failed", {}, error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        store.close()
+
+
+async def _publish(store: Store, settings: BuildSettings, summary: dict[str, Any]) -> None:
+    """End-of-run artifacts: the summary table and a length histogram."""
+    from prefect.artifacts import acreate_markdown_artifact
+
+    md = summary_markdown(summary)
+    out = Path(settings.out_dir)
+    if settings.export:
+        png = length_histogram_png(store, out / "length_histogram.png")
+        if png is not None:
+            # Prefect's image artifact takes a URL only; a data URI keeps the picture inside the
+            # artifact so it shows on any server without a file host.
+            data = base64.b64encode(png.read_bytes()).decode("ascii")
+            md += f"\n![length histogram](data:image/png;base64,{data})\n"
+    await acreate_markdown_artifact(markdown=md, key="build-summary", description="build summary")
+
+
+def run_build(settings: BuildSettings, on_summary: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run the flow to completion in this process (the CLI's entry)."""
+    summary = asyncio.run(build_flow(settings=settings))
+    if on_summary:
+        on_summary(summary)
+    return summary
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print("use: longwriter build --help", file=sys.stderr)

@@ -1,0 +1,225 @@
+"""`longwriter`: the command line. Every subcommand is a thin shell over a Prefect flow or a
+store query; scripts and schedules call these names, so they are a contract.
+
+  longwriter build  --instructions PATH --db URL --out DIR [--base-url URL ...] [--model NAME]
+                    [--api-key-env VAR] [--concurrency N] [--min-words N] [--limit N]
+  longwriter export --db URL --out DIR
+  longwriter stats  --db URL [--json]
+  longwriter serve / eval / train / pairs   (see --help of each)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# Modules that add their own subcommands through `add_cli(subparsers)`. Missing ones (an
+# optional extra not installed) just do not appear.
+CLI_MODULES = ("flows.serve", "flows.eval", "flows.train", "flows.pairs")
+
+
+def _db_default() -> str:
+    return os.environ.get("LONGWRITER_DB_URL", "sqlite:///longwriter.db")
+
+
+def _quiet_prefect_defaults() -> None:
+    """Prefect settings for a CLI run, unless the user set them: no telemetry noise, and a
+    startup timeout that suits a 2-core machine."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def add_build_parser(sub: Any) -> None:
+    p = sub.add_parser("build", help="ingest, plan, write, filter and export a dataset")
+    p.add_argument("--instructions", help="instruction file (jsonl, json, parquet, csv)")
+    p.add_argument("--db", default=None, help="store URL or SQLite path (env LONGWRITER_DB_URL)")
+    p.add_argument("--out", default="out", help="output directory for shards + manifest")
+    p.add_argument(
+        "--base-url",
+        action="append",
+        default=None,
+        help="OpenAI-compatible /v1 URL; repeat or comma-separate for several "
+        "(env LONGWRITER_BASE_URL; none: the embedded llama.cpp server)",
+    )
+    p.add_argument("--model", default=None, help="model name (env LONGWRITER_MODEL)")
+    p.add_argument(
+        "--api-key-env",
+        default="LONGWRITER_API_KEY",
+        help="name of the environment variable holding the API key",
+    )
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--min-words", type=int, default=2000)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--context-window", type=int, default=None)
+    p.add_argument("--max-paragraph-tokens", type=int, default=2048)
+    p.add_argument("--frequency-penalty", type=float, default=None)
+    p.add_argument("--max-repetition", type=float, default=0.3)
+    p.add_argument("--no-json-plan", action="store_true", help="ask for line-format plans")
+    p.add_argument("--no-decontaminate", action="store_true")
+    p.add_argument("--no-export", action="store_true")
+    p.add_argument("--request-timeout", type=float, default=600.0)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    p.set_defaults(handler=cmd_build)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from flows.build import BuildSettings, run_build
+    from tasks.endpoints import ConfigError
+    from tasks.ingest import InputError
+    from tasks.llm_client import LLMError
+
+    if args.instructions and not Path(args.instructions).is_file():
+        return _fail(f"instructions file not found: {args.instructions}")
+    settings = BuildSettings(
+        instructions=args.instructions,
+        db_url=args.db or _db_default(),
+        out_dir=args.out,
+        base_urls=args.base_url or [],
+        model=args.model,
+        api_key_env=args.api_key_env,
+        concurrency=args.concurrency,
+        min_words=args.min_words,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        context_window=args.context_window,
+        max_paragraph_tokens=args.max_paragraph_tokens,
+        frequency_penalty=args.frequency_penalty,
+        max_repetition=args.max_repetition,
+        json_plan=not args.no_json_plan,
+        decontaminate=not args.no_decontaminate,
+        export=not args.no_export,
+        request_timeout_s=args.request_timeout,
+        progress=sys.stderr.isatty() if args.progress is None else args.progress,
+    )
+    _quiet_prefect_defaults()
+    try:
+        summary = run_build(settings)
+    except (ConfigError, InputError, LLMError) as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return _fail("interrupted; rerun the same command to resume", code=130)
+    print(_summary_table(summary))
+    return 0
+
+
+def _summary_table(summary: dict[str, Any]) -> str:
+    w = summary["words"]
+    rows = [
+        ("accepted samples", summary["accepted"]),
+        ("rejected", summary["rejected"]),
+        ("words p10/p50/p90", f"{w['p10']}/{w['p50']}/{w['p90']}"),
+        ("tokens in/out", f"{summary['tokens']['prompt']}/{summary['tokens']['completion']}"),
+        ("wall time", f"{summary.get('wall_s', 0)} s"),
+        ("shards", summary.get("out_dir") or "(export off)"),
+    ]
+    for stage, reasons in sorted(summary["rejections"].items()):
+        for reason, n in sorted(reasons.items()):
+            rows.append((f"  rejected at {stage}: {reason}", n))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def add_export_parser(sub: Any) -> None:
+    p = sub.add_parser("export", help="write shards + manifest from the store")
+    p.add_argument("--db", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.set_defaults(handler=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from storage.store import Store
+    from tasks.export import export_store
+
+    store = Store(args.db or _db_default())
+    try:
+        manifest = export_store(store, Path(args.out), {"command": "export"}, args.shard_size)
+    finally:
+        store.close()
+    print(
+        f"exported {manifest['counts']['samples']} samples in {manifest['counts']['shards']} "
+        f"shard(s) to {Path(args.out).resolve()}"
+    )
+    return 0
+
+
+def add_stats_parser(sub: Any) -> None:
+    p = sub.add_parser("stats", help="where every instruction ended, words and tokens")
+    p.add_argument("--db", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_stats)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from storage.store import Store
+
+    url = args.db or _db_default()
+    store = Store(url)
+    try:
+        stats = store.stats()
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(stats, indent=2, ensure_ascii=False))
+        return 0
+    print(f"store: {store.redacted_url}")
+    print(f"instructions: {stats['instructions']['total']}")
+    for status, n in sorted(stats["instructions"]["by_status"].items()):
+        print(f"  {status}: {n}")
+    print("rejections:")
+    for stage, reasons in sorted(stats["rejections"].items()):
+        for reason, n in sorted(reasons.items()):
+            print(f"  {stage}/{reason}: {n}")
+    for src in stats["sources"]:
+        print(
+            f"input {src['path']}: {src['records']} records = {src['instructions']} instructions"
+            f" + {src['ingest_rejections']} rejected at ingest"
+        )
+    print(f"samples: {stats['samples']['accepted']} ({stats['samples']['words']} words)")
+    for stage, c in sorted(stats["llm_calls"].items()):
+        print(
+            f"llm {stage}: {c['calls']} calls, {c['prompt_tokens']} tokens in, "
+            f"{c['completion_tokens']} out, {c['http_attempts']} HTTP attempts"
+        )
+    return 0
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"longwriter: error: {message}", file=sys.stderr)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="longwriter", description="AgentWrite long-output SFT data factory"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_build_parser(sub)
+    add_export_parser(sub)
+    add_stats_parser(sub)
+    for name in CLI_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        add = getattr(module, "add_cli", None)
+        if add is not None:
+            add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

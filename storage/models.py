@@ -1,0 +1,130 @@
+"""The factory's records. The store is the source of truth: every LLM output lands here
+before anything uses it, so a rerun resumes from these rows and never pays twice.
+
+Tables:
+  run          one row per `longwriter build/eval` invocation (settings without secrets)
+  instruction  accepted input records, one per de-duplicated instruction
+  rejection    every record or sample that stopped, with stage, reason code and detail
+  llm_call     every LLM response: raw text, model, prompt version, usage, latency, finish reason
+  plan         parsed AgentWrite plans (steps as JSON)
+  paragraph    written paragraphs, one per (instruction, step)
+  sample       accepted, assembled samples ready for export
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import Column, Index, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Run(SQLModel, table=True):
+    __tablename__ = "run"
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(index=True)  # build | eval | export
+    started_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
+    status: str = "running"  # running | completed | failed
+    settings_json: str = Field(default="{}", sa_column=Column(Text))
+    summary_json: str = Field(default="{}", sa_column=Column(Text))
+    error: str | None = Field(default=None, sa_column=Column(Text))
+
+
+class Instruction(SQLModel, table=True):
+    __tablename__ = "instruction"
+    __table_args__ = (UniqueConstraint("norm_hash", name="uq_instruction_norm_hash"),)
+    id: int | None = Field(default=None, primary_key=True)
+    uid: str = Field(index=True, unique=True)  # the input's own id, or a content hash
+    prompt: str = Field(sa_column=Column(Text, nullable=False))
+    norm_hash: str
+    length: int | None = None  # required words, when the input says
+    lang: str = "en"
+    source: str = ""  # the record's own `source` field, else the input file
+    input_file: str = Field(default="", index=True)  # for per-file line accounting
+    line_no: int | None = None
+    # pending -> planned -> written -> accepted | rejected
+    status: str = Field(default="pending", index=True)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Rejection(SQLModel, table=True):
+    __tablename__ = "rejection"
+    __table_args__ = (Index("ix_rejection_stage_reason", "stage", "reason"),)
+    id: int | None = Field(default=None, primary_key=True)
+    stage: str  # ingest | plan | write | filter | generate | judge
+    reason: str  # short machine-readable code, e.g. invalid_json, too_short
+    detail: str = Field(default="", sa_column=Column(Text))
+    instruction_id: int | None = Field(default=None, index=True, foreign_key="instruction.id")
+    source: str = ""
+    line_no: int | None = None
+    raw: str | None = Field(default=None, sa_column=Column(Text))  # excerpt of the bad input/output
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class LLMCall(SQLModel, table=True):
+    __tablename__ = "llm_call"
+    key: str = Field(primary_key=True)  # idempotency key, also sent as X-Longwriter-Request-Id
+    stage: str = Field(index=True)
+    model: str
+    prompt_version: str
+    content: str = Field(sa_column=Column(Text, nullable=False))
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: int = 0
+    attempts: int = 1
+    endpoint: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Plan(SQLModel, table=True):
+    __tablename__ = "plan"
+    instruction_id: int = Field(primary_key=True, foreign_key="instruction.id")
+    call_key: str = Field(foreign_key="llm_call.key")
+    steps_json: str = Field(sa_column=Column(Text, nullable=False))
+    n_steps: int
+    total_words: int
+    prompt_version: str
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Paragraph(SQLModel, table=True):
+    __tablename__ = "paragraph"
+    instruction_id: int = Field(primary_key=True, foreign_key="instruction.id")
+    step: int = Field(primary_key=True)  # 1-based, as in the plan
+    call_key: str = Field(foreign_key="llm_call.key")
+    # Keys of continuation calls when the first answer stopped at max_tokens.
+    continuation_keys: str = ""
+    text: str = Field(sa_column=Column(Text, nullable=False))
+    words: int
+    truncated: bool = False  # still cut by max_tokens after continuing: never passed as complete
+    prompt_version: str
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Sample(SQLModel, table=True):
+    __tablename__ = "sample"
+    instruction_id: int = Field(primary_key=True, foreign_key="instruction.id")
+    text: str = Field(sa_column=Column(Text, nullable=False))
+    words: int
+    n_paragraphs: int
+    model: str
+    prompt_version: str
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class SourceFile(SQLModel, table=True):
+    """An input file already ingested: the same bytes are never ingested twice on a rerun."""
+
+    __tablename__ = "source_file"
+    path: str = Field(primary_key=True)
+    sha256: str
+    records: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    ingested_at: datetime = Field(default_factory=utcnow)

@@ -1,0 +1,311 @@
+"""The few functions that read and write the factory's records.
+
+One writer: every write is a short transaction made from the flow's event loop thread, so
+SQLite never sees two writers at once (LLM concurrency comes from async HTTP, not threads).
+SQLite runs in WAL mode with a long busy timeout so readers (`longwriter stats` while a build
+runs) never block the writer. The same code runs on PostgreSQL by URL.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event, func
+from sqlalchemy.engine import Engine, make_url
+from sqlmodel import Session, SQLModel, col, create_engine, select
+
+from storage.models import (
+    Instruction,
+    LLMCall,
+    Paragraph,
+    Plan,
+    Rejection,
+    Run,
+    Sample,
+    SourceFile,
+    utcnow,
+)
+
+DEFAULT_DB_URL = "sqlite:///longwriter.db"
+
+
+def normalize_db_url(url: str) -> str:
+    """Accept a bare path as a SQLite file; map postgres:// to the psycopg 3 driver."""
+    if "://" not in url:
+        return f"sqlite:///{Path(url).expanduser()}"
+    if url.startswith(("postgres://", "postgresql://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def redact_db_url(url: str) -> str:
+    """The URL with any password hidden, safe for logs, artifacts and manifests."""
+    try:
+        return make_url(normalize_db_url(url)).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - a malformed URL is reported elsewhere; never echo it raw
+        return "<unparseable db url>"
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL keeps it consistent
+    cur.execute("PRAGMA busy_timeout=60000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+@dataclass(frozen=True)
+class InstructionState:
+    """What a rerun needs to resume one instruction."""
+
+    instruction: Instruction
+    plan: Plan | None
+    paragraphs: list[Paragraph]
+
+
+class Store:
+    def __init__(self, url: str = DEFAULT_DB_URL) -> None:
+        self.url = normalize_db_url(url)
+        if self.url.startswith("sqlite"):
+            path = make_url(self.url).database
+            if path and path != ":memory:":
+                Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            self.engine: Engine = create_engine(
+                self.url, connect_args={"check_same_thread": False, "timeout": 60}
+            )
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        else:
+            self.engine = create_engine(self.url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+        SQLModel.metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @property
+    def redacted_url(self) -> str:
+        return redact_db_url(self.url)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as session:
+            yield session
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def save(self, *rows: SQLModel, status: tuple[int, str] | None = None) -> None:
+        """Write rows (insert or update by primary key) and optionally move one instruction to a
+        new status, all in one transaction, so a crash never leaves half a step behind."""
+        with self.session() as s:
+            for row in rows:
+                s.merge(row)
+            if status is not None:
+                inst = s.get(Instruction, status[0])
+                if inst is not None:
+                    inst.status = status[1]
+                    s.add(inst)
+            s.commit()
+
+    def add_all(self, rows: Iterable[SQLModel]) -> None:
+        with self.session() as s:
+            s.add_all(list(rows))
+            s.commit()
+
+    def reject(
+        self,
+        instruction_id: int,
+        stage: str,
+        reason: str,
+        detail: str = "",
+        raw: str | None = None,
+        extra_rows: Iterable[SQLModel] = (),
+    ) -> None:
+        """Record why an instruction stopped and mark it rejected (one transaction)."""
+        with self.session() as s:
+            inst = s.get(Instruction, instruction_id)
+            for row in extra_rows:
+                s.merge(row)
+            s.add(
+                Rejection(
+                    stage=stage,
+                    reason=reason,
+                    detail=detail,
+                    instruction_id=instruction_id,
+                    source=inst.source if inst else "",
+                    line_no=inst.line_no if inst else None,
+                    raw=raw[:4000] if raw else raw,
+                )
+            )
+            if inst is not None:
+                inst.status = "rejected"
+                s.add(inst)
+            s.commit()
+
+    # -- runs -----------------------------------------------------------------------------
+
+    def start_run(self, kind: str, settings: dict[str, Any]) -> int:
+        run = Run(kind=kind, settings_json=json.dumps(settings, default=str, sort_keys=True))
+        with self.session() as s:
+            s.add(run)
+            s.commit()
+            s.refresh(run)
+            assert run.id is not None
+            return run.id
+
+    def finish_run(
+        self, run_id: int, status: str, summary: dict[str, Any], error: str | None = None
+    ) -> None:
+        with self.session() as s:
+            run = s.get(Run, run_id)
+            if run is None:
+                return
+            run.status = status
+            run.finished_at = utcnow()
+            run.summary_json = json.dumps(summary, default=str, sort_keys=True)
+            run.error = error
+            s.add(run)
+            s.commit()
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def get_call(self, key: str) -> LLMCall | None:
+        with self.session() as s:
+            return s.get(LLMCall, key)
+
+    def source_file(self, path: str) -> SourceFile | None:
+        with self.session() as s:
+            return s.get(SourceFile, path)
+
+    def known_instructions(self) -> dict[str, tuple[int, str]]:
+        """norm_hash -> (id, uid) of every stored instruction, for de-duplication on reruns."""
+        with self.session() as s:
+            rows = s.exec(select(Instruction.norm_hash, Instruction.id, Instruction.uid)).all()
+        return {h: (i, u) for h, i, u in rows if i is not None}
+
+    def instruction_ids(self, statuses: Iterable[str], limit: int | None = None) -> list[int]:
+        with self.session() as s:
+            q = (
+                select(Instruction.id)
+                .where(col(Instruction.status).in_(list(statuses)))
+                .order_by(col(Instruction.id))
+            )
+            if limit is not None:
+                q = q.limit(limit)
+            return [i for i in s.exec(q).all() if i is not None]
+
+    def load_states(self, ids: list[int]) -> list[InstructionState]:
+        """Instructions with their plan and stored paragraphs, in id order."""
+        if not ids:
+            return []
+        with self.session() as s:
+            insts = s.exec(select(Instruction).where(col(Instruction.id).in_(ids))).all()
+            plans = {
+                p.instruction_id: p
+                for p in s.exec(select(Plan).where(col(Plan.instruction_id).in_(ids))).all()
+            }
+            paras: dict[int, list[Paragraph]] = {}
+            for p in s.exec(
+                select(Paragraph)
+                .where(col(Paragraph.instruction_id).in_(ids))
+                .order_by(col(Paragraph.instruction_id), col(Paragraph.step))
+            ).all():
+                paras.setdefault(p.instruction_id, []).append(p)
+        by_id = {i.id: i for i in insts}
+        return [
+            InstructionState(by_id[i], plans.get(i), paras.get(i, [])) for i in ids if i in by_id
+        ]
+
+    def iter_samples(self, batch_size: int = 500) -> Iterator[tuple[Sample, Instruction, Plan]]:
+        """Accepted samples in instruction order, streamed in batches (export never holds the
+        whole dataset in memory)."""
+        last_id = 0
+        while True:
+            with self.session() as s:
+                rows = s.exec(
+                    select(Sample, Instruction, Plan)
+                    .join(Instruction, col(Instruction.id) == col(Sample.instruction_id))
+                    .join(Plan, col(Plan.instruction_id) == col(Sample.instruction_id))
+                    .where(col(Sample.instruction_id) > last_id)
+                    .order_by(col(Sample.instruction_id))
+                    .limit(batch_size)
+                ).all()
+            if not rows:
+                return
+            yield from rows
+            last_id = rows[-1][0].instruction_id
+
+    def stats(self) -> dict[str, Any]:
+        """Where every input record ended: instructions by status, rejections by stage and
+        reason, per-source line accounting, words and tokens."""
+        with self.session() as s:
+            by_status = dict(
+                s.exec(select(Instruction.status, func.count()).group_by(Instruction.status)).all()
+            )
+            rej_rows = s.exec(
+                select(Rejection.stage, Rejection.reason, func.count()).group_by(
+                    Rejection.stage, Rejection.reason
+                )
+            ).all()
+            calls = s.exec(
+                select(
+                    LLMCall.stage,
+                    func.count(),
+                    func.coalesce(func.sum(LLMCall.prompt_tokens), 0),
+                    func.coalesce(func.sum(LLMCall.completion_tokens), 0),
+                    func.coalesce(func.sum(LLMCall.attempts), 0),
+                ).group_by(LLMCall.stage)
+            ).all()
+            samples = s.exec(
+                select(func.count(), func.coalesce(func.sum(Sample.words), 0))
+            ).one()
+            sources = s.exec(select(SourceFile)).all()
+            ingest_rej = Counter(
+                dict(
+                    s.exec(
+                        select(Rejection.source, func.count())
+                        .where(Rejection.stage == "ingest")
+                        .group_by(Rejection.source)
+                    ).all()
+                )
+            )
+            inst_by_source = Counter(
+                dict(
+                    s.exec(
+                        select(Instruction.input_file, func.count()).group_by(
+                            Instruction.input_file
+                        )
+                    ).all()
+                )
+            )
+        rejections: dict[str, dict[str, int]] = {}
+        for stage, reason, n in rej_rows:
+            rejections.setdefault(stage, {})[reason] = n
+        return {
+            "instructions": {"total": sum(by_status.values()), "by_status": by_status},
+            "rejections": rejections,
+            "sources": [
+                {
+                    "path": sf.path,
+                    "records": sf.records,
+                    "instructions": inst_by_source.get(sf.path, 0),
+                    "ingest_rejections": ingest_rej.get(sf.path, 0),
+                }
+                for sf in sources
+            ],
+            "samples": {"accepted": samples[0], "words": int(samples[1])},
+            "llm_calls": {
+                stage: {
+                    "calls": n,
+                    "prompt_tokens": int(pt),
+                    "completion_tokens": int(ct),
+                    "http_attempts": int(att),
+                }
+                for stage, n, pt, ct, att in calls
+            },
+        }

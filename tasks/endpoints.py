@@ -1,0 +1,86 @@
+"""Which LLM endpoints a run talks to: the ones given (flags, env), else the embedded
+llama.cpp server, started for the run and stopped when it ends (also on errors)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from tasks.llm_client import Endpoint
+
+EMBEDDED_CONTEXT_WINDOW = 8192
+REMOTE_CONTEXT_WINDOW = 32768
+
+
+class ConfigError(ValueError):
+    """Settings that cannot work; reported as one line with a non-zero exit."""
+
+
+@dataclass(frozen=True)
+class ResolvedEndpoints:
+    endpoints: list[Endpoint]
+    model: str
+    embedded: bool
+    context_window: int
+
+
+def split_urls(values: Sequence[str] | None) -> list[str]:
+    """Flags may repeat and each may hold a comma-separated list."""
+    urls: list[str] = []
+    for v in values or []:
+        urls += [u.strip() for u in v.split(",") if u.strip()]
+    return urls
+
+
+def api_key_from_env(api_key_env: str | None) -> str | None:
+    """The key is read from the environment at run time and never stored anywhere else."""
+    for var in (api_key_env, "LONGWRITER_API_KEY"):
+        if var and os.environ.get(var):
+            return os.environ[var]
+    return None
+
+
+@asynccontextmanager
+async def open_endpoints(
+    base_urls: Sequence[str] | None,
+    model: str | None,
+    api_key_env: str | None,
+    concurrency: int,
+    context_window: int | None = None,
+) -> AsyncIterator[ResolvedEndpoints]:
+    urls = split_urls(base_urls) or split_urls([os.environ.get("LONGWRITER_BASE_URL", "")])
+    model = model or os.environ.get("LONGWRITER_MODEL") or None
+    if urls:
+        if not model:
+            raise ConfigError("--model (or LONGWRITER_MODEL) is required with --base-url")
+        for u in urls:
+            if not u.startswith(("http://", "https://")):
+                raise ConfigError(f"base URL must start with http:// or https://: {u!r}")
+        key = api_key_from_env(api_key_env)
+        # Each endpoint gets the whole concurrency: with several replicas the flow's chain
+        # limit is what bounds total load, and a slow replica just gets fewer requests.
+        yield ResolvedEndpoints(
+            [Endpoint(u, api_key=key, max_concurrency=concurrency) for u in urls],
+            model,
+            embedded=False,
+            context_window=context_window or REMOTE_CONTEXT_WINDOW,
+        )
+        return
+    from tasks.llama_server import LlamaServer
+
+    server = LlamaServer(n_ctx=context_window or EMBEDDED_CONTEXT_WINDOW)
+    try:
+        # Starting and waiting block for seconds: keep the event loop free meanwhile.
+        await asyncio.to_thread(server.start)
+        await asyncio.to_thread(server.wait_ready, 180.0)
+        yield ResolvedEndpoints(
+            [Endpoint(server.base_url, max_concurrency=concurrency)],
+            server.model,
+            embedded=True,
+            context_window=context_window or EMBEDDED_CONTEXT_WINDOW,
+        )
+    finally:
+        server.stop()

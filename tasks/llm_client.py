@@ -1,0 +1,393 @@
+"""The one HTTP client every LLM call goes through.
+
+One policy, one retry layer (tenacity): timeouts; retries on 408/409/429/5xx, dropped
+connections, timeouts and unusable bodies, with capped jittered exponential backoff that
+honours `Retry-After`; a concurrency limit per endpoint; and on every request the headers
+`X-Longwriter-Stage` and `X-Longwriter-Request-Id` (the call's idempotency key: the same
+logical call always sends the same id, so an endpoint or proxy can de-duplicate). Prefect task
+retries are kept for whole-task failures so attempts never multiply.
+
+Several endpoints (vLLM replicas) are load-balanced: each request goes to the healthy endpoint
+with the most free slots; an endpoint that keeps failing is set aside for a cool-down.
+
+Secrets: the API key lives only in the `Authorization` header; it is excluded from every repr
+and never part of an error message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import json
+import random
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+)
+
+RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+_CONTEXT_ERROR_RE = re.compile(
+    r"context.?(length|window|size)|maximum context|n_ctx|too many tokens|prompt is too long"
+    r"|exceeds? the (model'?s? )?(max|context)",
+    re.IGNORECASE,
+)
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+class LLMError(Exception):
+    """Base of the client's errors."""
+
+
+class TransientLLMError(LLMError):
+    """Worth retrying: throttled, overloaded, dropped, timed out."""
+
+    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class BadOutputError(TransientLLMError):
+    """The endpoint answered 200 with something unusable (invalid JSON body, no content).
+    Retried like a transient fault; when retries run out the item is rejected, not the build."""
+
+
+class EndpointDownError(LLMError):
+    """Transient faults outlasted the retry budget: stop the build; a rerun resumes."""
+
+
+class FatalLLMError(LLMError):
+    """A client error retrying cannot fix (401, 403, 404, bad request): stop the build."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class ContextLengthError(LLMError):
+    """The prompt does not fit the model's context window; the caller shrinks and retries."""
+
+
+# -- configuration --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    base_url: str  # e.g. http://127.0.0.1:8080/v1
+    api_key: str | None = field(default=None, repr=False, compare=False)
+    max_concurrency: int = 16
+
+    @property
+    def chat_url(self) -> str:
+        return self.base_url.rstrip("/") + "/chat/completions"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Plain data so tests can assert the policy, not just its effects."""
+
+    max_attempts: int = 6
+    initial_backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    max_retry_after_s: float = 120.0
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 600.0
+    # An endpoint with this many consecutive failures is set aside for `cooldown_s`.
+    failures_before_cooldown: int = 3
+    cooldown_s: float = 30.0
+
+    def backoff(self, attempt: int, retry_after: float | None) -> float:
+        """Seconds to wait before attempt `attempt + 1`: Retry-After when the server gave one
+        (capped, plus a little jitter so clients do not return in lockstep), else full-jitter
+        exponential backoff."""
+        if retry_after is not None and retry_after >= 0:
+            return min(retry_after, self.max_retry_after_s) + random.uniform(0, 0.1 * retry_after)
+        ceiling = min(self.max_backoff_s, self.initial_backoff_s * (2 ** (attempt - 1)))
+        return random.uniform(0, ceiling)
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """One logical LLM call. Its key is a hash of everything that determines the answer."""
+
+    stage: str
+    messages: tuple[tuple[str, str], ...]  # (role, content) pairs
+    prompt_version: str
+    max_tokens: int | None = None
+    temperature: float = 0.7
+    top_p: float | None = None
+    response_format: dict[str, Any] | None = None
+    extra: tuple[tuple[str, Any], ...] = ()  # other sampling params, e.g. frequency_penalty
+
+    @staticmethod
+    def of(
+        stage: str,
+        messages: Sequence[dict[str, str]],
+        prompt_version: str,
+        **params: Any,
+    ) -> ChatRequest:
+        known = {"max_tokens", "temperature", "top_p", "response_format"}
+        return ChatRequest(
+            stage=stage,
+            messages=tuple((m["role"], m["content"]) for m in messages),
+            prompt_version=prompt_version,
+            extra=tuple(sorted((k, v) for k, v in params.items() if k not in known)),
+            **{k: v for k, v in params.items() if k in known},
+        )
+
+    def key(self, model: str) -> str:
+        payload = {
+            "stage": self.stage,
+            "prompt_version": self.prompt_version,
+            "model": model,
+            "params": self.sampling_params(),
+            "messages": self.messages,
+        }
+        blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:40]
+
+    def sampling_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {"temperature": self.temperature}
+        if self.max_tokens is not None:
+            params["max_tokens"] = self.max_tokens
+        if self.top_p is not None:
+            params["top_p"] = self.top_p
+        if self.response_format is not None:
+            params["response_format"] = self.response_format
+        params.update(dict(self.extra))
+        return params
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    key: str
+    content: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: int
+    attempts: int
+    model: str
+    endpoint: str
+
+
+# -- client ---------------------------------------------------------------------------------
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+class _EndpointState:
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.slots = asyncio.Semaphore(endpoint.max_concurrency)
+        self.in_flight = 0
+        self.consecutive_failures = 0
+        self.set_aside_until = 0.0
+
+    def free(self) -> int:
+        return self.endpoint.max_concurrency - self.in_flight
+
+
+@dataclass
+class ClientStats:
+    requests: int = 0  # HTTP requests sent, retries included
+    retries: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+
+
+class LLMClient:
+    """Async OpenAI-compatible chat client. Create it inside the event loop that uses it
+    (httpx pools are bound to one loop) and use it as an async context manager."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[Endpoint],
+        model: str,
+        policy: RetryPolicy | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if not endpoints:
+            raise ValueError("at least one endpoint is required")
+        self.model = model
+        self.policy = policy or RetryPolicy()
+        self._states = [_EndpointState(e) for e in endpoints]
+        limits = httpx.Limits(
+            max_connections=sum(e.max_concurrency for e in endpoints) + 8,
+            max_keepalive_connections=sum(e.max_concurrency for e in endpoints),
+        )
+        timeout = httpx.Timeout(
+            self.policy.read_timeout_s, connect=self.policy.connect_timeout_s, pool=None
+        )
+        self._http = httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport)
+        self.stats = ClientStats()
+
+    async def __aenter__(self) -> LLMClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    def __repr__(self) -> str:  # never shows keys
+        urls = [s.endpoint.base_url for s in self._states]
+        return f"LLMClient(model={self.model!r}, endpoints={urls!r})"
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        return [s.endpoint for s in self._states]
+
+    def _pick(self) -> _EndpointState:
+        now = time.monotonic()
+        healthy = [s for s in self._states if s.set_aside_until <= now]
+        pool = healthy or self._states  # all set aside: still try rather than stall forever
+        return max(pool, key=lambda s: (s.free(), -s.consecutive_failures))
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        """Send one logical call, retrying transient faults; raises FatalLLMError,
+        ContextLengthError, BadOutputError (retries exhausted on unusable bodies) or
+        EndpointDownError (retries exhausted on transport/5xx/429)."""
+        key = request.key(self.model)
+        attempts = 0
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            retry_after = exc.retry_after if isinstance(exc, TransientLLMError) else None
+            return self.policy.backoff(state.attempt_number, retry_after)
+
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(TransientLLMError),
+            stop=stop_after_attempt(self.policy.max_attempts),
+            wait=wait,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    attempts += 1
+                    if attempts > 1:
+                        self.stats.retries += 1
+                    return await self._send_once(request, key, attempts)
+        except BadOutputError:
+            raise
+        except TransientLLMError as exc:
+            raise EndpointDownError(
+                f"{request.stage} call failed after {attempts} attempts: {exc}"
+            ) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _send_once(self, request: ChatRequest, key: str, attempt: int) -> ChatResult:
+        state = self._pick()
+        endpoint = state.endpoint
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": [{"role": r, "content": c} for r, c in request.messages],
+            **request.sampling_params(),
+        }
+        headers = {
+            "X-Longwriter-Stage": request.stage,
+            "X-Longwriter-Request-Id": key,
+            "X-Longwriter-Attempt": str(attempt),
+        }
+        if endpoint.api_key:
+            headers["Authorization"] = f"Bearer {endpoint.api_key}"
+        async with state.slots:
+            state.in_flight += 1
+            self.stats.requests += 1
+            started = time.perf_counter()
+            try:
+                response = await self._http.post(endpoint.chat_url, json=body, headers=headers)
+            except (httpx.TimeoutException, httpx.TransportError) as exc:
+                self._failed(state, "transport")
+                raise TransientLLMError(
+                    f"{type(exc).__name__} from {endpoint.base_url}"
+                ) from None
+            finally:
+                state.in_flight -= 1
+            latency_ms = int((time.perf_counter() - started) * 1000)
+        status = response.status_code
+        self.stats.by_status[str(status)] = self.stats.by_status.get(str(status), 0) + 1
+        if status != 200:
+            self._classify_http_error(state, response)
+        try:
+            data = response.json()
+            choice = data["choices"][0]
+            content = choice["message"].get("content")
+            finish_reason = choice.get("finish_reason")
+            usage = data.get("usage") or {}
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            self._failed(state, "bad_body")
+            raise BadOutputError(f"unparseable response body from {endpoint.base_url}") from None
+        if not isinstance(content, str) or not content.strip():
+            self._failed(state, "empty")
+            raise BadOutputError(f"empty content from {endpoint.base_url}")
+        state.consecutive_failures = 0
+        return ChatResult(
+            key=key,
+            content=content,
+            finish_reason=finish_reason,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=int(usage.get("completion_tokens") or 0),
+            latency_ms=latency_ms,
+            attempts=attempt,
+            model=str(data.get("model") or self.model),
+            endpoint=endpoint.base_url,
+        )
+
+    def _failed(self, state: _EndpointState, _kind: str) -> None:
+        state.consecutive_failures += 1
+        if state.consecutive_failures >= self.policy.failures_before_cooldown and len(
+            self._states
+        ) > 1:
+            state.set_aside_until = time.monotonic() + self.policy.cooldown_s
+
+    def _classify_http_error(self, state: _EndpointState, response: httpx.Response) -> None:
+        status = response.status_code
+        text = response.text[:500]
+        if status in RETRYABLE_STATUSES:
+            self._failed(state, str(status))
+            raise TransientLLMError(
+                f"HTTP {status} from {state.endpoint.base_url}",
+                status=status,
+                retry_after=parse_retry_after(response.headers.get("Retry-After")),
+            )
+        if status in (400, 413, 422) and _CONTEXT_ERROR_RE.search(text):
+            raise ContextLengthError(f"HTTP {status}: context window exceeded: {_one_line(text)}")
+        raise FatalLLMError(
+            f"HTTP {status} from {state.endpoint.base_url}: {_one_line(text)}", status=status
+        )
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"

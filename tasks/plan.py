@@ -1,0 +1,361 @@
+"""AgentWrite step 1: plan a long piece as paragraphs with main points and word counts.
+
+Pure core: `build_plan_request` (format_input) and `parse_plan` + `validate_plan`
+(format_output), testable without a model. The parser always accepts the paper's line format
+(`Paragraph N - Main Point: ... - Word Count: N words`), its Chinese variants (段落 / 第N段,
+主要内容, 字数), numbered lists and markdown, even when JSON was asked for, because endpoints
+that ignore `response_format` are common. A plan that fails becomes a stored rejection with the
+raw text, never an exception that stops the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from prompts import prompt_version, render
+from tasks.llm_client import ChatRequest
+
+MAX_STEPS = 50
+MIN_STEP_WORDS = 20  # the paper asks for 200-1000; anything below this is not a paragraph
+MAX_STEP_WORDS = 5000
+# Total planned words over required words: the paper's plans overshoot or undershoot a little;
+# outside this band the plan is not for the piece that was asked for.
+TOTAL_RATIO_BAND = (0.5, 2.0)
+
+
+@dataclass(frozen=True)
+class PlanStep:
+    main_point: str
+    word_count: int
+
+
+class PlanError(ValueError):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def plan_schema(max_steps: int = MAX_STEPS) -> dict[str, Any]:
+    """JSON schema for the plan; llama.cpp turns it into a grammar, OpenAI into strict JSON."""
+    return {
+        "type": "object",
+        "properties": {
+            "paragraphs": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": max_steps,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "main_point": {"type": "string", "minLength": 10, "maxLength": 400},
+                        "word_count": {"type": "integer", "minimum": 200, "maximum": 1000},
+                    },
+                    "required": ["main_point", "word_count"],
+                    "additionalProperties": False,
+                },
+            }
+        },
+        "required": ["paragraphs"],
+        "additionalProperties": False,
+    }
+
+
+def build_plan_request(
+    instruction: str,
+    target_words: int | None,
+    min_words: int,
+    *,
+    json_mode: bool = True,
+    max_steps: int = MAX_STEPS,
+    max_tokens: int = 2048,
+    temperature: float = 0.5,
+    extra_params: dict[str, Any] | None = None,
+) -> ChatRequest:
+    content = render(
+        "plan",
+        instruction=instruction,
+        target_words=target_words,
+        min_words=min_words,
+        json_mode=json_mode,
+        max_steps=max_steps,
+    )
+    params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature}
+    if json_mode:
+        params["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "plan", "strict": True, "schema": plan_schema(max_steps)},
+        }
+    params.update(extra_params or {})
+    return ChatRequest.of(
+        "plan", [{"role": "user", "content": content}], prompt_version("plan"), **params
+    )
+
+
+# -- parsing --------------------------------------------------------------------------------
+
+_NUM = r"(\d[\d,]*)"
+_CN_DIGITS = "零一二三四五六七八九十百两"
+_HEAD_RE = re.compile(
+    r"^[ \t>*#\-]*(?:"
+    r"(?:paragraph|para\.?|section|part|step)\s*(?P<en>\d+)\b"
+    r"|段落\s*(?P<zh>\d+)"
+    rf"|第\s*(?P<zh2>[\d{_CN_DIGITS}]+)\s*(?:段|部分|节)"
+    r"|(?P<num>\d+)\s*[.)、:：](?!\d)"
+    r")",
+    re.IGNORECASE | re.MULTILINE,
+)
+_COUNT_RE = re.compile(
+    r"(?:word\s*count|words?|length|字数|字數|篇幅)\s*[:：]?\s*"
+    r"(?:about|approximately|approx\.?|around|~|约|大约|大概)?\s*" + _NUM,
+    re.IGNORECASE,
+)
+_COUNT_TAIL_RE = re.compile(_NUM + r"\s*(?:words?|字)", re.IGNORECASE)
+_POINT_RE = re.compile(
+    r"(?:main\s*point|主要内容|主要观点|要点|内容)\s*[:：]\s*(?P<point>.*?)"
+    r"(?=(?:\s*[-–—|;,，；]?\s*(?:word\s*count|字数|字數)\b)|$)",
+    re.IGNORECASE | re.DOTALL,
+)
+_MD_RE = re.compile(r"\*\*|__|`")
+
+
+def _to_int(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+def _extract_json(text: str) -> Any:
+    """A JSON value from raw model text: whole, fenced, or the outermost {...} / [...]."""
+    candidates = [text.strip()]
+    candidates += re.findall(r"```(?:json)?\s*(.*?)```", text, re.DOTALL | re.IGNORECASE)
+    for open_, close in (("{", "}"), ("[", "]")):
+        start, end = text.find(open_), text.rfind(close)
+        if 0 <= start < end:
+            candidates.append(text[start : end + 1])
+    for c in candidates:
+        try:
+            return json.loads(c)
+        except (json.JSONDecodeError, ValueError):
+            continue
+    return None
+
+
+def _steps_from_json(value: Any) -> list[PlanStep] | None:
+    if isinstance(value, dict):
+        for key in ("paragraphs", "plan", "steps", "outline", "段落"):
+            if isinstance(value.get(key), list):
+                value = value[key]
+                break
+    if not isinstance(value, list) or not value:
+        return None
+    steps: list[PlanStep] = []
+    for item in value:
+        if not isinstance(item, dict):
+            return None
+        norm = {re.sub(r"[\s_-]+", "", str(k)).lower(): v for k, v in item.items()}
+        point = next(
+            (norm[k] for k in ("mainpoint", "point", "content", "summary", "主要内容") if k in norm),
+            None,
+        )
+        count = next(
+            (norm[k] for k in ("wordcount", "words", "length", "字数") if k in norm), None
+        )
+        if isinstance(count, str):
+            m = re.search(_NUM, count)
+            count = _to_int(m.group(1)) if m else None
+        if not isinstance(count, int | float) or isinstance(count, bool):
+            raise PlanError("missing_word_count", f"step {len(steps) + 1} has no word count")
+        steps.append(PlanStep(str(point or "").strip(), int(count)))
+    return steps
+
+
+def _steps_from_lines(text: str) -> list[PlanStep]:
+    text = _MD_RE.sub("", text)
+    heads = list(_HEAD_RE.finditer(text))
+    # A bare numbered list ("1. ...") only counts when nothing more specific is there, so the
+    # numbers inside "Paragraph 1 - ... 2. ..." sub-bullets do not split a step.
+    specific = [h for h in heads if h.group("num") is None]
+    heads = specific or heads
+    steps: list[PlanStep] = []
+    for i, head in enumerate(heads):
+        block = text[head.end() : heads[i + 1].start() if i + 1 < len(heads) else len(text)]
+        m = _COUNT_RE.search(block) or _COUNT_TAIL_RE.search(block)
+        if not m:
+            raise PlanError("missing_word_count", f"step {i + 1} has no word count: {block[:120]!r}")
+        pm = _POINT_RE.search(block)
+        point = pm.group("point") if pm else block[: m.start()]
+        point = re.sub(r"^[\s\-–—:：.|]+|[\s\-–—:：,，;；|(（]+$", "", point)
+        steps.append(PlanStep(" ".join(point.split()), _to_int(m.group(1))))
+    return steps
+
+
+def parse_plan(text: str) -> list[PlanStep]:
+    """Steps from raw model text. Raises PlanError('unparseable' | 'missing_word_count')."""
+    if not text or not text.strip():
+        raise PlanError("unparseable", "empty plan")
+    value = _extract_json(text)
+    if value is not None:
+        steps = _steps_from_json(value)
+        if steps:
+            return steps
+    steps = _steps_from_lines(text)
+    if not steps:
+        raise PlanError("unparseable", "no paragraph lines, numbered items or JSON found")
+    return steps
+
+
+def validate_plan(steps: list[PlanStep], required_words: int | None) -> None:
+    """Raise PlanError when the plan cannot drive the write stage."""
+    if not steps:
+        raise PlanError("no_steps", "the plan has no paragraphs")
+    if len(steps) > MAX_STEPS:
+        raise PlanError("too_many_steps", f"{len(steps)} paragraphs; at most {MAX_STEPS}")
+    for i, s in enumerate(steps, start=1):
+        if not MIN_STEP_WORDS <= s.word_count <= MAX_STEP_WORDS:
+            raise PlanError(
+                "bad_word_count",
+                f"paragraph {i} asks for {s.word_count} words "
+                f"(allowed {MIN_STEP_WORDS}-{MAX_STEP_WORDS})",
+            )
+    points = [" ".join(s.main_point.lower().split()) for s in steps]
+    blank = [i for i, p in enumerate(points, start=1) if len(re.findall(r"\w", p)) < 3]
+    if blank:
+        raise PlanError("degenerate_plan", f"paragraphs {blank} have no main point")
+    if len(steps) > 1 and len(set(points)) <= len(points) // 2:
+        raise PlanError(
+            "degenerate_plan", f"only {len(set(points))} distinct main points in {len(points)}"
+        )
+    if required_words:
+        total = sum(s.word_count for s in steps)
+        lo, hi = TOTAL_RATIO_BAND
+        if not lo <= total / required_words <= hi:
+            raise PlanError(
+                "length_mismatch",
+                f"plan totals {total} words for a required {required_words} "
+                f"(ratio {total / required_words:.2f}, allowed {lo}-{hi})",
+            )
+
+
+def steps_to_json(steps: list[PlanStep]) -> str:
+    return json.dumps([asdict(s) for s in steps], ensure_ascii=False)
+
+
+def steps_from_json(blob: str) -> list[PlanStep]:
+    return [PlanStep(**d) for d in json.loads(blob)]
+
+
+def format_step(index: int, step: PlanStep) -> str:
+    return f"Paragraph {index} - Main Point: {step.main_point} - Word Count: {step.word_count} words"
+
+
+# -- stage over the store (thin) ------------------------------------------------------------
+# Imported late so the pure core above stays importable without Prefect or a database.
+from prefect import task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from storage.models import Instruction  # noqa: E402
+from storage.models import Plan as PlanRow  # noqa: E402
+from tasks.llm_client import BadOutputError, ContextLengthError, FatalLLMError, LLMError  # noqa: E402
+from tasks.runtime import BuildRuntime, generate, get_runtime  # noqa: E402
+
+
+def _json_unsupported(exc: FatalLLMError) -> bool:
+    msg = str(exc).lower()
+    return exc.status in (400, 422) and ("response_format" in msg or "json_schema" in msg)
+
+
+async def plan_instruction(rt: BuildRuntime, inst: Instruction) -> bool:
+    """Plan one instruction; store the plan or a rejection with the raw text. True if planned."""
+    assert inst.id is not None
+    cfg = rt.config
+    while True:
+        request = build_plan_request(
+            inst.prompt,
+            inst.length,
+            cfg.min_words,
+            json_mode=cfg.json_plan,
+            max_tokens=cfg.plan_max_tokens,
+            temperature=cfg.plan_temperature,
+            extra_params=cfg.extra_params,
+        )
+        try:
+            call = await generate(rt.store, rt.client, request, rt.progress)
+            break
+        except FatalLLMError as exc:
+            if cfg.json_plan and _json_unsupported(exc):
+                cfg.json_plan = False  # endpoint has no structured output: ask for lines instead
+                continue
+            raise
+        except BadOutputError as exc:
+            rt.store.reject(inst.id, "plan", "bad_output", str(exc))
+            return False
+        except ContextLengthError as exc:
+            rt.store.reject(inst.id, "plan", "context_overflow", str(exc))
+            return False
+    try:
+        steps = parse_plan(call.content)
+        validate_plan(steps, inst.length)
+    except PlanError as exc:
+        rt.store.reject(inst.id, "plan", exc.reason, exc.detail, raw=call.content)
+        return False
+    rt.store.save(
+        PlanRow(
+            instruction_id=inst.id,
+            call_key=call.key,
+            steps_json=steps_to_json(steps),
+            n_steps=len(steps),
+            total_words=sum(s.word_count for s in steps),
+            prompt_version=request.prompt_version,
+        ),
+        status=(inst.id, "planned"),
+    )
+    return True
+
+
+def _retry_unless_llm_error(_task: Any, _run: Any, state: Any) -> bool:
+    """Prefect retries a whole task only for non-LLM failures (e.g. a database blip): LLM
+    faults were already retried by the client, so attempts never multiply."""
+    try:
+        state.result()
+    except LLMError:
+        return False
+    except Exception:  # noqa: BLE001 - any other failure is worth one task retry
+        return True
+    return False
+
+
+@task(
+    name="plan",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=1,
+    retry_delay_seconds=2,
+    retry_condition_fn=_retry_unless_llm_error,
+)
+async def plan_batch(runtime_id: str, instruction_ids: list[int]) -> int:
+    """Plan every pending instruction of a batch concurrently. Returns how many were planned."""
+    rt = get_runtime(runtime_id)
+    states = rt.store.load_states(instruction_ids)
+    todo = [s.instruction for s in states if s.instruction.status == "pending"]
+
+    async def one(inst: Instruction) -> bool:
+        async with rt.chain_slots:
+            ok = await plan_instruction(rt, inst)
+        if not ok:
+            rt.progress.rejected += 1
+            rt.progress.instructions_done += 1
+        return ok
+
+    results = await _gather(one(i) for i in todo)
+    return sum(results)
+
+
+async def _gather(coros: Any) -> list[Any]:
+    """Run coroutines concurrently; the first fatal error cancels the rest (TaskGroup)."""
+    import asyncio
+
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(c) for c in coros]
+    return [t.result() for t in tasks]

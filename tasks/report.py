@@ -1,0 +1,84 @@
+"""Run summaries: the numbers a user checks after a build (accepted, rejected by reason, words
+p10/p50/p90, tokens in and out), as a dict, a markdown table and a length histogram image."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from sqlmodel import select
+
+from storage.models import Sample
+from storage.store import Store
+
+
+def build_summary(store: Store) -> dict[str, Any]:
+    stats = store.stats()
+    with store.session() as s:
+        words = pd.Series([w for w in s.exec(select(Sample.words)).all()], dtype="float64")
+    pct = (
+        {f"p{q}": int(words.quantile(q / 100)) for q in (10, 50, 90)}
+        if len(words)
+        else {"p10": 0, "p50": 0, "p90": 0}
+    )
+    calls = stats["llm_calls"]
+    return {
+        "accepted": stats["samples"]["accepted"],
+        "rejected": sum(sum(r.values()) for r in stats["rejections"].values()),
+        "rejections": stats["rejections"],
+        "instructions": stats["instructions"],
+        "words": {"total": stats["samples"]["words"], **pct},
+        "tokens": {
+            "prompt": sum(c["prompt_tokens"] for c in calls.values()),
+            "completion": sum(c["completion_tokens"] for c in calls.values()),
+        },
+        "llm_calls": {k: v["calls"] for k, v in calls.items()},
+        "http_attempts": sum(c["http_attempts"] for c in calls.values()),
+    }
+
+
+def summary_markdown(summary: dict[str, Any], title: str = "longwriter build") -> str:
+    lines = [
+        f"# {title}",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| accepted samples | {summary['accepted']} |",
+        f"| rejected | {summary['rejected']} |",
+        f"| words p10 / p50 / p90 | {summary['words']['p10']} / {summary['words']['p50']} / "
+        f"{summary['words']['p90']} |",
+        f"| words total | {summary['words']['total']} |",
+        f"| tokens in / out | {summary['tokens']['prompt']} / {summary['tokens']['completion']} |",
+        f"| LLM calls (stored) | {sum(summary['llm_calls'].values())} |",
+        "",
+    ]
+    if summary["rejections"]:
+        lines += ["## Rejected, by stage and reason", "", "| stage | reason | count |", "|---|---|---|"]
+        for stage, reasons in sorted(summary["rejections"].items()):
+            for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
+                lines.append(f"| {stage} | {reason} | {n} |")
+    return "\n".join(lines) + "\n"
+
+
+def length_histogram_png(store: Store, path: Path) -> Path | None:
+    """A histogram of accepted sample lengths; None when there is nothing to plot."""
+    with store.session() as s:
+        words = list(s.exec(select(Sample.words)).all())
+    if not words:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.hist(words, bins=min(30, max(5, len(words) // 3)), color="#3b6ea8")
+    ax.set_xlabel("words (CJK characters + English words)")
+    ax.set_ylabel("samples")
+    ax.set_title(f"Accepted sample lengths (n={len(words)})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

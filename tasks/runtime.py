@@ -1,0 +1,138 @@
+"""What the stage tasks share during one run: the store, the LLM client, the settings and the
+progress counters. Tasks get a runtime id (a plain string, so Prefect can hash and show task
+arguments) and look the runtime up here; the client never becomes a task argument (it would
+break Prefect's cache keys and is bound to the flow's event loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from storage.models import LLMCall
+from storage.store import Store
+from tasks.filters import FilterConfig
+from tasks.llm_client import ChatRequest, LLMClient
+from tasks.write import ContextBudget
+
+
+@dataclass
+class Progress:
+    """Counters the terminal bar and the Prefect progress artifact read."""
+
+    instructions_total: int = 0
+    instructions_done: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    paragraphs: int = 0
+    words: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    calls: int = 0
+    cached_calls: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def tokens_per_s(self) -> float:
+        dt = time.monotonic() - self.started
+        return self.completion_tokens / dt if dt > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "instructions_total": self.instructions_total,
+            "instructions_done": self.instructions_done,
+            "accepted": self.accepted,
+            "rejected": self.rejected,
+            "paragraphs": self.paragraphs,
+            "words": self.words,
+            "calls": self.calls,
+            "cached_calls": self.cached_calls,
+            "completion_tokens_per_s": round(self.tokens_per_s(), 1),
+        }
+
+
+@dataclass
+class StageConfig:
+    """Sampling and budget settings of the plan and write stages."""
+
+    min_words: int = 2000
+    json_plan: bool = True
+    plan_max_tokens: int = 2048
+    plan_temperature: float = 0.5
+    write_temperature: float = 0.7
+    max_paragraph_tokens: int = 2048
+    max_continuations: int = 1
+    context_window: int = 8192
+    extra_params: dict[str, Any] = field(default_factory=dict)  # e.g. frequency_penalty
+    filters: FilterConfig = field(default_factory=FilterConfig)
+
+
+@dataclass
+class BuildRuntime:
+    store: Store
+    client: LLMClient
+    config: StageConfig
+    progress: Progress = field(default_factory=Progress)
+    # Instruction chains in flight: a chain holds at most one call at a time, so capping chains
+    # at the HTTP concurrency finishes samples progressively instead of starting every
+    # instruction at once (a crash then leaves whole samples, not thousands of half-written ones).
+    chain_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(16))
+    budget: ContextBudget = field(default_factory=ContextBudget)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+_RUNTIMES: dict[str, BuildRuntime] = {}
+
+
+def register(rt: BuildRuntime) -> str:
+    _RUNTIMES[rt.id] = rt
+    return rt.id
+
+
+def unregister(runtime_id: str) -> None:
+    _RUNTIMES.pop(runtime_id, None)
+
+
+def get_runtime(runtime_id: str) -> BuildRuntime:
+    try:
+        return _RUNTIMES[runtime_id]
+    except KeyError:
+        raise RuntimeError(
+            f"runtime {runtime_id} is not registered in this process; stage tasks must run "
+            "inside the flow that created it"
+        ) from None
+
+
+async def generate(
+    store: Store, client: LLMClient, request: ChatRequest, progress: Progress | None = None
+) -> LLMCall:
+    """The call's stored output if a previous run paid for it, else call and store it before
+    anyone uses it (invariant 1)."""
+    key = request.key(client.model)
+    cached = store.get_call(key)
+    if cached is not None:
+        if progress is not None:
+            progress.cached_calls += 1
+        return cached
+    result = await client.chat(request)
+    call = LLMCall(
+        key=key,
+        stage=request.stage,
+        model=result.model,
+        prompt_version=request.prompt_version,
+        content=result.content,
+        finish_reason=result.finish_reason,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+        latency_ms=result.latency_ms,
+        attempts=result.attempts,
+        endpoint=result.endpoint,
+    )
+    store.save(call)
+    if progress is not None:
+        progress.calls += 1
+        progress.prompt_tokens += result.prompt_tokens
+        progress.completion_tokens += result.completion_tokens
+    return call

@@ -1,0 +1,330 @@
+"""AgentWrite step 2: write the planned paragraphs in order, one call each.
+
+Each call sees the instruction, the whole plan, the text so far and the current step, and
+returns only the new paragraph. Pure core here: the request (with a context budget that keeps
+the plan, the opening and the latest paragraphs when the text so far is too long, and says
+what it left out), the marker cleaner, and the continuation request for a paragraph cut by
+`finish_reason=length`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from prompts import prompt_version, render
+from tasks.llm_client import ChatRequest
+from tasks.plan import PlanStep
+
+_CJK_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+def estimate_tokens(text: str) -> int:
+    """Conservative token estimate without a tokenizer: ~3 characters per token for Latin
+    text, 1.5 tokens per CJK character (small models' vocabularies split Chinese finely).
+    Over-estimating only costs context; under-estimating costs a failed call."""
+    cjk = len(_CJK_RE.findall(text))
+    return int((len(text) - cjk) / 3 + cjk * 1.5) + 1
+
+
+@dataclass(frozen=True)
+class ContextBudget:
+    """Token budget of one write call."""
+
+    context_window: int = 8192
+    reserve_tokens: int = 256  # chat template tokens, estimate error
+
+    def prompt_budget(self, max_tokens: int) -> int:
+        return self.context_window - max_tokens - self.reserve_tokens
+
+
+def fit_written_text(paragraphs: list[str], budget_tokens: int, keep_opening: int = 1) -> str:
+    """The text so far, joined by blank lines, within `budget_tokens`. When it does not fit,
+    keep the opening paragraph(s) and as many of the latest as fit, and mark the gap so the
+    model knows text was elided (and does not restart the story)."""
+    full = "\n\n".join(paragraphs)
+    if estimate_tokens(full) <= budget_tokens or not paragraphs:
+        return full
+    head = paragraphs[:keep_opening]
+    tail: list[str] = []
+    used = sum(estimate_tokens(p) for p in head) + 30
+    for p in reversed(paragraphs[keep_opening:]):
+        cost = estimate_tokens(p)
+        if used + cost > budget_tokens:
+            break
+        tail.insert(0, p)
+        used += cost
+    if used > budget_tokens or not tail:
+        # Even the opening does not fit next to the latest paragraph: keep the latest one,
+        # cut to the budget from its end (its end is what the next paragraph follows).
+        last = paragraphs[-1]
+        keep_chars = max(0, budget_tokens * 3 - 100)
+        omitted_all = len(paragraphs) - 1
+        note = f"[... {omitted_all} earlier paragraph(s) and the start of the last omitted ...]"
+        return note + "\n\n" + last[-keep_chars:] if keep_chars else note
+    first_omitted = keep_opening + 1
+    last_omitted = len(paragraphs) - len(tail)
+    if last_omitted >= first_omitted:
+        span = (
+            f"paragraph {first_omitted}"
+            if first_omitted == last_omitted
+            else f"paragraphs {first_omitted}-{last_omitted}"
+        )
+        gap = [f"[... {span} omitted here for length ...]"]
+    else:
+        gap = []
+    return "\n\n".join(head + gap + tail)
+
+
+def paragraph_max_tokens(word_count: int, lang: str, cap: int) -> int:
+    """Token allowance for one paragraph: room for the planned words plus slack, so a
+    paragraph that follows its plan never stops at the limit."""
+    per_unit = 2.2 if lang == "zh" else 1.6
+    return max(64, min(cap, int(word_count * per_unit) + 128))
+
+
+def build_write_request(
+    instruction: str,
+    steps: list[PlanStep],
+    written: list[str],
+    current: int,
+    *,
+    lang: str,
+    budget: ContextBudget,
+    max_paragraph_tokens: int = 2048,
+    temperature: float = 0.7,
+    extra_params: dict[str, Any] | None = None,
+) -> ChatRequest:
+    """Request for paragraph `current` (1-based) given the paragraphs written before it."""
+    max_tokens = paragraph_max_tokens(steps[current - 1].word_count, lang, max_paragraph_tokens)
+    skeleton = render(
+        "write", instruction=instruction, steps=steps, written="", current=current
+    )
+    room = budget.prompt_budget(max_tokens) - estimate_tokens(skeleton)
+    text_so_far = fit_written_text(written, max(room, 0)) if written else ""
+    content = render(
+        "write", instruction=instruction, steps=steps, written=text_so_far, current=current
+    )
+    # If even the skeleton crowds the window, give the answer what room is left: the server
+    # would otherwise reject the call outright.
+    spare = budget.context_window - budget.reserve_tokens - estimate_tokens(content)
+    max_tokens = max(64, min(max_tokens, spare))
+    params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature}
+    params.update(extra_params or {})
+    return ChatRequest.of(
+        "write", [{"role": "user", "content": content}], prompt_version("write"), **params
+    )
+
+
+def build_continue_request(
+    instruction: str,
+    step: PlanStep,
+    partial: str,
+    *,
+    lang: str,
+    budget: ContextBudget,
+    max_paragraph_tokens: int = 2048,
+    temperature: float = 0.7,
+    extra_params: dict[str, Any] | None = None,
+) -> ChatRequest:
+    """Continue a paragraph that stopped at max_tokens, from where it stopped."""
+    max_tokens = paragraph_max_tokens(step.word_count // 2, lang, max_paragraph_tokens)
+    room = budget.prompt_budget(max_tokens) - 400
+    partial_fit = partial if estimate_tokens(partial) <= room else partial[-max(room, 64) * 3 :]
+    content = render(
+        "continue", instruction=instruction, main_point=step.main_point, partial=partial_fit
+    )
+    params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature}
+    params.update(extra_params or {})
+    return ChatRequest.of(
+        "write", [{"role": "user", "content": content}], prompt_version("continue"), **params
+    )
+
+
+# -- cleaning -------------------------------------------------------------------------------
+
+_CN_NUM = "零一二三四五六七八九十百两"
+# A line that is only a section marker, optionally carrying the plan's fields.
+_MARKER_LINE_RE = re.compile(
+    r"^[ \t>#*_\-]*(?:"
+    r"(?:paragraph|para\.?|section|part)\s*\d+"
+    r"|段落\s*\d+"
+    rf"|第\s*[\d{_CN_NUM}]+\s*(?:段|部分|节)"
+    r")\s*(?:of\s*\d+)?[ \t*_]*[:：.\-–—)]?[ \t*_]*"
+    r"(?:(?:main\s*point|主要内容|要点)\s*[:：].*?)?"
+    r"(?:[-–—|]\s*(?:word\s*count|字数)\s*[:：].*)?[ \t*_]*$",
+    re.IGNORECASE,
+)
+# A marker that prefixes a title or the paragraph's first sentence: drop only the marker.
+_MARKER_PREFIX_RE = re.compile(
+    r"^(?P<lead>[ \t>#*_]*)(?:"
+    r"(?:paragraph|para\.?|section|part)\s*\d+"
+    r"|段落\s*\d+"
+    rf"|第\s*[\d{_CN_NUM}]+\s*(?:段|部分|节)"
+    r")\s*(?:of\s*\d+)?[ \t*_]*[:：.\-–—)][ \t*_]*",
+    re.IGNORECASE,
+)
+_META_LINE_RE = re.compile(
+    r"^[ \t>*_(（\[]*(?:word\s*count|字数|main\s*point|主要内容)\s*[:：].*$", re.IGNORECASE
+)
+
+
+def clean_paragraph(text: str) -> str:
+    """Remove section markers and plan echoes the model added ("Paragraph 3:", "段落3",
+    "Word Count: 600 words"), keep any subtitle text that followed a marker."""
+    lines = text.strip().splitlines()
+    out: list[str] = []
+    for line in lines:
+        if _MARKER_LINE_RE.match(line) or _META_LINE_RE.match(line):
+            continue
+        m = _MARKER_PREFIX_RE.match(line)
+        if m:
+            rest = line[m.end() :].strip()
+            if not rest:
+                continue
+            line = m.group("lead") + rest
+        out.append(line)
+    cleaned = "\n".join(out).strip()
+    return re.sub(r"\n{3,}", "\n\n", cleaned)
+
+
+def join_paragraphs(paragraphs: list[str]) -> str:
+    """The sample: paragraphs in order, separated by blank lines."""
+    return "\n\n".join(p.strip() for p in paragraphs if p.strip())
+
+
+# -- stage over the store (thin) ------------------------------------------------------------
+from prefect import task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from storage.models import Paragraph  # noqa: E402
+from storage.store import InstructionState  # noqa: E402
+from tasks.llm_client import BadOutputError, ContextLengthError  # noqa: E402
+from tasks.plan import _gather, _retry_unless_llm_error, steps_from_json  # noqa: E402
+from tasks.runtime import BuildRuntime, generate, get_runtime  # noqa: E402
+from tasks.wordcount import count_words  # noqa: E402
+
+_ENDS_CJK = re.compile(r"[\u3400-\u9fff\uff00-\uffef\u3000-\u303f]$")
+
+
+def _join_continuation(partial: str, more: str) -> str:
+    partial, more = partial.rstrip(), more.strip()
+    sep = "" if _ENDS_CJK.search(partial) else " "
+    return partial + sep + more
+
+
+async def write_step(
+    rt: BuildRuntime, state: InstructionState, steps: list[PlanStep], written: list[str], step: int
+) -> Paragraph | None:
+    """Write paragraph `step`, continuing it if it stopped at max_tokens; store it and return
+    it, or store a rejection and return None."""
+    inst = state.instruction
+    assert inst.id is not None
+    cfg = rt.config
+    call = None
+    for _ in range(2):  # a context-length error shrinks the budget and retries once
+        request = build_write_request(
+            inst.prompt,
+            steps,
+            written,
+            step,
+            lang=inst.lang,
+            budget=rt.budget,
+            max_paragraph_tokens=cfg.max_paragraph_tokens,
+            temperature=cfg.write_temperature,
+            extra_params=cfg.extra_params,
+        )
+        try:
+            call = await generate(rt.store, rt.client, request, rt.progress)
+            break
+        except ContextLengthError:
+            smaller = int(rt.budget.context_window * 0.75)
+            if smaller < rt.budget.context_window:
+                rt.budget = ContextBudget(smaller, rt.budget.reserve_tokens)
+        except BadOutputError as exc:
+            rt.store.reject(inst.id, "write", "bad_output", f"paragraph {step}: {exc}")
+            return None
+    if call is None:
+        rt.store.reject(
+            inst.id, "write", "context_overflow", f"paragraph {step} does not fit the context"
+        )
+        return None
+    text = clean_paragraph(call.content)
+    finish = call.finish_reason
+    continuation_keys: list[str] = []
+    while finish == "length" and len(continuation_keys) < cfg.max_continuations:
+        creq = build_continue_request(
+            inst.prompt,
+            steps[step - 1],
+            text,
+            lang=inst.lang,
+            budget=rt.budget,
+            max_paragraph_tokens=cfg.max_paragraph_tokens,
+            temperature=cfg.write_temperature,
+            extra_params=cfg.extra_params,
+        )
+        try:
+            more = await generate(rt.store, rt.client, creq, rt.progress)
+        except (BadOutputError, ContextLengthError):
+            break  # stays marked truncated; the filter stage rejects it with that reason
+        continuation_keys.append(more.key)
+        text = _join_continuation(text, clean_paragraph(more.content))
+        finish = more.finish_reason
+    if not text.strip():
+        rt.store.reject(
+            inst.id, "write", "empty", f"paragraph {step} was only markers", raw=call.content
+        )
+        return None
+    para = Paragraph(
+        instruction_id=inst.id,
+        step=step,
+        call_key=call.key,
+        continuation_keys=",".join(continuation_keys),
+        text=text,
+        words=count_words(text),
+        truncated=finish == "length",
+        prompt_version=call.prompt_version,
+    )
+    rt.store.save(para)  # committed as it finishes: a crash loses at most calls in flight
+    rt.progress.paragraphs += 1
+    rt.progress.words += para.words
+    return para
+
+
+async def write_instruction(rt: BuildRuntime, state: InstructionState) -> bool:
+    """Write every missing paragraph of one planned instruction, in order."""
+    assert state.plan is not None and state.instruction.id is not None
+    steps = steps_from_json(state.plan.steps_json)
+    written = [p.text for p in state.paragraphs]
+    for step in range(len(written) + 1, len(steps) + 1):
+        para = await write_step(rt, state, steps, written, step)
+        if para is None:
+            return False
+        written.append(para.text)
+    rt.store.save(status=(state.instruction.id, "written"))
+    return True
+
+
+@task(
+    name="write",
+    cache_policy=NO_CACHE,
+    persist_result=False,
+    retries=1,
+    retry_delay_seconds=2,
+    retry_condition_fn=_retry_unless_llm_error,
+)
+async def write_batch(runtime_id: str, instruction_ids: list[int]) -> int:
+    """Write the planned instructions of a batch, many at once, each one step by step."""
+    rt = get_runtime(runtime_id)
+    states = [s for s in rt.store.load_states(instruction_ids) if s.instruction.status == "planned"]
+
+    async def one(state: InstructionState) -> bool:
+        async with rt.chain_slots:
+            ok = await write_instruction(rt, state)
+        if not ok:
+            rt.progress.rejected += 1
+            rt.progress.instructions_done += 1
+        return ok
+
+    return sum(await _gather(one(s) for s in states))
