@@ -12,11 +12,27 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from storage.models import LLMCall
 from storage.store import Store
-from tasks.filters import FilterConfig
 from tasks.llm_client import ChatRequest, LLMClient
-from tasks.write import ContextBudget
+
+if TYPE_CHECKING:  # the stage modules import this one; only their types are needed here
+    from tasks.filters import FilterConfig
+    from tasks.write import ContextBudget
+
+
+def _filter_config() -> FilterConfig:
+    from tasks.filters import FilterConfig
+
+    return FilterConfig()
+
+
+def _context_budget() -> ContextBudget:
+    from tasks.write import ContextBudget
+
+    return ContextBudget()
 
 
 @dataclass
@@ -66,7 +82,7 @@ class StageConfig:
     max_continuations: int = 1
     context_window: int = 8192
     extra_params: dict[str, Any] = field(default_factory=dict)  # e.g. frequency_penalty
-    filters: FilterConfig = field(default_factory=FilterConfig)
+    filters: FilterConfig = field(default_factory=_filter_config)
 
 
 @dataclass
@@ -79,7 +95,7 @@ class BuildRuntime:
     # at the HTTP concurrency finishes samples progressively instead of starting every
     # instruction at once (a crash then leaves whole samples, not thousands of half-written ones).
     chain_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(16))
-    budget: ContextBudget = field(default_factory=ContextBudget)
+    budget: ContextBudget = field(default_factory=_context_budget)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
