@@ -16,7 +16,8 @@ _TOKEN_RE = re.compile(r"[a-zA-Z]+|[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
 # Opening phrases of refusals and assistant boilerplate, English and Chinese.
 _REFUSAL_RE = re.compile(
-    r"^\W*(?:i(?:'m| am) (?:sorry|unable|not able)|i can(?:no|')t (?:help|write|assist|fulfil|comply|provide)"
+    r"^\W*(?:i(?:'m| am) (?:sorry|unable|not able)"
+    r"|i can(?:no|')t (?:help|write|assist|fulfil|comply|provide)"
     r"|as an ai(?: language model)?|i apologi[sz]e, but|sorry, (?:but )?i can"
     r"|抱歉|对不起|很抱歉|作为一个?(?:ai|人工智能)|我无法|我不能)",
     re.IGNORECASE,

@@ -86,19 +86,17 @@ def read_jsonl(path: Path, max_record_bytes: int) -> Iterator[RawRecord]:
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as exc:
-                yield RawRecord(
-                    line_no, error="invalid_utf8", detail=str(exc), raw=_excerpt(line)
-                )
+                yield RawRecord(line_no, error="invalid_utf8", detail=str(exc), raw=_excerpt(line))
                 continue
             try:
                 yield RawRecord(line_no, data=json.loads(text), raw=text[:500])
             except json.JSONDecodeError as exc:
-                yield RawRecord(
-                    line_no, error="invalid_json", detail=exc.msg, raw=text[:500]
-                )
+                yield RawRecord(line_no, error="invalid_json", detail=exc.msg, raw=text[:500])
 
 
-def read_records(path: Path, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[RawRecord]:
+def read_records(
+    path: Path, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES
+) -> Iterator[RawRecord]:
     """Records of one local file, in file order, with 1-based line (or row) numbers."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
@@ -134,7 +132,9 @@ def _read_with_datasets(path: Path) -> Iterator[RawRecord]:
     # csv: row 1 is the header, so data row i sits on line i + 1
     offset = 1 if builder == "csv" else 0
     for i, row in enumerate(ds, start=1):
-        yield RawRecord(i + offset, data=row, raw=json.dumps(row, ensure_ascii=False, default=str)[:500])
+        yield RawRecord(
+            i + offset, data=row, raw=json.dumps(row, ensure_ascii=False, default=str)[:500]
+        )
 
 
 # -- normalising, de-duplication, decontamination ------------------------------------------
@@ -173,12 +173,13 @@ class Decontaminator:
         self.threshold = threshold
         self._index: dict[tuple[str, ...], set[int]] = {}
         self._sizes: list[int] = []
-        self._short: set[str] = set()
+        self._short: set[tuple[str, ...]] = set()
         for pid, prompt in enumerate(prompts):
-            grams = _ngrams(_tokens(prompt), n)
+            toks = _tokens(prompt)
+            grams = _ngrams(toks, n)
             self._sizes.append(len(grams))
-            if not grams:
-                self._short.add(normalize(prompt))
+            if not grams and toks:
+                self._short.add(tuple(toks))
             for g in grams:
                 self._index.setdefault(g, set()).add(pid)
 
@@ -193,9 +194,13 @@ class Decontaminator:
 
     def check(self, text: str) -> str | None:
         """A one-line reason when `text` overlaps an evaluation prompt, else None."""
-        if normalize(text) in self._short:
-            return "same text as an evaluation prompt"
-        grams = _ngrams(_tokens(text), self.n)
+        toks = _tokens(text)
+        # Short benchmark prompts have no n-grams: look for them as a whole inside an
+        # instruction at most twice their length (longer ones merely share a phrase).
+        for size in {len(s) for s in self._short if len(s) <= len(toks) <= 2 * len(s)}:
+            if any(tuple(toks[i : i + size]) in self._short for i in range(len(toks) - size + 1)):
+                return "contains a short evaluation prompt"
+        grams = _ngrams(toks, self.n)
         if not grams:
             return None
         hits_per_prompt: dict[int, int] = {}
@@ -210,7 +215,8 @@ class Decontaminator:
             return f"{hit}/{len(grams)} of its {self.n}-grams are in evaluation prompts"
         for pid, n_hits in hits_per_prompt.items():
             if n_hits / self._sizes[pid] >= 0.8:
-                return f"contains evaluation prompt #{pid} ({n_hits}/{self._sizes[pid]} {self.n}-grams)"
+                share = f"{n_hits}/{self._sizes[pid]} {self.n}-grams"
+                return f"contains evaluation prompt #{pid} ({share})"
         return None
 
 
@@ -245,7 +251,9 @@ def _parse_length(value: Any) -> int | None:
     return n
 
 
-def to_instruction(rec: RawRecord, source: str, max_record_bytes: int) -> InstructionRecord | IngestRejection:
+def to_instruction(
+    rec: RawRecord, source: str, max_record_bytes: int
+) -> InstructionRecord | IngestRejection:
     """One raw record to an instruction, or to the reason it is not one."""
 
     def reject(reason: str, detail: str) -> IngestRejection:
@@ -311,6 +319,7 @@ def ingest_records(
     out: list[InstructionRecord] = []
     rejections: list[IngestRejection] = []
     already = 0
+    matched_known: set[str] = set()
     n = 0
     for rec in records:
         n += 1
@@ -319,7 +328,12 @@ def ingest_records(
             rejections.append(item)
             continue
         if item.norm_hash in seen_hash:
-            if item.norm_hash in known and known[item.norm_hash][1] == item.uid:
+            if (
+                item.norm_hash in known
+                and known[item.norm_hash][1] == item.uid
+                and item.norm_hash not in matched_known
+            ):
+                matched_known.add(item.norm_hash)
                 already += 1  # stored by an earlier run of this build: not a duplicate
             else:
                 rejections.append(

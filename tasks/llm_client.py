@@ -54,7 +54,9 @@ class LLMError(Exception):
 class TransientLLMError(LLMError):
     """Worth retrying: throttled, overloaded, dropped, timed out."""
 
-    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None):
+    def __init__(
+        self, message: str, status: int | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
@@ -72,7 +74,7 @@ class EndpointDownError(LLMError):
 class FatalLLMError(LLMError):
     """A client error retrying cannot fix (401, 403, 404, bad request): stop the build."""
 
-    def __init__(self, message: str, status: int | None = None):
+    def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
 
@@ -329,9 +331,7 @@ class LLMClient:
                 response = await self._http.post(endpoint.chat_url, json=body, headers=headers)
             except (httpx.TimeoutException, httpx.TransportError) as exc:
                 self._failed(state, "transport")
-                raise TransientLLMError(
-                    f"{type(exc).__name__} from {endpoint.base_url}"
-                ) from None
+                raise TransientLLMError(f"{type(exc).__name__} from {endpoint.base_url}") from None
             finally:
                 state.in_flight -= 1
             latency_ms = int((time.perf_counter() - started) * 1000)
@@ -366,9 +366,10 @@ class LLMClient:
 
     def _failed(self, state: _EndpointState, _kind: str) -> None:
         state.consecutive_failures += 1
-        if state.consecutive_failures >= self.policy.failures_before_cooldown and len(
-            self._states
-        ) > 1:
+        if (
+            state.consecutive_failures >= self.policy.failures_before_cooldown
+            and len(self._states) > 1
+        ):
             state.set_aside_until = time.monotonic() + self.policy.cooldown_s
 
     def _classify_http_error(self, state: _EndpointState, response: httpx.Response) -> None:

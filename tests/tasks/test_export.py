@@ -1,0 +1,103 @@
+import json
+
+import datasets
+
+from storage.models import Instruction, LLMCall, Plan, Sample
+from storage.store import Store
+from tasks.export import export_store, verify_manifest
+from tasks.plan import PlanStep, steps_to_json
+
+
+def fill(store: Store, n: int) -> None:
+    store.save(LLMCall(key="k", stage="plan", model="m", prompt_version="plan@x", content="{}"))
+    for i in range(1, n + 1):
+        store.save(
+            Instruction(
+                id=i,
+                uid=f"u{i}",
+                prompt=f"Write {i}",
+                norm_hash=f"h{i}",
+                source="src",
+                status="accepted",
+            )
+        )
+        store.save(
+            Plan(
+                instruction_id=i,
+                call_key="k",
+                steps_json=steps_to_json([PlanStep("p", 2000 + i)]),
+                n_steps=1,
+                total_words=2000 + i,
+                prompt_version="plan@x",
+            ),
+            Sample(
+                instruction_id=i,
+                text=f"text {i} " * 10,
+                words=2000 + 1000 * i,
+                n_paragraphs=1,
+                model="m",
+                prompt_version="plan@x,write@y",
+            ),
+        )
+
+
+def test_export_shards_manifest_and_datasets_load(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    fill(store, 5)
+    out = tmp_path / "out"
+    manifest = export_store(store, out, {"min_words": 2000}, shard_size=2)
+    assert manifest["counts"] == {
+        "samples": 5,
+        "shards": 3,
+        "words": sum(2000 + 1000 * i for i in range(1, 6)),
+    }
+    assert verify_manifest(out) == []
+    assert sorted(p.name for p in (out / "shards").iterdir()) == [
+        f"train-0000{i}-of-00003.parquet" for i in range(3)
+    ]
+    ds = datasets.load_dataset(
+        "parquet", data_files=str(out / "shards" / "*.parquet"), split="train"
+    )
+    assert len(ds) == 5
+    row = ds[0]
+    assert row["messages"] == [
+        {"role": "user", "content": "Write 1"},
+        {"role": "assistant", "content": row["response"]},
+    ]
+    assert {
+        "id",
+        "instruction",
+        "response",
+        "words",
+        "plan",
+        "model",
+        "prompt_version",
+        "source",
+    } <= set(row)
+    assert row["plan"] == [{"main_point": "p", "word_count": 2001}]
+    lines = [json.loads(line) for f in sorted((out / "jsonl").iterdir()) for line in f.open()]
+    assert [r["id"] for r in lines] == ["u1", "u2", "u3", "u4", "u5"]
+    assert manifest["length_histogram"] == {"[2000,4000)": 1, "[4000,8000)": 4}
+    assert not list(out.rglob("*.tmp"))
+
+    # A later export with fewer shards replaces the old files, and the manifest matches.
+    manifest2 = export_store(store, out, {}, shard_size=10)
+    assert manifest2["counts"]["shards"] == 1
+    assert verify_manifest(out) == []
+    assert [p.name for p in (out / "shards").iterdir()] == ["train-00000-of-00001.parquet"]
+
+
+def test_verify_manifest_detects_tampering(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    fill(store, 2)
+    out = tmp_path / "out"
+    export_store(store, out, {})
+    shard = next((out / "jsonl").iterdir())
+    shard.write_text(shard.read_text() + "{}\n")
+    assert any("sha256" in p for p in verify_manifest(out))
+
+
+def test_empty_store_exports_empty_manifest(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    manifest = export_store(store, tmp_path / "out", {})
+    assert manifest["counts"]["samples"] == 0 and manifest["files"] == []

@@ -1,0 +1,151 @@
+import json
+
+import pytest
+
+from tasks.plan import (
+    PlanError,
+    PlanStep,
+    build_plan_request,
+    parse_plan,
+    plan_schema,
+    validate_plan,
+)
+
+PAPER = """Paragraph 1 - Main Point: Introduce the history of the Roman Empire - Word Count: 400 words
+Paragraph 2 - Main Point: Describe the rise of Augustus - Word Count: 600 words
+Paragraph 3 - Main Point: Explain the fall of the West - Word Count: 800 words"""
+
+CASES = [
+    ("paper line format", PAPER, [400, 600, 800], "Describe the rise of Augustus"),
+    (
+        "JSON",
+        json.dumps(
+            {
+                "paragraphs": [
+                    {"main_point": "Intro to cats", "word_count": 300},
+                    {"main_point": "Cat history", "word_count": 500},
+                ]
+            }
+        ),
+        [300, 500],
+        "Cat history",
+    ),
+    (
+        "fenced JSON in prose",
+        'Here is the plan:\n```json\n[{"main point": "Intro", "word count": "450 words"},'
+        '{"main point": "Body of it", "word count": 550}]\n```\nHope it helps!',
+        [450, 550],
+        "Body of it",
+    ),
+    (
+        "Chinese 段落/字数",
+        "段落1 - 主要内容：介绍长城的历史背景 - 字数：500字\n段落2 - 主要内容：描述长城的建筑特点 - 字数：700字",
+        [500, 700],
+        "描述长城的建筑特点",
+    ),
+    (
+        "Chinese 第N段",
+        "第一段：介绍春节的起源，字数：400字\n第二段：春节的习俗，字数：600字",
+        [400, 600],
+        "春节的习俗",
+    ),
+    (
+        "markdown bold + bullets",
+        "## Plan\n\n**Paragraph 1** - **Main Point:** Set the scene - **Word Count:** 300 words\n"
+        "**Paragraph 2** - **Main Point:** Rising action - **Word Count:** 700 words\n",
+        [300, 700],
+        "Rising action",
+    ),
+    (
+        "numbered list",
+        "1. Opening: why sleep matters (300 words)\n2. The science of REM sleep (500 words)\n"
+        "3. Practical advice for better rest (400 words)",
+        [300, 500, 400],
+        "The science of REM sleep",
+    ),
+    (
+        "multi-line blocks",
+        "Paragraph 1\nMain Point: The origins of tea\nWord Count: 350 words\n\n"
+        "Paragraph 2\nMain Point: Tea in Britain\nWord Count: 650 words",
+        [350, 650],
+        "Tea in Britain",
+    ),
+    (
+        "comma thousands",
+        "Paragraph 1 - Main Point: A very long opening - Word Count: 1,000 words",
+        [1000],
+        "A very long opening",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "counts", "second_point"), CASES, ids=[c[0] for c in CASES]
+)
+def test_parse_plan_formats(name, text, counts, second_point):
+    steps = parse_plan(text)
+    assert [s.word_count for s in steps] == counts
+    assert steps[min(1, len(steps) - 1)].main_point == second_point
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("", "unparseable"),
+        ("I think this should be a great essay with many ideas.", "unparseable"),
+        (
+            "Paragraph 1 - Main Point: Intro\nParagraph 2 - Main Point: Body - Word Count: 300 words",
+            "missing_word_count",
+        ),
+        ('{"paragraphs": [{"main_point": "x"}]}', "missing_word_count"),
+    ],
+)
+def test_parse_plan_failures(text, reason):
+    with pytest.raises(PlanError) as info:
+        parse_plan(text)
+    assert info.value.reason == reason
+
+
+def steps(*counts, point="A distinct point"):
+    return [PlanStep(f"{point} {i}", c) for i, c in enumerate(counts)]
+
+
+@pytest.mark.parametrize(
+    ("plan", "required", "reason"),
+    [
+        ([], None, "no_steps"),
+        (steps(*([300] * 51)), None, "too_many_steps"),
+        (steps(300, 5), None, "bad_word_count"),
+        (steps(300, 99999), None, "bad_word_count"),
+        ([PlanStep("", 300), PlanStep("Body", 300)], None, "degenerate_plan"),
+        ([PlanStep("same", 300)] * 4, None, "degenerate_plan"),
+        (steps(300, 300), 5000, "length_mismatch"),
+        (steps(1000, 1000, 1000), 1000, "length_mismatch"),
+    ],
+)
+def test_validate_plan_rejects(plan, required, reason):
+    with pytest.raises(PlanError) as info:
+        validate_plan(plan, required)
+    assert info.value.reason == reason
+
+
+def test_validate_plan_accepts_sensible_plan():
+    validate_plan(steps(400, 600, 800), 2000)
+    validate_plan(steps(400), None)
+
+
+def test_plan_request_asks_for_json_schema_and_carries_instruction_literally():
+    inst = "Write about {{ 7*7 }} and {% for x in y %} loops"
+    req = build_plan_request(inst, 3000, 2000)
+    assert req.stage == "plan"
+    assert req.response_format["type"] == "json_schema"
+    assert req.response_format["json_schema"]["schema"] == plan_schema()
+    content = req.messages[0][1]
+    assert inst in content and "49" not in content
+    assert "3000" in content
+    assert req.prompt_version.startswith("plan@")
+    no_json = build_plan_request(inst, None, 2000, json_mode=False)
+    assert no_json.response_format is None
+    assert "Paragraph 1 - Main Point" in no_json.messages[0][1]
+    assert no_json.key("m") != req.key("m")
+    assert req.key("m") == build_plan_request(inst, 3000, 2000).key("m")
