@@ -92,7 +92,8 @@ async def _progress_reporters(
     bar: Any = None
     task_id: Any = None
     if show_bar:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
+        from rich.progress import Progress as RichProgress
 
         bar = RichProgress(
             TextColumn("[bold]build"),
@@ -225,7 +226,9 @@ async def build_flow(settings: BuildSettings) -> dict[str, Any]:
                     )
         manifest = None
         if settings.export:
-            manifest = export_task(settings.db_url, settings.out_dir, settings.public(), settings.shard_size)
+            manifest = export_task(
+                settings.db_url, settings.out_dir, settings.public(), settings.shard_size
+            )
         summary = build_summary(store)
         summary["wall_s"] = round(time.monotonic() - started, 2)
         summary["out_dir"] = str(Path(settings.out_dir).resolve()) if settings.export else None
@@ -256,7 +259,9 @@ async def _publish(store: Store, settings: BuildSettings, summary: dict[str, Any
     await acreate_markdown_artifact(markdown=md, key="build-summary", description="build summary")
 
 
-def run_build(settings: BuildSettings, on_summary: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def run_build(
+    settings: BuildSettings, on_summary: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
     """Run the flow to completion in this process (the CLI's entry)."""
     summary = asyncio.run(build_flow(settings=settings))
     if on_summary:

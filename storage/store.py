@@ -261,9 +261,7 @@ class Store:
                     func.coalesce(func.sum(LLMCall.attempts), 0),
                 ).group_by(LLMCall.stage)
             ).all()
-            samples = s.exec(
-                select(func.count(), func.coalesce(func.sum(Sample.words), 0))
-            ).one()
+            samples = s.exec(select(func.count(), func.coalesce(func.sum(Sample.words), 0))).one()
             sources = s.exec(select(SourceFile)).all()
             ingest_rej = Counter(
                 dict(

@@ -214,7 +214,9 @@ def export_shards(
         "settings": settings or {},
         **(extra or {}),
     }
-    _atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False))
+    _atomic_write_text(
+        out_dir / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False)
+    )
     keep = {f["path"] for f in files}
     for sub in ("shards", "jsonl"):
         for p in (out_dir / sub).iterdir():
@@ -243,7 +245,9 @@ def verify_manifest(out_dir: Path) -> list[str]:
         per_format[p.suffix] += f["records"]
     for ext, n in per_format.items():
         if n != manifest["counts"]["samples"]:
-            problems.append(f"{ext} files hold {n} records, manifest says {manifest['counts']['samples']}")
+            problems.append(
+                f"{ext} files hold {n} records, manifest says {manifest['counts']['samples']}"
+            )
     return problems
 
 

@@ -156,12 +156,14 @@ def _steps_from_json(value: Any) -> list[PlanStep] | None:
             return None
         norm = {re.sub(r"[\s_-]+", "", str(k)).lower(): v for k, v in item.items()}
         point = next(
-            (norm[k] for k in ("mainpoint", "point", "content", "summary", "主要内容") if k in norm),
+            (
+                norm[k]
+                for k in ("mainpoint", "point", "content", "summary", "主要内容")
+                if k in norm
+            ),
             None,
         )
-        count = next(
-            (norm[k] for k in ("wordcount", "words", "length", "字数") if k in norm), None
-        )
+        count = next((norm[k] for k in ("wordcount", "words", "length", "字数") if k in norm), None)
         if isinstance(count, str):
             m = re.search(_NUM, count)
             count = _to_int(m.group(1)) if m else None
@@ -183,7 +185,9 @@ def _steps_from_lines(text: str) -> list[PlanStep]:
         block = text[head.end() : heads[i + 1].start() if i + 1 < len(heads) else len(text)]
         m = _COUNT_RE.search(block) or _COUNT_TAIL_RE.search(block)
         if not m:
-            raise PlanError("missing_word_count", f"step {i + 1} has no word count: {block[:120]!r}")
+            raise PlanError(
+                "missing_word_count", f"step {i + 1} has no word count: {block[:120]!r}"
+            )
         pm = _POINT_RE.search(block)
         point = pm.group("point") if pm else block[: m.start()]
         point = re.sub(r"^[\s\-–—:：.|]+|[\s\-–—:：,，;；|(（]+$", "", point)
@@ -247,7 +251,9 @@ def steps_from_json(blob: str) -> list[PlanStep]:
 
 
 def format_step(index: int, step: PlanStep) -> str:
-    return f"Paragraph {index} - Main Point: {step.main_point} - Word Count: {step.word_count} words"
+    return (
+        f"Paragraph {index} - Main Point: {step.main_point} - Word Count: {step.word_count} words"
+    )
 
 
 # -- stage over the store (thin) ------------------------------------------------------------

@@ -54,7 +54,12 @@ def summary_markdown(summary: dict[str, Any], title: str = "longwriter build") -
         "",
     ]
     if summary["rejections"]:
-        lines += ["## Rejected, by stage and reason", "", "| stage | reason | count |", "|---|---|---|"]
+        lines += [
+            "## Rejected, by stage and reason",
+            "",
+            "| stage | reason | count |",
+            "|---|---|---|",
+        ]
         for stage, reasons in sorted(summary["rejections"].items()):
             for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
                 lines.append(f"| {stage} | {reason} | {n} |")

@@ -98,9 +98,7 @@ def build_write_request(
 ) -> ChatRequest:
     """Request for paragraph `current` (1-based) given the paragraphs written before it."""
     max_tokens = paragraph_max_tokens(steps[current - 1].word_count, lang, max_paragraph_tokens)
-    skeleton = render(
-        "write", instruction=instruction, steps=steps, written="", current=current
-    )
+    skeleton = render("write", instruction=instruction, steps=steps, written="", current=current)
     room = budget.prompt_budget(max_tokens) - estimate_tokens(skeleton)
     text_so_far = fit_written_text(written, max(room, 0)) if written else ""
     content = render(

@@ -33,12 +33,13 @@ from typing import Any
 
 FAULT_KINDS = ("429", "500", "503", "drop", "hang", "bad_json", "empty", "length")
 
-_SYLLABLES = [
-    "ka", "lo", "mi", "ra", "ten", "sol", "vir", "den", "pra", "qui", "mon", "tal", "ser",
-    "bel", "dor", "fin", "gal", "hes", "jun", "lur", "nav", "pel", "rom", "sta", "tor", "ul",
-    "ven", "wel", "yar", "zen",
-]
-VOCAB = sorted({a + b + c for a in _SYLLABLES[:18] for b in _SYLLABLES[6:24] for c in ("", "s", "ing")})
+_SYLLABLES = (
+    "ka lo mi ra ten sol vir den pra qui mon tal ser bel dor fin gal hes jun lur nav pel rom sta "
+    "tor ul ven wel yar zen"
+).split()
+VOCAB = sorted(
+    {a + b + c for a in _SYLLABLES[:18] for b in _SYLLABLES[6:24] for c in ("", "s", "ing")}
+)
 CJK_COMMON = [chr(c) for c in range(0x4E00, 0x4E00 + 3000)]
 
 
@@ -114,7 +115,11 @@ def default_answer(stage: str, body: dict[str, Any], cfg: FakeConfig) -> str:
         lang_zh = _is_cjk(instruction)
         steps = [
             {
-                "main_point": (f"第{i}部分：围绕主题展开论述" if lang_zh else f"Part {i}: develop the theme, aspect {i}")
+                "main_point": (
+                    f"第{i}部分：围绕主题展开论述"
+                    if lang_zh
+                    else f"Part {i}: develop the theme, aspect {i}"
+                )
                 + f" ({hashlib.sha1(instruction.encode()).hexdigest()[:6]})",
                 "word_count": cfg.step_words,
             }
@@ -200,15 +205,32 @@ class FakeOpenAIServer:
         body: bytes,
         extra_headers: dict[str, str] | None = None,
     ) -> None:
-        reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}.get(status, "Status")
-        head = [f"HTTP/1.1 {status} {reason}", "Content-Type: application/json", f"Content-Length: {len(body)}"]
+        reason = {
+            200: "OK",
+            400: "Bad Request",
+            401: "Unauthorized",
+            404: "Not Found",
+            429: "Too Many Requests",
+            500: "Internal Server Error",
+            503: "Service Unavailable",
+        }.get(status, "Status")
+        head = [
+            f"HTTP/1.1 {status} {reason}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+        ]
         for k, v in (extra_headers or {}).items():
             head.append(f"{k}: {v}")
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
         await writer.drain()
 
     async def _respond(
-        self, method: str, path: str, headers: dict[str, str], raw: bytes, writer: asyncio.StreamWriter
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        raw: bytes,
+        writer: asyncio.StreamWriter,
     ) -> bool:
         cfg = self.config
         if method == "GET" and path.rstrip("/").endswith("/models"):
@@ -244,13 +266,25 @@ class FakeOpenAIServer:
             return True
         if cfg.fail_status:
             await self._send(
-                writer, cfg.fail_status, json.dumps({"error": {"message": f"forced {cfg.fail_status}"}}).encode(),
+                writer,
+                cfg.fail_status,
+                json.dumps({"error": {"message": f"forced {cfg.fail_status}"}}).encode(),
                 {"Retry-After": str(cfg.retry_after_s)} if cfg.fail_status in (429, 503) else None,
             )
             return True
         prompt_chars = sum(len(m.get("content", "")) for m in body.get("messages") or [])
         if cfg.context_limit_chars and prompt_chars > cfg.context_limit_chars:
-            await self._send(writer, 400, json.dumps({"error": {"message": f"Requested tokens exceed context window of {cfg.context_limit_chars}"}}).encode())
+            await self._send(
+                writer,
+                400,
+                json.dumps(
+                    {
+                        "error": {
+                            "message": f"Requested tokens exceed context window of {cfg.context_limit_chars}"
+                        }
+                    }
+                ).encode(),
+            )
             return True
         if cfg.latency_s:
             await asyncio.sleep(cfg.latency_s)
@@ -281,8 +315,18 @@ class FakeOpenAIServer:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body.get("model", "fake-model"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "finish_reason": finish,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
         }
         if content and fault is None:
             with self._lock:
