@@ -374,7 +374,8 @@ class LLMClient:
 
     def _classify_http_error(self, state: _EndpointState, response: httpx.Response) -> None:
         status = response.status_code
-        text = response.text[:500]
+        # Some proxies echo the credential they refused; it must not reach our error line.
+        text = _redact(response.text, state.endpoint.api_key)[:500]
         if status in RETRYABLE_STATUSES:
             self._failed(state, str(status))
             raise TransientLLMError(
@@ -387,6 +388,10 @@ class LLMClient:
         raise FatalLLMError(
             f"HTTP {status} from {state.endpoint.base_url}: {_one_line(text)}", status=status
         )
+
+
+def _redact(text: str, secret: str | None) -> str:
+    return text.replace(secret, "***") if secret else text
 
 
 def _one_line(text: str, limit: int = 200) -> str:
