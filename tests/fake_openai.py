@@ -328,7 +328,8 @@ class FakeOpenAIServer:
                 "total_tokens": prompt_tokens + completion_tokens,
             },
         }
-        if content and fault is None:
+        # A cut answer (finish_reason=length) is still a paid answer the client stores.
+        if content and fault in (None, "length"):
             with self._lock:
                 self.stats.successes_by_request_id[rid] += 1
         await self._send(writer, 200, json.dumps(payload, ensure_ascii=False).encode("utf-8"))
