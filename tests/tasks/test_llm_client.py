@@ -1,0 +1,368 @@
+"""The LLM client's retry policy: what is retried, how often, how long it waits, what stops
+at once, and that the API key never leaks. respx for exact sequences of answers; the fake
+OpenAI server for faults on a real socket (dropped connections, hangs past the timeout)."""
+
+import asyncio
+import email.utils
+import json
+import time
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+import respx
+
+from tasks.llm_client import (
+    BadOutputError,
+    ChatRequest,
+    ContextLengthError,
+    Endpoint,
+    EndpointDownError,
+    FatalLLMError,
+    LLMClient,
+    RetryPolicy,
+    TransientLLMError,
+    parse_retry_after,
+)
+from tests.fake_openai import FakeConfig, FakeOpenAIServer
+
+BASE = "http://llm.test/v1"
+URL = BASE + "/chat/completions"
+KEY = "sk-test-SECRET-0123456789abcdef"
+FAST = RetryPolicy(max_attempts=4, initial_backoff_s=0.001, max_backoff_s=0.01)
+
+
+def ok(content: str = "hello there", finish: str = "stop", **headers: str) -> httpx.Response:
+    body = {
+        "model": "m",
+        "choices": [
+            {"message": {"role": "assistant", "content": content}, "finish_reason": finish}
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2},
+    }
+    return httpx.Response(200, json=body, headers=headers)
+
+
+def request(text: str = "write something", stage: str = "write") -> ChatRequest:
+    return ChatRequest.of(stage, [{"role": "user", "content": text}], "v@1", max_tokens=16)
+
+
+def client(policy: RetryPolicy = FAST, key: str | None = KEY, n: int = 4) -> LLMClient:
+    return LLMClient([Endpoint(BASE, api_key=key, max_concurrency=n)], "m", policy)
+
+
+# -- policy as data ----------------------------------------------------------------------
+
+
+def test_backoff_is_capped_full_jitter():
+    p = RetryPolicy(initial_backoff_s=0.5, max_backoff_s=4.0)
+    for attempt in range(1, 12):
+        ceiling = min(4.0, 0.5 * 2 ** (attempt - 1))
+        waits = [p.backoff(attempt, None) for _ in range(200)]
+        assert all(0 <= w <= ceiling for w in waits)
+    # Retry-After wins over the exponential schedule, capped, with at most 10% jitter.
+    assert 3.0 <= p.backoff(1, 3.0) <= 3.3
+    capped = RetryPolicy(max_retry_after_s=5.0)
+    assert 5.0 <= capped.backoff(1, 3600.0) <= 5.0 + 360.0 * 1.0001  # cap + jitter of the ask
+    assert capped.backoff(1, 3600.0) - 5.0 <= 0.1 * 3600.0
+
+
+def test_parse_retry_after():
+    assert parse_retry_after("2") == 2.0
+    assert parse_retry_after(" 0.25 ") == 0.25
+    assert parse_retry_after("-5") == 0.0
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    future = email.utils.format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    assert 25 <= parse_retry_after(future) <= 31
+    past = email.utils.format_datetime(datetime.now(UTC) - timedelta(seconds=30), usegmt=True)
+    assert parse_retry_after(past) == 0.0
+
+
+def test_request_key_is_stable_and_covers_what_determines_the_answer():
+    a, b = request("x"), request("x")
+    assert a.key("m") == b.key("m")
+    assert a.key("m") != request("y").key("m")
+    assert a.key("m") != a.key("other-model")
+    assert a.key("m") != request("x", stage="plan").key("m")
+    hot = ChatRequest.of(
+        "write", [{"role": "user", "content": "x"}], "v@1", max_tokens=16, temperature=1.0
+    )
+    assert hot.key("m") != a.key("m")
+    assert ChatRequest.of("write", [{"role": "user", "content": "x"}], "v@2", max_tokens=16).key(
+        "m"
+    ) != a.key("m")
+
+
+# -- what is retried ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [408, 409, 425, 429, 500, 502, 503, 504])
+async def test_retryable_statuses_are_retried_then_succeed(status):
+    with respx.mock(assert_all_called=True) as mock:
+        route = mock.post(URL).mock(
+            side_effect=[httpx.Response(status, json={"error": {"message": "busy"}}), ok("fine")]
+        )
+        async with client() as c:
+            result = await c.chat(request())
+    assert result.content == "fine" and result.attempts == 2
+    assert route.call_count == 2
+    assert c.stats.requests == 2 and c.stats.retries == 1
+    assert c.stats.by_status == {str(status): 1, "200": 1}
+
+
+@pytest.mark.parametrize(
+    "effect",
+    [
+        httpx.ConnectError("refused"),
+        httpx.ReadTimeout("slow"),
+        httpx.RemoteProtocolError("server disconnected"),
+        httpx.ReadError("reset"),
+    ],
+    ids=["connect", "read-timeout", "dropped", "reset"],
+)
+async def test_transport_faults_are_retried(effect):
+    with respx.mock() as mock:
+        route = mock.post(URL).mock(side_effect=[effect, effect, ok("back")])
+        async with client() as c:
+            result = await c.chat(request())
+    assert result.content == "back" and result.attempts == 3 and route.call_count == 3
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        httpx.Response(200, text='{"choices": [ {"message": '),
+        httpx.Response(200, json={"choices": []}),
+        httpx.Response(200, json={"nope": 1}),
+        ok(""),
+        ok("   \n "),
+        httpx.Response(
+            200, json={"choices": [{"message": {"content": None}, "finish_reason": "stop"}]}
+        ),
+    ],
+    ids=["invalid-json", "no-choices", "no-choices-key", "empty", "blank", "null-content"],
+)
+async def test_unusable_bodies_are_retried(bad):
+    with respx.mock() as mock:
+        route = mock.post(URL).mock(side_effect=[bad, ok("usable")])
+        async with client() as c:
+            result = await c.chat(request())
+    assert result.content == "usable" and route.call_count == 2
+
+
+async def test_unusable_bodies_until_exhaustion_raise_bad_output():
+    with respx.mock() as mock:
+        route = mock.post(URL).mock(return_value=ok(""))
+        async with client() as c:
+            with pytest.raises(BadOutputError):
+                await c.chat(request())
+    assert route.call_count == FAST.max_attempts
+
+
+async def test_transient_faults_until_exhaustion_raise_endpoint_down():
+    with respx.mock() as mock:
+        route = mock.post(URL).mock(return_value=httpx.Response(503))
+        async with client() as c:
+            with pytest.raises(EndpointDownError) as info:
+                await c.chat(request())
+    assert route.call_count == FAST.max_attempts
+    assert f"after {FAST.max_attempts} attempts" in str(info.value)
+    assert isinstance(info.value.__cause__, TransientLLMError)
+
+
+async def test_finish_reason_length_is_an_answer_not_an_error():
+    # The write stage continues a paragraph cut at max_tokens; the client must not retry it.
+    with respx.mock() as mock:
+        route = mock.post(URL).mock(return_value=ok("half a para", finish="length"))
+        async with client() as c:
+            result = await c.chat(request())
+    assert result.finish_reason == "length" and route.call_count == 1
+
+
+async def test_retry_after_is_honoured():
+    with respx.mock() as mock:
+        mock.post(URL).mock(side_effect=[httpx.Response(429, headers={"Retry-After": "0.3"}), ok()])
+        slow_default = RetryPolicy(max_attempts=3, initial_backoff_s=0.0, max_backoff_s=0.0)
+        async with client(slow_default) as c:
+            started = time.monotonic()
+            await c.chat(request())
+            waited = time.monotonic() - started
+    assert waited >= 0.3
+
+
+async def test_same_request_id_on_every_attempt():
+    seen: list[httpx.Request] = []
+
+    def record(req: httpx.Request) -> httpx.Response:
+        seen.append(req)
+        return httpx.Response(500) if len(seen) < 3 else ok()
+
+    req = request()
+    with respx.mock() as mock:
+        mock.post(URL).mock(side_effect=record)
+        async with client() as c:
+            await c.chat(req)
+    assert [r.headers["X-Longwriter-Request-Id"] for r in seen] == [req.key("m")] * 3
+    assert [r.headers["X-Longwriter-Attempt"] for r in seen] == ["1", "2", "3"]
+    assert {r.headers["X-Longwriter-Stage"] for r in seen} == {"write"}
+    assert {r.headers["Authorization"] for r in seen} == {f"Bearer {KEY}"}
+    body = json.loads(seen[0].content)
+    assert body["model"] == "m" and body["max_tokens"] == 16
+    assert body["messages"] == [{"role": "user", "content": "write something"}]
+
+
+async def test_no_authorization_header_without_a_key():
+    with respx.mock() as mock:
+        route = mock.post(URL).mock(return_value=ok())
+        async with client(key=None) as c:
+            await c.chat(request())
+    assert "Authorization" not in route.calls.last.request.headers
+
+
+# -- what is not retried -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 405, 413, 422])
+async def test_client_errors_are_fatal_after_one_request(status):
+    with respx.mock() as mock:
+        route = mock.post(URL).mock(
+            return_value=httpx.Response(status, json={"error": {"message": "nope\nsecond line"}})
+        )
+        async with client() as c:
+            with pytest.raises(FatalLLMError) as info:
+                await c.chat(request())
+    assert route.call_count == 1
+    assert info.value.status == status
+    assert "\n" not in str(info.value)  # one line, fit for `longwriter: error: ...`
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "This model's maximum context length is 4096 tokens",
+        "Requested tokens (9000) exceed context window of 8192",
+        "the request exceeds the available context size, try increasing n_ctx",
+        "prompt is too long: 50000 tokens > 32768 maximum",
+    ],
+)
+async def test_context_errors_are_recognised(message):
+    with respx.mock() as mock:
+        route = mock.post(URL).mock(
+            return_value=httpx.Response(400, json={"error": {"message": message}})
+        )
+        async with client() as c:
+            with pytest.raises(ContextLengthError):
+                await c.chat(request())
+    assert route.call_count == 1
+
+
+# -- secrets -------------------------------------------------------------------------------
+
+
+async def test_api_key_never_in_reprs_or_errors():
+    endpoint = Endpoint(BASE, api_key=KEY)
+    assert KEY not in repr(endpoint) and KEY not in str(endpoint)
+    # A proxy that echoes the credential it refused must not put it in our error line.
+    with respx.mock() as mock:
+        mock.post(URL).mock(
+            return_value=httpx.Response(
+                401, json={"error": {"message": f"Incorrect API key provided: {KEY}"}}
+            )
+        )
+        async with client() as c:
+            assert KEY not in repr(c)
+            with pytest.raises(FatalLLMError) as fatal:
+                await c.chat(request())
+    assert KEY not in str(fatal.value) and KEY not in repr(fatal.value)
+    with respx.mock() as mock:
+        mock.post(URL).mock(side_effect=httpx.ConnectError(f"boom {KEY}"))
+        async with client() as c:
+            with pytest.raises(EndpointDownError) as down:
+                await c.chat(request())
+    chain = [down.value, down.value.__cause__, down.value.__context__]
+    assert all(KEY not in str(e) for e in chain if e is not None)
+
+
+# -- concurrency and several endpoints ------------------------------------------------------
+
+
+async def test_concurrency_limit_per_endpoint():
+    in_flight = 0
+    peak = 0
+
+    async def slow(_req: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.02)
+        in_flight -= 1
+        return ok()
+
+    with respx.mock() as mock:
+        mock.post(URL).mock(side_effect=slow)
+        async with client(n=3) as c:
+            await asyncio.gather(*(c.chat(request(f"r{i}")) for i in range(20)))
+    assert peak == 3
+
+
+async def test_failing_replica_is_set_aside():
+    down, up = "http://down.test/v1", "http://up.test/v1"
+    policy = RetryPolicy(
+        max_attempts=6,
+        initial_backoff_s=0.0,
+        max_backoff_s=0.0,
+        failures_before_cooldown=2,
+        cooldown_s=60,
+    )
+    with respx.mock() as mock:
+        bad = mock.post(down + "/chat/completions").mock(return_value=httpx.Response(503))
+        good = mock.post(up + "/chat/completions").mock(return_value=ok())
+        endpoints = [Endpoint(down, max_concurrency=4), Endpoint(up, max_concurrency=4)]
+        async with LLMClient(endpoints, "m", policy) as c:
+            # Sequential calls: the first tries go to either replica; once `down` failed twice
+            # in a row it is set aside and every later call goes straight to `up`.
+            for i in range(20):
+                await c.chat(request(f"r{i}"))
+    assert good.call_count == 20
+    assert bad.call_count <= policy.failures_before_cooldown
+
+
+# -- faults on a real socket (the fake server) ---------------------------------------------
+
+
+async def test_socket_faults_from_the_fake_server_are_absorbed():
+    """Every fault kind at a 30% rate: every call succeeds, and each fault cost exactly one
+    extra request (finish_reason=length is an answer, not a retry)."""
+    cfg = FakeConfig(fault_rate=0.3, hang_s=1.0, retry_after_s=0.01, seed=7)
+    policy = RetryPolicy(
+        max_attempts=12, initial_backoff_s=0.001, max_backoff_s=0.01, read_timeout_s=0.25
+    )
+    with FakeOpenAIServer(cfg).running() as fake:
+        async with LLMClient([Endpoint(fake.base_url, max_concurrency=16)], "fake", policy) as c:
+            results = await asyncio.gather(*(c.chat(request(f"call {i}")) for i in range(120)))
+        stats = fake.stats
+    assert len({r.key for r in results}) == 120
+    faults = sum(stats.faults.values())
+    retried = faults - stats.faults.get("length", 0)
+    assert set(stats.faults) >= {"429", "500", "503", "drop", "hang", "bad_json", "empty"}
+    assert c.stats.retries == retried
+    assert stats.requests == 120 + retried
+    assert sum(r.attempts for r in results) == stats.requests
+    # every logical call was answered usably exactly once
+    assert stats.successes_by_request_id == {r.key: 1 for r in results}
+    assert stats.missing_headers == 0
+
+
+async def test_hang_past_timeout_is_a_timeout_not_a_stall():
+    cfg = FakeConfig(fault_rate=1.0, fault_kinds=("hang",), hang_s=5.0)
+    policy = RetryPolicy(
+        max_attempts=2, initial_backoff_s=0.0, max_backoff_s=0.0, read_timeout_s=0.2
+    )
+    with FakeOpenAIServer(cfg).running() as fake:
+        async with LLMClient([Endpoint(fake.base_url)], "fake", policy) as c:
+            started = time.monotonic()
+            with pytest.raises(EndpointDownError, match="ReadTimeout"):
+                await c.chat(request())
+            assert time.monotonic() - started < 2.0
+    assert fake.stats.requests == 2
