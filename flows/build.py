@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from storage.store import Store, redact_db_url
 from tasks.endpoints import open_endpoints
@@ -67,6 +67,29 @@ class BuildSettings(BaseModel):
     request_timeout_s: float = 600.0
     max_attempts: int = 6
     progress: bool = False  # terminal progress bar (the CLI turns it on for a tty)
+    # Scale-out: several flow runs (workers, machines) share one store and each builds the
+    # instruction ids with id % partitions == partition. Ingest and export happen once, in the
+    # parent flow (flows/partition.py), so a partition run does neither.
+    partition: int | None = Field(
+        None, ge=0, description="build only ids with id % partitions == partition"
+    )
+    partitions: int = Field(1, ge=1, description="number of partitions (used with partition)")
+
+    @model_validator(mode="after")
+    def _partition_in_range(self) -> BuildSettings:
+        if self.partition is not None and self.partition >= self.partitions:
+            raise ValueError(
+                f"partition {self.partition} must be below partitions {self.partitions}"
+            )
+        return self
+
+    def in_partition(self, instruction_id: int) -> bool:
+        return self.partition is None or instruction_id % self.partitions == self.partition
+
+    @property
+    def exports(self) -> bool:
+        """Whether this run writes shards (a partition run leaves that to its parent)."""
+        return self.export and self.partition is None
 
     def public(self) -> dict[str, Any]:
         """Settings safe to store and publish: the DB password hidden, no key values."""
@@ -163,14 +186,17 @@ async def build_flow(settings: BuildSettings) -> dict[str, Any]:
     store = Store(settings.db_url)
     run_id = store.start_run("build", settings.public())
     try:
-        if settings.instructions:
+        if settings.instructions and settings.partition is None:
             counts = ingest_task(settings.db_url, settings.instructions, settings.decontaminate)
             logger.info("ingest %s: %s", settings.instructions, counts)
         first = store.instruction_ids(
             ["pending", "planned", "written", "accepted", "rejected"], settings.limit
         )
         ids = store.instruction_ids(UNFINISHED)
-        ids = [i for i in ids if i in set(first)]
+        scope = set(first)
+        ids = [i for i in ids if i in scope and settings.in_partition(i)]
+        if settings.partition is not None:
+            logger.info("partition %d of %d", settings.partition, settings.partitions)
         logger.info("%d instructions to build (%d in scope)", len(ids), len(first))
         progress = Progress(instructions_total=len(ids))
         if ids:
@@ -225,13 +251,13 @@ async def build_flow(settings: BuildSettings) -> dict[str, Any]:
                         client.stats.retries,
                     )
         manifest = None
-        if settings.export:
+        if settings.exports:
             manifest = export_task(
                 settings.db_url, settings.out_dir, settings.public(), settings.shard_size
             )
         summary = build_summary(store)
         summary["wall_s"] = round(time.monotonic() - started, 2)
-        summary["out_dir"] = str(Path(settings.out_dir).resolve()) if settings.export else None
+        summary["out_dir"] = str(Path(settings.out_dir).resolve()) if settings.exports else None
         summary["shards"] = manifest["counts"]["shards"] if manifest else 0
         await _publish(store, settings, summary)
         store.finish_run(run_id, "completed", summary)
@@ -249,7 +275,7 @@ async def _publish(store: Store, settings: BuildSettings, summary: dict[str, Any
 
     md = summary_markdown(summary)
     out = Path(settings.out_dir)
-    if settings.export:
+    if settings.exports:
         png = length_histogram_png(store, out / "length_histogram.png")
         if png is not None:
             # Prefect's image artifact takes a URL only; a data URI keeps the picture inside the
