@@ -226,6 +226,7 @@ async def build_flow(settings: BuildSettings) -> dict[str, Any]:
                         config=StageConfig(
                             min_words=settings.min_words,
                             json_plan=settings.json_plan,
+                            json_style=resolved.json_style,
                             plan_temperature=settings.plan_temperature,
                             write_temperature=settings.write_temperature,
                             max_paragraph_tokens=settings.max_paragraph_tokens,

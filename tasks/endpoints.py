@@ -26,6 +26,11 @@ class ResolvedEndpoints:
     embedded: bool
     context_window: int
 
+    @property
+    def json_style(self) -> str:
+        """Structured-output dialect for plan requests (see tasks.plan.response_format)."""
+        return "llama_cpp" if self.embedded else "json_schema"
+
 
 def split_urls(values: Sequence[str] | None) -> list[str]:
     """Flags may repeat and each may hold a comma-separated list."""

@@ -39,14 +39,24 @@ class PlanError(ValueError):
         self.detail = detail
 
 
-def plan_schema(max_steps: int = MAX_STEPS) -> dict[str, Any]:
+# Paragraphs average about this many words in the paper's plans (200-1000 each); a plan for T
+# words needs at least T / this many paragraphs. Small models under-shoot word counts, so
+# asking for enough paragraphs is what makes their pieces long.
+TYPICAL_STEP_WORDS = 400
+
+
+def min_steps_for(target_words: int, max_steps: int = MAX_STEPS) -> int:
+    return max(1, min(max_steps, -(-target_words // TYPICAL_STEP_WORDS)))
+
+
+def plan_schema(max_steps: int = MAX_STEPS, min_steps: int = 1) -> dict[str, Any]:
     """JSON schema for the plan; llama.cpp turns it into a grammar, OpenAI into strict JSON."""
     return {
         "type": "object",
         "properties": {
             "paragraphs": {
                 "type": "array",
-                "minItems": 1,
+                "minItems": min_steps,
                 "maxItems": max_steps,
                 "items": {
                     "type": "object",
@@ -64,31 +74,40 @@ def plan_schema(max_steps: int = MAX_STEPS) -> dict[str, Any]:
     }
 
 
+def response_format(schema: dict[str, Any], style: str) -> dict[str, Any]:
+    """Structured-output request in the endpoint's dialect: OpenAI and vLLM take
+    `json_schema`; llama-cpp-python's server takes `json_object` with a `schema` (it answers
+    422 to the OpenAI shape) and compiles it to a grammar."""
+    if style == "llama_cpp":
+        return {"type": "json_object", "schema": schema}
+    return {"type": "json_schema", "json_schema": {"name": "plan", "strict": True, "schema": schema}}
+
+
 def build_plan_request(
     instruction: str,
     target_words: int | None,
     min_words: int,
     *,
     json_mode: bool = True,
+    json_style: str = "json_schema",
     max_steps: int = MAX_STEPS,
     max_tokens: int = 2048,
     temperature: float = 0.5,
     extra_params: dict[str, Any] | None = None,
 ) -> ChatRequest:
+    min_steps = min_steps_for(target_words or min_words, max_steps)
     content = render(
         "plan",
         instruction=instruction,
         target_words=target_words,
         min_words=min_words,
         json_mode=json_mode,
+        min_steps=min_steps,
         max_steps=max_steps,
     )
     params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature}
     if json_mode:
-        params["response_format"] = {
-            "type": "json_schema",
-            "json_schema": {"name": "plan", "strict": True, "schema": plan_schema(max_steps)},
-        }
+        params["response_format"] = response_format(plan_schema(max_steps, min_steps), json_style)
     params.update(extra_params or {})
     return ChatRequest.of(
         "plan", [{"role": "user", "content": content}], prompt_version("plan"), **params
@@ -282,6 +301,7 @@ async def plan_instruction(rt: BuildRuntime, inst: Instruction) -> bool:
             inst.length,
             cfg.min_words,
             json_mode=cfg.json_plan,
+            json_style=cfg.json_style,
             max_tokens=cfg.plan_max_tokens,
             temperature=cfg.plan_temperature,
             extra_params=cfg.extra_params,
@@ -291,7 +311,12 @@ async def plan_instruction(rt: BuildRuntime, inst: Instruction) -> bool:
             break
         except FatalLLMError as exc:
             if cfg.json_plan and _json_unsupported(exc):
-                cfg.json_plan = False  # endpoint has no structured output: ask for lines instead
+                # Endpoint refuses this structured-output dialect: try llama.cpp's, then
+                # plain line-format plans (the parser reads those anyway).
+                if cfg.json_style == "json_schema":
+                    cfg.json_style = "llama_cpp"
+                else:
+                    cfg.json_plan = False
                 continue
             raise
         except BadOutputError as exc:

@@ -73,6 +73,7 @@ class StageConfig:
 
     min_words: int = 2000
     json_plan: bool = True
+    json_style: str = "json_schema"  # or "llama_cpp" (see tasks.plan.response_format)
     plan_max_tokens: int = 2048
     plan_temperature: float = 0.5
     write_temperature: float = 0.7
