@@ -30,7 +30,8 @@ def _db_default() -> str:
 
 def _quiet_prefect_defaults() -> None:
     """Prefect settings for a CLI run, unless the user set them: no telemetry noise, and a
-    startup timeout that suits a 2-core machine."""
+    startup timeout that suits a 2-core machine. Prefect reads its settings once, when it is
+    first imported, so this runs first thing in `main()`."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -99,8 +100,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         request_timeout_s=args.request_timeout,
         progress=sys.stderr.isatty() if args.progress is None else args.progress,
     )
-    _quiet_prefect_defaults()
     try:
+        start_prefect_api()
         summary = run_build(settings)
     except (ConfigError, InputError, LLMError) as exc:
         return _fail(str(exc))
@@ -216,7 +217,60 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _PopenWithPreexec:
+    """The `subprocess` module as Prefect's server module sees it, with a `preexec_fn` added
+    to every Popen (see `start_prefect_api`)."""
+
+    def __init__(self, module: Any, preexec: Any) -> None:
+        self._module = module
+        self._preexec = preexec
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+    def Popen(self, *args: Any, **kwargs: Any) -> Any:  # noqa: N802 - mirrors subprocess
+        kwargs.setdefault("preexec_fn", self._preexec)
+        return self._module.Popen(*args, **kwargs)
+
+
+def start_prefect_api() -> None:
+    """Start Prefect's temporary API server (used when PREFECT_API_URL is unset) now, from the
+    main thread, as a child that cannot outlive this process.
+
+    Prefect starts it lazily as a plain subprocess and stops it from `atexit`, which never
+    runs when the CLI is SIGKILLed (OOM killer, `kill -9`, a CI timeout): the uvicorn server
+    was left running, holding its port and database. Here the child gets
+    PR_SET_PDEATHSIG=SIGKILL between fork and exec, the guarantee the embedded llama.cpp
+    server has. PDEATHSIG follows the thread that forked, hence the main thread and before
+    the flow starts. Prefect keeps one server instance per port and reuses this one.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return  # a real server (or a test harness): nothing of ours to start
+    import prefect.server.api.server as prefect_server
+
+    from tasks.llama_server import _make_preexec
+
+    base = prefect_server.SubprocessASGIServer
+    preexec = _make_preexec(True)
+    if preexec is None or None in base._instances:
+        return  # not Linux, or already started in this process
+
+    class _TiedServer(base):  # type: ignore[misc, valid-type]
+        def _run_uvicorn_command(self) -> Any:
+            real = prefect_server.subprocess
+            prefect_server.subprocess = _PopenWithPreexec(real, preexec)  # type: ignore[assignment]
+            try:
+                return super()._run_uvicorn_command()
+            finally:
+                prefect_server.subprocess = real
+
+    _TiedServer().start()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_prefect_defaults()  # before anything imports Prefect
     args = build_parser().parse_args(argv)
     return int(args.handler(args) or 0)
 
