@@ -384,9 +384,28 @@ async def plan_batch(runtime_id: str, instruction_ids: list[int]) -> int:
 
 
 async def _gather(coros: Any) -> list[Any]:
-    """Run coroutines concurrently; the first fatal error cancels the rest (TaskGroup)."""
+    """Run coroutines concurrently; the first fatal error cancels the rest (TaskGroup) and is
+    raised as itself: callers match on its type (the CLI's one-line errors, the task retry
+    condition that must not retry an LLM error), and a TaskGroup would wrap it in an
+    ExceptionGroup that no `except LLMError` catches."""
     import asyncio
 
-    async with asyncio.TaskGroup() as tg:
-        tasks = [tg.create_task(c) for c in coros]
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(c) for c in coros]
+    except BaseExceptionGroup as group:
+        raise _primary_error(group) from group
     return [t.result() for t in tasks]
+
+
+def _primary_error(group: BaseExceptionGroup) -> BaseException:
+    """The error to report from a group: the first LLM error, else the first error."""
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            stack[:0] = list(exc.exceptions)
+        else:
+            leaves.append(exc)
+    return next((e for e in leaves if isinstance(e, LLMError)), leaves[0])
