@@ -66,6 +66,10 @@ class BuildSettings(BaseModel):
     shard_size: int = 1000
     request_timeout_s: float = 600.0
     max_attempts: int = 6
+    # Client backoff between attempts (capped full jitter; Retry-After wins when given).
+    initial_backoff_s: float = Field(0.5, ge=0)
+    max_backoff_s: float = Field(30.0, ge=0)
+    max_continuations: int = Field(1, ge=0, description="continuations of a cut paragraph")
     progress: bool = False  # terminal progress bar (the CLI turns it on for a tty)
     # Scale-out: several flow runs (workers, machines) share one store and each builds the
     # instruction ids with id % partitions == partition. Ingest and export happen once, in the
@@ -216,7 +220,10 @@ async def build_flow(settings: BuildSettings) -> dict[str, Any]:
                     ", embedded" if resolved.embedded else "",
                 )
                 policy = RetryPolicy(
-                    max_attempts=settings.max_attempts, read_timeout_s=settings.request_timeout_s
+                    max_attempts=settings.max_attempts,
+                    read_timeout_s=settings.request_timeout_s,
+                    initial_backoff_s=settings.initial_backoff_s,
+                    max_backoff_s=settings.max_backoff_s,
                 )
                 async with LLMClient(resolved.endpoints, resolved.model, policy) as client:
                     rt = BuildRuntime(
@@ -229,6 +236,7 @@ async def build_flow(settings: BuildSettings) -> dict[str, Any]:
                             plan_temperature=settings.plan_temperature,
                             write_temperature=settings.write_temperature,
                             max_paragraph_tokens=settings.max_paragraph_tokens,
+                            max_continuations=settings.max_continuations,
                             context_window=resolved.context_window,
                             extra_params=extra,
                             filters=FilterConfig(
