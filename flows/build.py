@@ -171,15 +171,52 @@ async def run_agentwrite(rt: BuildRuntime, ids: list[int], batch_size: int) -> N
     runtime_id = register(rt)
 
     async def batch(chunk: list[int]) -> None:
-        await plan_batch(runtime_id, chunk)
-        await write_batch(runtime_id, chunk)
-        await filter_batch(runtime_id, chunk)
+        planned = await plan_batch(runtime_id, chunk)
+        written = await write_batch(runtime_id, chunk)
+        accepted = await filter_batch(runtime_id, chunk)
+        _log_batch(rt.store, chunk, planned, written, accepted)
 
     try:
         # The first failing batch cancels the others and its error is raised as itself.
         await _gather(batch(chunk) for chunk in _chunks(ids, batch_size))
     finally:
         unregister(runtime_id)
+
+
+MAX_LOGGED_REJECTIONS = 20  # per batch: the store and `longwriter stats` have them all
+
+
+def _log_batch(store: Store, chunk: list[int], planned: int, written: int, accepted: int) -> None:
+    """One log line per batch and one per rejected instruction with its stage and reason, so a
+    run's log in the UI says what each stage did and why an item stopped."""
+    from sqlmodel import col, select
+
+    from storage.models import Rejection
+
+    logger = get_run_logger()
+    with store.session() as s:
+        rejected = s.exec(
+            select(Rejection)
+            .where(col(Rejection.instruction_id).in_(chunk))
+            .order_by(col(Rejection.instruction_id))
+        ).all()
+    logger.info(
+        "batch #%d-#%d (%d instructions): planned %d, written %d, accepted %d, rejected %d",
+        chunk[0],
+        chunk[-1],
+        len(chunk),
+        planned,
+        written,
+        accepted,
+        len(rejected),
+    )
+    for r in rejected[:MAX_LOGGED_REJECTIONS]:
+        detail = f": {r.detail[:200]}" if r.detail else ""
+        logger.warning(
+            "instruction %s rejected at %s: %s%s", r.instruction_id, r.stage, r.reason, detail
+        )
+    if len(rejected) > MAX_LOGGED_REJECTIONS:
+        logger.warning("... and %d more (longwriter stats)", len(rejected) - MAX_LOGGED_REJECTIONS)
 
 
 @flow(name="longwriter-build", log_prints=True)
