@@ -13,8 +13,9 @@ process and guarantees the child never outlives us:
   (`reap_stale_servers`), after checking the pid really is a llama_cpp.server.
 
 The server accepts JSON-schema constrained output only as
-`response_format={"type": "json_object", "schema": {...}}` (llama-cpp-python's own extension);
-the OpenAI `{"type": "json_schema", ...}` shape is rejected with HTTP 422.
+`response_format={"type": "json_object", "schema": {...}}` (llama-cpp-python's own extension,
+turned into a GBNF grammar); the OpenAI `{"type": "json_schema", "json_schema": {...}}` shape is
+rejected (HTTP 500 wrapping a validation error: type must be 'text' or 'json_object').
 """
 
 from __future__ import annotations
@@ -91,12 +92,23 @@ def find_embedded_gguf() -> Path:
     )
 
 
-def default_threads() -> int:
+def cpu_cores() -> int:
     """CPU cores this process may run on (affinity-aware, so containers are counted right)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # non-Linux
         return max(1, os.cpu_count() or 1)
+
+
+def default_threads() -> int:
+    """llama.cpp threads: every core but one.
+
+    Measured on the 2-core box with the pipeline's own processes busy: llama.cpp's OpenMP
+    threads spin while waiting, so n_threads == cores under contention collapsed generation to
+    ~1.4 tok/s, while 1 thread gave ~25-30 tok/s. Leaving a core to the Prefect server and the
+    flow process is the safe default; pass n_threads to override.
+    """
+    return max(1, cpu_cores() - 1)
 
 
 def pick_free_port(host: str = "127.0.0.1") -> int:
@@ -143,10 +155,14 @@ def _alive(pid: int, start_ticks: int | None) -> bool:
         return False
     if start_ticks is not None and ticks != start_ticks:
         return False  # pid was recycled by another process
-    # A zombie still has /proc entries but is dead for our purposes.
+    # A zombie nobody reaped yet (e.g. no init reaping in a container) is dead for our purposes,
+    # but only once all its threads are gone: a SIGKILLed multi-threaded leader shows "Z" while
+    # the other threads are still exiting and still hold its files, sockets included.
     try:
         state = Path(f"/proc/{pid}/stat").read_text()
-        return state[state.rindex(")") + 2] != "Z"
+        if state[state.rindex(")") + 2] != "Z":
+            return True
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
     except (OSError, IndexError):
         return False
 
@@ -192,9 +208,7 @@ class _State:
             return None
 
 
-def reap_stale_servers(
-    runtime_dir: Path | None = None, *, grace_s: float = 5.0
-) -> list[int]:
+def reap_stale_servers(runtime_dir: Path | None = None, *, grace_s: float = 5.0) -> list[int]:
     """End recorded llama servers whose owning process is dead; return the pids ended.
 
     A server is stale when the process that started it no longer exists (normally
@@ -433,6 +447,9 @@ class LlamaServer:
     def _child_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k.lower() not in _SERVER_SETTING_NAMES}
         env["PYTHONUNBUFFERED"] = "1"  # log lines reach the log file as they happen
+        # Idle OpenMP workers sleep instead of spinning, so they do not steal the CPU that other
+        # processes on a small box need (see default_threads).
+        env.setdefault("OMP_WAIT_POLICY", "passive")
         return env
 
     def start(self) -> Self:
@@ -505,9 +522,9 @@ class LlamaServer:
             try:
                 return self._wait_ready_once(timeout)
             except LlamaServerError as exc:
-                port_race = self._requested_port is None and "address already in use" in str(
-                    exc
-                ).lower()
+                port_race = (
+                    self._requested_port is None and "address already in use" in str(exc).lower()
+                )
                 if not port_race or attempt == 2:
                     raise
                 self.stop()
