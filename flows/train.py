@@ -1,0 +1,243 @@
+"""`longwriter train`: SFT (or DPO) of a base model on the factory's shards, as a Prefect flow.
+
+Stages (Prefect tasks): load + check data (length check, general-data mix) -> train (TRL
+SFTTrainer / DPOTrainer) -> save the transformers model and export GGUF. A markdown artifact
+`train-report` and OUT/train_report.{md,json} summarise steps, losses and skipped samples.
+See tasks/train.py for the training choices (token-averaged loss, leak-free packing, no
+truncation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
+
+from tasks.train import (
+    LoadedData,
+    TrainConfig,
+    TrainOutcome,
+    TrainReport,
+    load_and_check,
+    report_markdown,
+    run_training,
+    save_and_export,
+)
+
+
+@task(name="train-load-data", cache_policy=NO_CACHE, persist_result=False)
+def load_data_task(cfg: TrainConfig) -> LoadedData:
+    log = get_run_logger()
+    data = load_and_check(cfg)
+    skipped = data.skipped
+    log.info(
+        "%d %s sample(s) ready (max_seq_len=%d, base %s)",
+        data.samples,
+        "DPO" if cfg.dpo else "SFT",
+        data.max_seq_len,
+        data.ref.gguf_path or data.ref.directory,
+    )
+    if skipped:
+        log.warning(
+            "skipped %d sample(s) longer than %d tokens (never truncated): %s",
+            len(skipped),
+            data.max_seq_len,
+            ", ".join(f"{s.id} ({s.tokens})" for s in skipped),
+        )
+    if data.mix is not None:
+        log.info(
+            "mixed %d general + %d LongWriter samples (general share %.3f)",
+            data.mix.general_used,
+            data.mix.longwriter,
+            data.mix.ratio_actual,
+        )
+    return data
+
+
+@task(name="train-fit", cache_policy=NO_CACHE, persist_result=False)
+def train_task(cfg: TrainConfig, data: LoadedData) -> TrainOutcome:
+    log = get_run_logger()
+    outcome = run_training(cfg, data)
+    first = outcome.losses[0][1] if outcome.losses else float("nan")
+    last = outcome.losses[-1][1] if outcome.losses else float("nan")
+    log.info(
+        "trained %d step(s) in %.1f s, loss %.4f -> %.4f (packing %s, %s)",
+        outcome.steps,
+        outcome.runtime_s,
+        first,
+        last,
+        "on" if outcome.packing else "off",
+        outcome.attn_implementation,
+    )
+    return outcome
+
+
+@task(name="train-save-export", cache_policy=NO_CACHE, persist_result=False)
+def save_task(
+    cfg: TrainConfig, data: LoadedData, outcome: TrainOutcome
+) -> tuple[Path, Path | None, str | None]:
+    log = get_run_logger()
+    out, gguf, err = save_and_export(cfg, data, outcome)
+    log.info("saved model to %s%s", out, f", GGUF {gguf}" if gguf else f" (GGUF: {err})")
+    return out, gguf, err
+
+
+@flow(name="longwriter-train", log_prints=False)
+def train_flow(cfg: TrainConfig) -> dict[str, Any]:
+    """Train, save, export, and publish a `train-report` markdown artifact; returns the report."""
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    # quote(): the payloads hold every tokenized sample; Prefect must not walk them for futures.
+    data = load_data_task(cfg)
+    outcome = train_task(cfg, quote(data))
+    out, gguf, gguf_err = save_task(cfg, quote(data), quote(outcome))
+    report = TrainReport(
+        mode="dpo" if cfg.dpo else "sft",
+        base_model=str(data.ref.gguf_path or data.ref.directory),
+        out=str(out),
+        samples=data.samples,
+        skipped=data.skipped,
+        max_seq_len=data.max_seq_len,
+        packing=outcome.packing,
+        attn_implementation=outcome.attn_implementation,
+        losses=outcome.losses,
+        steps=outcome.steps,
+        runtime_s=outcome.runtime_s,
+        mix=data.mix,
+        gguf=str(gguf) if gguf else None,
+        gguf_error=gguf_err,
+        tokens=data.sft.tokens if data.sft else 0,
+    )
+    md = report_markdown(report)
+    (out / "train_report.md").write_text(md, encoding="utf-8")
+    result = report.to_json()
+    (out / "train_report.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    create_markdown_artifact(markdown=md, key="train-report", description="longwriter train")
+    return result
+
+
+def run_train(cfg: TrainConfig) -> dict[str, Any]:
+    return train_flow(cfg)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_cli(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="SFT (or --dpo) a base model on shards with TRL; saves HF model + GGUF",
+        description=(__doc__ or "").split("\n\n")[0],
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="shards dir (build OUT with shards/*.parquet), a folder or file of parquet/jsonl; "
+        "with --dpo: TRL preference pairs (prompt/chosen/rejected)",
+    )
+    p.add_argument(
+        "--base-model",
+        default=None,
+        help="HF model dir or .gguf file (default: the embedded SmolLM2-135M GGUF)",
+    )
+    p.add_argument("--out", required=True, help="output dir for the trained model")
+    p.add_argument("--general", default=None, help="general SFT data (parquet/jsonl) to mix in")
+    p.add_argument(
+        "--general-ratio",
+        type=float,
+        default=None,
+        help="share of general samples in the mix, 0 <= R < 1 (default: all general data)",
+    )
+    p.add_argument("--dpo", action="store_true", help="DPO on preference pairs instead of SFT")
+    p.add_argument("--lora", action="store_true", help="train a LoRA adapter (merged on save)")
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        help="longer samples are skipped and reported (default: the model's context length)",
+    )
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--lr", type=float, default=None, help="default 2e-5 (LoRA 2e-4, DPO 1e-6)")
+    p.add_argument("--batch-size", type=int, default=1, help="per-device micro-batch")
+    p.add_argument("--grad-accum", type=int, default=8)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
+    p.add_argument(
+        "--packing",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="padding-free packing; auto = only with flash-attention",
+    )
+    p.add_argument("--attn-implementation", default=None, help="e.g. sdpa, flash_attention_2")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO beta")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--no-gguf", action="store_true", help="skip the GGUF export")
+    p.set_defaults(handler=cmd_train)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        data=Path(args.data),
+        out=Path(args.out),
+        base_model=Path(args.base_model) if args.base_model else None,
+        general=Path(args.general) if args.general else None,
+        general_ratio=args.general_ratio,
+        dpo=args.dpo,
+        lora=args.lora,
+        max_seq_len=args.max_seq_len,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        max_steps=args.max_steps,
+        packing=args.packing,
+        attn_implementation=args.attn_implementation,
+        dpo_beta=args.beta,
+        seed=args.seed,
+        export_gguf=not args.no_gguf,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    try:
+        cfg = config_from_args(args)
+    except ValidationError as exc:
+        print(f"longwriter: error: {exc}", file=sys.stderr)
+        return 2
+    if missing := [m for m in ("torch", "transformers", "trl", "peft") if not _importable(m)]:
+        print(
+            f"longwriter: error: missing {', '.join(missing)}; "
+            "install the train extra (pip install -e '.[train]')",
+            file=sys.stderr,
+        )
+        return 2
+    from flows.cli import start_prefect_api
+
+    try:
+        start_prefect_api()
+        report = run_train(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"longwriter: error: {exc}", file=sys.stderr)
+        return 2
+    losses = report["losses"]
+    print(
+        f"trained {report['steps']} step(s) on {report['samples']} sample(s) "
+        f"({len(report['skipped'])} skipped > {report['max_seq_len']} tokens)"
+        + (f", loss {losses[0][1]:.4f} -> {losses[-1][1]:.4f}" if losses else "")
+    )
+    print(f"model: {report['out']}")
+    print(f"gguf:  {report['gguf'] or 'not exported: ' + str(report['gguf_error'])}")
+    return 0
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
