@@ -347,14 +347,13 @@ async def plan_instruction(rt: BuildRuntime, inst: Instruction) -> bool:
 
 def _retry_unless_llm_error(_task: Any, _run: Any, state: Any) -> bool:
     """Prefect retries a whole task only for non-LLM failures (e.g. a database blip): LLM
-    faults were already retried by the client, so attempts never multiply."""
-    try:
-        state.result()
-    except LLMError:
-        return False
-    except Exception:  # noqa: BLE001 - any other failure is worth one task retry
-        return True
-    return False
+    faults were already retried by the client, so attempts never multiply.
+
+    The engine hands over `Failed(data=exc)`; the exception is read from `data` because this
+    runs inside the task engine's event loop, where `state.result()` returns an un-awaited
+    coroutine instead of raising (so the condition was always False)."""
+    exc = getattr(state, "data", None)
+    return isinstance(exc, Exception) and not isinstance(exc, LLMError)
 
 
 @task(
