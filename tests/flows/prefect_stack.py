@@ -1,0 +1,259 @@
+"""A real Prefect stack on loopback for deployment tests: `prefect server start` (with its
+services: the scheduler and triggers are what a deployment needs beyond the API), process
+workers, and the REST calls the tests make to read runs, artifacts and logs.
+
+Every process starts in its own session (process group). Workers start flow runs in
+sessions of their own, so `Proc.kill` collects the whole process tree before signalling: a
+worker killed first would orphan its flow runs. `PrefectStack.close` kills everything left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parents[2]
+PREFECT = str(Path(sys.executable).parent / "prefect")
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tail(path: Path, n: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return f"(no {path})"
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def tree(self) -> list[psutil.Process]:
+        try:
+            root = psutil.Process(self.popen.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def kill(self) -> list[int]:
+        """SIGKILL the process, its group and every descendant's group; the pids killed."""
+        procs = self.tree()
+        groups = set()
+        for p in procs:
+            try:
+                groups.add(os.getpgid(p.pid))
+            except ProcessLookupError:
+                pass
+        for g in groups:
+            try:
+                os.killpg(g, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        try:
+            self.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        return [p.pid for p in procs]
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        """SIGTERM first (a worker or server shuts down cleanly), then kill what is left."""
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.popen.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+
+
+@dataclass
+class PrefectStack:
+    root: Path
+    port: int = field(default_factory=free_port)
+    procs: list[Proc] = field(default_factory=list)
+
+    @property
+    def home(self) -> Path:
+        return self.root / "prefect-home"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment of every process: none of the test session's PREFECT_* overrides
+        (tests/conftest.py turns services and API logging off), a private PREFECT_HOME, and a
+        1 s worker poll so tests do not wait for the 10 s default."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update(
+            PREFECT_HOME=str(self.home),
+            PREFECT_API_URL=self.api_url,
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_WORKER_QUERY_SECONDS="1",
+            PREFECT_WORKER_PREFETCH_SECONDS="2",
+            PREFECT_LOGGING_LEVEL="INFO",
+            PREFECT_CLI_WRAP_LINES="false",
+            COLUMNS="200",
+        )
+        env.update(extra)
+        return env
+
+    def spawn(self, name: str, args: list[str], **env: str) -> Proc:
+        log = self.root / f"{name}.log"
+        fh = log.open("wb")
+        popen = subprocess.Popen(
+            args,
+            cwd=REPO,
+            env=self.env(**env),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        fh.close()
+        proc = Proc(name, popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def start_server(self, timeout_s: float = 180.0) -> Proc:
+        self.home.mkdir(parents=True, exist_ok=True)
+        server = self.spawn(
+            "server",
+            [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if server.popen.poll() is not None:
+                raise RuntimeError(f"prefect server exited:\n{tail(server.log)}")
+            try:
+                if httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200:
+                    return server
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"prefect server not healthy after {timeout_s} s:\n{tail(server.log)}")
+
+    def start_worker(self, pool: str, name: str, limit: int = 4, **env: str) -> Proc:
+        worker = self.spawn(
+            f"worker-{name}",
+            [PREFECT, "worker", "start", "--pool", pool, "--name", name, "--limit", str(limit)],
+            **env,
+        )
+        # Online once its first heartbeat reached the server.
+        self.wait(
+            lambda: any(
+                w["name"] == name and w["status"] == "ONLINE"
+                for w in self.post(f"/work_pools/{pool}/workers/filter", {})
+            ),
+            60,
+            f"worker {name} online",
+            worker.log,
+        )
+        return worker
+
+    def run(self, *args: str, timeout_s: float = 180.0) -> subprocess.CompletedProcess[str]:
+        """A command (e.g. the README's) in the repository with this stack's environment."""
+        out = subprocess.run(
+            list(args),
+            cwd=REPO,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+        if out.returncode != 0:
+            raise AssertionError(f"{args} exited {out.returncode}:\n{out.stdout}\n{out.stderr}")
+        return out
+
+    # -- REST ----------------------------------------------------------------------------
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """One API call, retried on 503/429 as Prefect's own client does (a busy SQLite
+        backend answers 503 while locked)."""
+        for attempt in range(8):
+            r = httpx.request(method, self.api_url + path, json=body, timeout=30)
+            if r.status_code not in (429, 503) or attempt == 7:
+                break
+            time.sleep(0.25 * 2**attempt)
+        r.raise_for_status()
+        return r.json() if r.content else None
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        return self.request("POST", path, body)
+
+    def deployment(self, name: str) -> dict[str, Any]:
+        return self.get(f"/deployments/name/{name}")
+
+    def create_run(self, deployment: str, parameters: dict[str, Any]) -> dict[str, Any]:
+        dep = self.deployment(deployment)
+        return self.post(f"/deployments/{dep['id']}/create_flow_run", {"parameters": parameters})
+
+    def flow_run(self, run_id: str) -> dict[str, Any]:
+        return self.get(f"/flow_runs/{run_id}")
+
+    def state(self, run_id: str) -> str:
+        state = self.flow_run(run_id).get("state") or {}
+        return str(state.get("type") or "NONE")
+
+    def wait_final(self, run_id: str, timeout_s: float, logs: list[Path]) -> dict[str, Any]:
+        self.wait(
+            lambda: self.state(run_id) in TERMINAL, timeout_s, f"flow run {run_id} final", *logs
+        )
+        return self.flow_run(run_id)
+
+    def artifacts(self, run_id: str) -> list[dict[str, Any]]:
+        return self.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
+
+    def logs(self, run_id: str) -> list[dict[str, Any]]:
+        return self.post(
+            "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}
+        )
+
+    def task_runs(self, run_id: str) -> list[dict[str, Any]]:
+        return self.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
+
+    def flow_runs(self, body: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.post("/flow_runs/filter", body)
+
+    def wait(self, ok: Callable[[], bool], timeout_s: float, what: str, *logs: Path) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if ok():
+                return
+            time.sleep(0.25)
+        detail = "\n".join(f"--- {p.name}\n{tail(p)}" for p in logs)
+        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{detail}")
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop(grace_s=3.0)
+        self.procs.clear()
