@@ -101,14 +101,14 @@ def cpu_cores() -> int:
 
 
 def default_threads() -> int:
-    """llama.cpp threads: every core but one.
+    """llama.cpp threads: all cores (the child also gets OMP_WAIT_POLICY=passive, see below).
 
-    Measured on the 2-core box with the pipeline's own processes busy: llama.cpp's OpenMP
-    threads spin while waiting, so n_threads == cores under contention collapsed generation to
-    ~1.4 tok/s, while 1 thread gave ~25-30 tok/s. Leaving a core to the Prefect server and the
-    flow process is the safe default; pass n_threads to override.
+    Measured on the 2-core box while other processes kept it busy (load ~9), 400-token
+    completions: 2 threads with passive OpenMP waiting gave 33-52 tok/s, 1 thread 24-31 tok/s,
+    but 2 threads with OpenMP's default spin-waiting collapsed to 1.4-3.4 tok/s: the spinning
+    threads fight every other process for the two cores.
     """
-    return max(1, cpu_cores() - 1)
+    return cpu_cores()
 
 
 def pick_free_port(host: str = "127.0.0.1") -> int:
@@ -361,8 +361,8 @@ class LlamaServer:
         if not self.model_path.is_file():
             raise LlamaServerError(f"model file not found: {self.model_path}")
         self.host = host
-        self._requested_port = port
-        self.port: int | None = port
+        self._requested_port = port or None  # 0 also means "pick a free port"
+        self.port: int | None = self._requested_port
         self.n_ctx = n_ctx
         self.n_threads = n_threads if n_threads is not None else default_threads()
         self.model_alias = model_alias
@@ -447,8 +447,8 @@ class LlamaServer:
     def _child_env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k.lower() not in _SERVER_SETTING_NAMES}
         env["PYTHONUNBUFFERED"] = "1"  # log lines reach the log file as they happen
-        # Idle OpenMP workers sleep instead of spinning, so they do not steal the CPU that other
-        # processes on a small box need (see default_threads).
+        # Idle OpenMP workers sleep instead of spinning: with spinning, n_threads == cores on a
+        # busy 2-core box ran ~10x slower (see default_threads).
         env.setdefault("OMP_WAIT_POLICY", "passive")
         return env
 

@@ -125,8 +125,10 @@ def _chat(server: LlamaServer, **body: object) -> dict:
     return response.json()
 
 
-def _spawn_owner(runtime_dir: Path, *, kill_with_parent: bool) -> tuple[subprocess.Popen, dict]:
-    """A python process that starts a LlamaServer, reports it as JSON, then just sleeps."""
+def _spawn_owner(
+    runtime_dir: Path, *, kill_with_parent: bool, then: str = "time.sleep(600)"
+) -> tuple[subprocess.Popen, dict]:
+    """A python process that starts a LlamaServer, reports it as JSON, then runs `then`."""
     script = textwrap.dedent(
         f"""
         import json, sys, time
@@ -136,7 +138,7 @@ def _spawn_owner(runtime_dir: Path, *, kill_with_parent: bool) -> tuple[subproce
                         kill_with_parent={kill_with_parent!r})
         s.start().wait_ready({READY_S})
         print(json.dumps({{"pid": s.pid, "port": s.port, "host": s.host}}), flush=True)
-        time.sleep(600)
+        {then}
         """
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -223,6 +225,9 @@ def test_command_and_child_env(
     env = server._child_env()
     assert not {"PORT", "HOST", "API_KEY", "n_ctx", "CONFIG_FILE"} & set(env)
     assert env["PATH"] == os.environ["PATH"]
+    # Spinning OpenMP threads made generation ~10x slower on a busy 2-core box.
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert server._child_env()["OMP_WAIT_POLICY"] == "passive"
 
 
 def test_reap_ignores_pid_that_is_not_a_llama_server(runtime_dir: Path) -> None:
@@ -495,3 +500,42 @@ def test_serve_cli_runs_until_interrupted(runtime_dir: Path) -> None:
     assert _wait_gone(server_pid, 15)
     port = int(base_url.rsplit(":", 1)[1].split("/")[0])
     assert _port_free("127.0.0.1", port)
+
+
+@pytest.mark.embedded
+@needs_model
+def test_exception_inside_with_stops_server(runtime_dir: Path) -> None:
+    server = LlamaServer(runtime_dir=runtime_dir, ready_timeout_s=READY_S)
+    with pytest.raises(KeyboardInterrupt), server:
+        pid, port = server.pid, server.port
+        raise KeyboardInterrupt
+    assert pid is not None and port is not None
+    assert _wait_gone(pid, 10)
+    assert _port_free("127.0.0.1", port)
+
+
+@pytest.mark.embedded
+@needs_model
+def test_normal_exit_without_stop_ends_server_via_atexit(runtime_dir: Path) -> None:
+    # kill_with_parent=False takes PDEATHSIG out of the picture: only atexit can stop it.
+    owner, info = _spawn_owner(runtime_dir, kill_with_parent=False, then="sys.exit(0)")
+    try:
+        assert owner.wait(timeout=60) == 0
+        assert _wait_gone(info["pid"], 15), "server outlived an owner that exited normally"
+        assert _port_free(info["host"], info["port"])
+        assert not (runtime_dir / f"server-{info['pid']}.json").exists()
+    finally:
+        reap_stale_servers(runtime_dir)
+
+
+@pytest.mark.embedded
+@needs_model
+def test_port_in_use_fails_fast(runtime_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = LlamaServer(port=port, runtime_dir=runtime_dir)
+        with pytest.raises(LlamaServerError, match="(?i)address already in use"):
+            server.start().wait_ready(READY_S)
+        assert not server.is_running()
