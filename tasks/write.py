@@ -222,13 +222,14 @@ async def write_step(
     cfg = rt.config
     call = None
     for _ in range(2):  # a context-length error shrinks the budget and retries once
+        budget = rt.budget
         request = build_write_request(
             inst.prompt,
             steps,
             written,
             step,
             lang=inst.lang,
-            budget=rt.budget,
+            budget=budget,
             max_paragraph_tokens=cfg.max_paragraph_tokens,
             temperature=cfg.write_temperature,
             extra_params=cfg.extra_params,
@@ -237,9 +238,12 @@ async def write_step(
             call = await generate(rt.store, rt.client, request, rt.progress)
             break
         except ContextLengthError:
-            smaller = int(rt.budget.context_window * 0.75)
-            if smaller < rt.budget.context_window:
-                rt.budget = ContextBudget(smaller, rt.budget.reserve_tokens)
+            # Shrink the budget this request was built with, once: when several chains hit
+            # the limit together, shrinking the shared budget once per chain collapsed it
+            # (0.75**n) until paragraphs were written with none of the text so far.
+            if rt.budget.context_window >= budget.context_window:
+                smaller = int(budget.context_window * 0.75)
+                rt.budget = ContextBudget(smaller, budget.reserve_tokens)
         except BadOutputError as exc:
             rt.store.reject(inst.id, "write", "bad_output", f"paragraph {step}: {exc}")
             return None
