@@ -27,6 +27,9 @@ from tasks.wordcount import detect_lang
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 EVAL_PROMPT_FILES = (DATA_DIR / "longbench_write.jsonl", DATA_DIR / "longwrite_ruler.jsonl")
+# A required length beyond this is a typo, not a piece anyone can plan; bigger integers also
+# overflowed the store's INTEGER column and crashed the ingest commit.
+MAX_LENGTH_WORDS = 1_000_000
 DEFAULT_MAX_RECORD_BYTES = 100_000  # ~25k tokens: more than any prompt our models can plan from
 
 
@@ -89,9 +92,15 @@ def read_jsonl(path: Path, max_record_bytes: int) -> Iterator[RawRecord]:
                 yield RawRecord(line_no, error="invalid_utf8", detail=str(exc), raw=_excerpt(line))
                 continue
             try:
-                yield RawRecord(line_no, data=json.loads(text), raw=text[:500])
+                data = json.loads(text)
             except json.JSONDecodeError as exc:
                 yield RawRecord(line_no, error="invalid_json", detail=exc.msg, raw=text[:500])
+                continue
+            except RecursionError:  # `[[[[...` a few thousand deep crashed the whole ingest
+                detail = "nested too deeply to read"
+                yield RawRecord(line_no, error="invalid_json", detail=detail, raw=text[:500])
+                continue
+            yield RawRecord(line_no, data=data, raw=text[:500])
 
 
 def read_records(
@@ -105,7 +114,7 @@ def read_records(
     if suffix == ".json":
         try:
             data = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             data = None  # not one JSON document: read it as json-lines
         if isinstance(data, list):
             for i, item in enumerate(data, start=1):
@@ -248,7 +257,19 @@ def _parse_length(value: Any) -> int | None:
         n = int(str(value).strip().replace(",", ""))
     if n <= 0:
         raise ValueError("length must be positive")
+    if n > MAX_LENGTH_WORDS:  # also keeps it inside a 64-bit INTEGER column
+        raise ValueError(f"length above {MAX_LENGTH_WORDS} words")
     return n
+
+
+def _encodable(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    except (TypeError, ValueError):
+        return True  # not JSON-serialisable (a parquet row): its strings are the readers' own
+    return True
 
 
 def to_instruction(
@@ -257,10 +278,15 @@ def to_instruction(
     """One raw record to an instruction, or to the reason it is not one."""
 
     def reject(reason: str, detail: str) -> IngestRejection:
-        return IngestRejection(rec.line_no, reason, detail, rec.raw, source)
+        raw = rec.raw.encode("utf-8", "backslashreplace").decode("utf-8")  # storable
+        return IngestRejection(rec.line_no, reason, detail, raw, source)
 
     if rec.error:
         return reject(rec.error, rec.detail)
+    if not _encodable(rec.data):
+        # Valid JSON, but a `\ud800`-style escape decodes to a lone surrogate that no UTF-8
+        # store or file can hold (it crashed the ingest before).
+        return reject("invalid_utf8", "a string holds a lone surrogate escape (e.g. \\ud800)")
     if not isinstance(rec.data, dict):
         return reject("not_an_object", f"expected a JSON object, got {type(rec.data).__name__}")
     data = rec.data
@@ -280,7 +306,7 @@ def to_instruction(
         )
     try:
         length = _parse_length(data.get("length"))
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:  # Overflow: 1e400 is infinity
         return reject("invalid_length", f"length {data.get('length')!r}: {exc}")
     h = norm_hash(prompt)
     raw_id = data.get("id")
