@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import event, func
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, SQLModel, col, create_engine, select
 
 from storage.models import (
@@ -101,16 +102,26 @@ class Store:
 
     def save(self, *rows: SQLModel, status: tuple[int, str] | None = None) -> None:
         """Write rows (insert or update by primary key) and optionally move one instruction to a
-        new status, all in one transaction, so a crash never leaves half a step behind."""
-        with self.session() as s:
-            for row in rows:
-                s.merge(row)
-            if status is not None:
-                inst = s.get(Instruction, status[0])
-                if inst is not None:
-                    inst.status = status[1]
-                    s.add(inst)
-            s.commit()
+        new status, all in one transaction, so a crash never leaves half a step behind.
+
+        `merge` reads by primary key, then inserts: another process on the same store (a
+        second build, a partition) can insert the same key in between. That transaction is
+        retried once, when the merge finds the row and updates it."""
+        for attempt in (1, 2):
+            try:
+                with self.session() as s:
+                    for row in rows:
+                        s.merge(row)
+                    if status is not None:
+                        inst = s.get(Instruction, status[0])
+                        if inst is not None:
+                            inst.status = status[1]
+                            s.add(inst)
+                    s.commit()
+                return
+            except IntegrityError:
+                if attempt == 2:
+                    raise
 
     def add_all(self, rows: Iterable[SQLModel]) -> None:
         with self.session() as s:
