@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from storage.store import Store, redact_db_url
 from tasks.endpoints import open_endpoints
@@ -43,6 +43,9 @@ UNFINISHED = ("pending", "planned", "written")
 class BuildSettings(BaseModel):
     """Everything a build needs. A Prefect deployment takes it as its parameter (the UI shows a
     form); it holds the *name* of the API key variable, never the key."""
+
+    # A misspelt setting (in a deployment's parameters, say) must fail, not be ignored.
+    model_config = ConfigDict(extra="forbid")
 
     instructions: str | None = Field(None, description="instruction file (jsonl/json/parquet/csv)")
     db_url: str = Field("sqlite:///longwriter.db", description="store URL or SQLite path")

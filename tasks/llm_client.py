@@ -378,8 +378,10 @@ class LLMClient:
         text = _redact(response.text, state.endpoint.api_key)[:500]
         if status in RETRYABLE_STATUSES:
             self._failed(state, str(status))
+            # The body goes into the message (one line, redacted): when retries run out it is
+            # the only clue to what the server disliked.
             raise TransientLLMError(
-                f"HTTP {status} from {state.endpoint.base_url}",
+                f"HTTP {status} from {state.endpoint.base_url}: {_one_line(text, 160)}",
                 status=status,
                 retry_after=parse_retry_after(response.headers.get("Retry-After")),
             )

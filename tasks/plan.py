@@ -80,7 +80,10 @@ def response_format(schema: dict[str, Any], style: str) -> dict[str, Any]:
     422 to the OpenAI shape) and compiles it to a grammar."""
     if style == "llama_cpp":
         return {"type": "json_object", "schema": schema}
-    return {"type": "json_schema", "json_schema": {"name": "plan", "strict": True, "schema": schema}}
+    return {
+        "type": "json_schema",
+        "json_schema": {"name": "plan", "strict": True, "schema": schema},
+    }
 
 
 def build_plan_request(
@@ -155,7 +158,8 @@ def _extract_json(text: str) -> Any:
             candidates.append(text[start : end + 1])
     for c in candidates:
         try:
-            return json.loads(c)
+            # strict=False: grammar-constrained output may hold raw newlines inside strings
+            return json.loads(c, strict=False)
         except (json.JSONDecodeError, ValueError):
             continue
     return None
@@ -282,13 +286,22 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from storage.models import Instruction  # noqa: E402
 from storage.models import Plan as PlanRow  # noqa: E402
-from tasks.llm_client import BadOutputError, ContextLengthError, FatalLLMError, LLMError  # noqa: E402
+from tasks.llm_client import (  # noqa: E402
+    BadOutputError,
+    ContextLengthError,
+    EndpointDownError,
+    FatalLLMError,
+    LLMError,
+)
 from tasks.runtime import BuildRuntime, generate, get_runtime  # noqa: E402
 
 
-def _json_unsupported(exc: FatalLLMError) -> bool:
+def _json_unsupported(exc: LLMError) -> bool:
+    """The endpoint rejected the structured-output request itself. OpenAI-style servers say
+    so with 400/422; llama-cpp-python answers the OpenAI shape with a 500 that names the
+    accepted types, which arrives here as EndpointDownError after the client's retries."""
     msg = str(exc).lower()
-    return exc.status in (400, 422) and ("response_format" in msg or "json_schema" in msg)
+    return "response_format" in msg or "json_schema" in msg or "json_object" in msg
 
 
 async def plan_instruction(rt: BuildRuntime, inst: Instruction) -> bool:
@@ -309,7 +322,7 @@ async def plan_instruction(rt: BuildRuntime, inst: Instruction) -> bool:
         try:
             call = await generate(rt.store, rt.client, request, rt.progress)
             break
-        except FatalLLMError as exc:
+        except (FatalLLMError, EndpointDownError) as exc:
             if cfg.json_plan and _json_unsupported(exc):
                 # Endpoint refuses this structured-output dialect: try llama.cpp's, then
                 # plain line-format plans (the parser reads those anyway).

@@ -56,6 +56,8 @@ class FakeConfig:
     fail_status: int | None = None  # every request answers this status (401, 404, 503...)
     context_limit_chars: int | None = None  # answer 400 "context length" above this prompt size
     api_key: str | None = None  # when set, requests without this bearer key get 401
+    # Behave like llama-cpp-python's server: 500 for the OpenAI json_schema response_format.
+    llama_cpp_json: bool = False
 
 
 @dataclass
@@ -270,6 +272,14 @@ class FakeOpenAIServer:
                 cfg.fail_status,
                 json.dumps({"error": {"message": f"forced {cfg.fail_status}"}}).encode(),
                 {"Retry-After": str(cfg.retry_after_s)} if cfg.fail_status in (429, 503) else None,
+            )
+            return True
+        rf = body.get("response_format") or {}
+        if cfg.llama_cpp_json and rf.get("type") == "json_schema":
+            await self._send(
+                writer,
+                500,
+                b'{"error": {"message": "response_format type must be \'text\' or \'json_object\'"}}',
             )
             return True
         prompt_chars = sum(len(m.get("content", "")) for m in body.get("messages") or [])

@@ -148,3 +148,28 @@ def test_cli_config_errors_are_one_line(tmp_path, db_url, capsys):
     )
     assert code != 0
     assert "--model" in capsys.readouterr().err
+
+
+def test_plan_falls_back_to_llama_cpp_json_dialect(tmp_path, db_url):
+    """llama-cpp-python answers the OpenAI json_schema shape with HTTP 500; the build switches
+    to its json_object+schema dialect once and goes on."""
+    src = write_jsonl(tmp_path / "in.jsonl", GOOD[:3])
+    cfg = FakeConfig(llama_cpp_json=True)
+    with FakeOpenAIServer(cfg).running() as fake:
+        summary = run(
+            BuildSettings(
+                instructions=str(src),
+                db_url=db_url,
+                out_dir=str(tmp_path / "out"),
+                base_urls=[fake.base_url],
+                model="m",
+                concurrency=1,
+                initial_backoff_s=0.01,
+                max_backoff_s=0.02,
+            )
+        )
+        plan_prompts = fake.stats.by_stage["plan"]
+    assert summary["accepted"] == 3
+    assert summary["rejections"] == {}
+    # one plan call exhausted its retries on the 500, then every plan used the other dialect
+    assert plan_prompts == 6 + 3
