@@ -181,12 +181,22 @@ def load_model(ref: ModelRef, *, attn_implementation: str, lora: bool) -> PreTra
     # Full fine-tuning keeps fp32 master weights (bf16 comes from autocast); a LoRA base is frozen,
     # so on GPU it can sit in bf16 and halve its memory.
     dtype = torch.bfloat16 if (lora and has_cuda()) else torch.float32
-    return AutoModelForCausalLM.from_pretrained(
-        str(ref.directory),
-        dtype=dtype,
-        attn_implementation=attn_implementation,
-        **ref.load_kwargs(),
+    kwargs = ref.load_kwargs()
+    if ref.gguf_file:
+        from transformers import GgufConfig
+
+        # Without an explicit dequantize=True, transformers keeps a GGUF quantizer on the model
+        # (is_quantized, not trainable, not serializable) even when it unpacked every weight;
+        # training needs plain float weights.
+        kwargs["quantization_config"] = GgufConfig(gguf_file=ref.gguf_file, dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(ref.directory), dtype=dtype, attn_implementation=attn_implementation, **kwargs
     )
+    if getattr(model, "is_quantized", False):
+        raise ValueError(
+            f"{ref.gguf_path or ref.directory}: loads as a quantized model; can't train"
+        )
+    return model
 
 
 # --------------------------------------------------------------------------- data

@@ -306,3 +306,26 @@ def test_load_conversations_reads_general_jsonl(tmp_path: Path) -> None:
     p = tmp_path / "g.jsonl"
     p.write_text(json.dumps({"prompt": "Q", "completion": "A"}) + "\n")
     assert load_conversations(p, "general")[0].id == "general:0"
+
+
+def test_gguf_base_model_is_trainable(tiny: Path, tmp_path: Path) -> None:
+    # A GGUF base (like the embedded SmolLM2) must load as plain float weights: transformers
+    # otherwise keeps a GGUF quantizer on the model and the Trainer refuses to fine-tune it.
+    gguf_dir = tmp_path / "gguf"
+    export_gguf(tiny, gguf_dir / "tiny.gguf", dtype="f16")
+    cfg = TrainConfig(
+        data=write_shards(tmp_path / "data", sample_records(4)),
+        out=tmp_path / "out",
+        base_model=gguf_dir / "tiny.gguf",
+        max_seq_len=256,
+        lr=1e-3,
+        batch_size=2,
+        grad_accum=1,
+        max_steps=2,
+    )
+    loaded = load_and_check(cfg)
+    assert loaded.ref.gguf_file == "tiny.gguf"
+    outcome = run_training(cfg, loaded)
+    assert outcome.steps == 2
+    out, gguf, err = save_and_export(cfg, loaded, outcome)
+    assert err is None and gguf is not None and (out / "model.safetensors").is_file()
