@@ -159,23 +159,27 @@ class PrefectStack:
             time.sleep(0.5)
         raise RuntimeError(f"prefect server not healthy after {timeout_s} s:\n{tail(server.log)}")
 
-    def start_worker(self, pool: str, name: str, limit: int = 4, **env: str) -> Proc:
+    def start_worker(
+        self, pool: str, name: str, limit: int = 4, wait: bool = True, **env: str
+    ) -> Proc:
         worker = self.spawn(
             f"worker-{name}",
             [PREFECT, "worker", "start", "--pool", pool, "--name", name, "--limit", str(limit)],
             **env,
         )
-        # Online once its first heartbeat reached the server.
-        self.wait(
-            lambda: any(
-                w["name"] == name and w["status"] == "ONLINE"
-                for w in self.post(f"/work_pools/{pool}/workers/filter", {})
-            ),
-            60,
-            f"worker {name} online",
-            worker.log,
-        )
+        if wait:
+            self.wait_online(pool, [worker])
         return worker
+
+    def wait_online(self, pool: str, workers: list[Proc], timeout_s: float = 90.0) -> None:
+        """Until every worker's first heartbeat reached the server."""
+        names = {w.name.removeprefix("worker-") for w in workers}
+
+        def online() -> bool:
+            found = self.post(f"/work_pools/{pool}/workers/filter", {})
+            return names <= {w["name"] for w in found if w["status"] == "ONLINE"}
+
+        self.wait(online, timeout_s, f"workers {sorted(names)} online", *(w.log for w in workers))
 
     def run(self, *args: str, timeout_s: float = 180.0) -> subprocess.CompletedProcess[str]:
         """A command (e.g. the README's) in the repository with this stack's environment."""
