@@ -1,0 +1,220 @@
+"""Benchmark 1: orchestration overhead of `longwriter build`.
+
+2,000 instructions x 7 calls (plan + 6 paragraphs) against the fake server (own process, a
+fixed 100 ms per call) at concurrency 64. The lower bound on wall time is
+max(one instruction's chain = 7 x 100 ms, calls x 100 ms / 64). Reported: wall / bound for the
+whole command and for the steady state (first request sent to last answer received, read
+from the stored calls, so Prefect's start-up, ingest and export are excluded), and the build
+process's CPU milliseconds per LLM call (from /proc, sampled while it runs).
+
+    .venv/bin/python -m tests.benchmarks.bench_orchestration [--instructions N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+from tests.benchmarks.common import (
+    BenchResult,
+    call_window,
+    count_status,
+    fake_server,
+    run_cli_build,
+    warm_prefect_home,
+    write_instructions,
+)
+
+LATENCY_S = 0.1
+STEPS = 6
+STEP_WORDS = 300
+
+
+def lower_bound_s(calls: int, chain_calls: int, latency_s: float, concurrency: int) -> float:
+    return max(chain_calls * latency_s, calls * latency_s / concurrency)
+
+
+def measure_build(
+    n: int, concurrency: int, latency_s: float = LATENCY_S, label: str = "orch"
+) -> dict[str, float | int | str]:
+    """One fake build of `n` instructions; every figure the overhead benchmarks need."""
+    work = Path(tempfile.mkdtemp(prefix=f"lw-bench-{label}-"))
+    inst = write_instructions(work / "instructions.jsonl", n, prefix=label)
+    db = work / "store.db"
+    with fake_server(latency_s, STEPS, STEP_WORDS) as fake:
+        home = warm_prefect_home(fake.base_url)
+        fake_cpu0 = fake.cpu_s()
+        run = run_cli_build(
+            home,
+            ["--instructions", str(inst), "--db", str(db), "--out", str(work / "out")],
+            fake.base_url,
+            concurrency=concurrency,
+            min_words=1000,
+            extra=["--batch-size", "50"],
+        )
+        fake_cpu = fake.cpu_s() - fake_cpu0
+    if run.returncode != 0:
+        raise RuntimeError(f"build failed ({run.returncode}):\n{run.output[-3000:]}")
+    win = call_window(db)
+    status = count_status(db)
+    chain = 1 + STEPS
+    bound = lower_bound_s(win.calls, chain, latency_s, concurrency)
+    cpu_main_win, cpu_kids_win = run.sampler.cpu_between(win.first_start, win.last_end)
+    return {
+        "instructions": n,
+        "concurrency": concurrency,
+        "calls": win.calls,
+        "accepted": status.get("accepted", 0),
+        "bound_s": round(bound, 3),
+        "wall_s": round(run.wall_s, 2),
+        "startup_s": round(win.first_start - run.started, 2),
+        "steady_s": round(win.seconds, 2),
+        "tail_s": round(run.ended - win.last_end, 2),
+        "ratio_whole": round(run.wall_s / bound, 3),
+        "ratio_steady": round(win.seconds / bound, 3),
+        "cpu_ms_per_call_steady": round(1000 * cpu_main_win / max(win.calls, 1), 3),
+        "cpu_ms_per_call_whole": round(1000 * run.cpu_main_s / max(win.calls, 1), 3),
+        "cpu_share_steady": round(cpu_main_win / max(win.seconds, 1e-9), 3),
+        "prefect_server_cpu_ms_per_call_steady": round(1000 * cpu_kids_win / max(win.calls, 1), 3),
+        "prefect_server_cpu_s_whole": round(run.cpu_children_s, 2),
+        "fake_server_cpu_ms_per_call": round(1000 * fake_cpu / max(win.calls, 1), 3),
+        "mean_latency_ms": round(1000 * win.latency_s_sum / max(win.calls, 1), 1),
+        "load_before": run.load_before,
+        "load_after": run.load_after,
+        "work_dir": str(work),
+    }
+
+
+PROJECT_DIRS = ("flows/", "tasks/", "storage/", "prompts/")
+LIBRARIES = {
+    "httpx/": "HTTP client (httpx/httpcore/anyio)",
+    "httpcore/": "HTTP client (httpx/httpcore/anyio)",
+    "anyio/": "HTTP client (httpx/httpcore/anyio)",
+    "h11/": "HTTP client (httpx/httpcore/anyio)",
+    "sqlalchemy/": "store (SQLAlchemy/SQLModel/sqlite3)",
+    "sqlmodel/": "store (SQLAlchemy/SQLModel/sqlite3)",
+    "sqlite3/": "store (SQLAlchemy/SQLModel/sqlite3)",
+    "pydantic/": "pydantic",
+    "jinja2/": "prompt rendering (jinja2)",
+    "tenacity/": "retry layer (tenacity)",
+    "prefect/": "Prefect",
+    "json/": "json",
+    "re/": "regex",
+    "pyarrow/": "export (pyarrow)",
+}
+
+
+def py_spy() -> str | None:
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    return exe if Path(exe).exists() else None
+
+
+def categorize(raw_profile: Path) -> dict[str, float]:
+    """Shares of the build's GIL-holding samples in the event-loop thread, by who spends them:
+    the first library frame below the deepest project frame ('what our code called'), else
+    the project module itself. Start-up (imports) and other threads are listed apart."""
+    cats: Counter[str] = Counter()
+    total = 0
+    for line in raw_profile.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        files = [f[f.rfind("(") + 1 : f.rfind(":")] for f in frames]
+        if not any("asyncio/base_events.py" in f for f in files):
+            if any("importlib" in f for f in files):
+                cats["start-up: imports"] += n
+            elif any(f.startswith(PROJECT_DIRS) for f in files):
+                cats["main thread outside the event loop (CLI, Prefect start-up)"] += n
+            else:
+                cats["other threads (Prefect services, events, logging)"] += n
+            continue
+        last_proj = max((i for i, f in enumerate(files) if f.startswith(PROJECT_DIRS)), default=-1)
+        if last_proj < 0:
+            cats["event loop / Prefect engine (no project frame)"] += n
+            continue
+        below = files[last_proj + 1 :]
+        cat = None
+        for f in below:
+            cat = next((c for prefix, c in LIBRARIES.items() if f.startswith(prefix)), None)
+            if cat:
+                break
+        if cat is None:
+            module = files[last_proj]
+            cat = f"project code: {module}" + (" (+stdlib)" if below else "")
+        cats[cat] += n
+    return {k: round(v / max(total, 1), 4) for k, v in cats.most_common()}
+
+
+def profile_build(n: int, concurrency: int, latency_s: float = LATENCY_S) -> dict[str, float]:
+    """The same build under `py-spy record --gil`: where the factory's CPU goes."""
+    exe = py_spy()
+    if exe is None:
+        return {}
+    work = Path(tempfile.mkdtemp(prefix="lw-bench-profile-"))
+    inst = write_instructions(work / "instructions.jsonl", n, prefix="prof")
+    out = work / "profile.txt"
+    with fake_server(latency_s, STEPS, STEP_WORDS) as fake:
+        home = warm_prefect_home(fake.base_url)
+        run = run_cli_build(
+            home,
+            ["--instructions", str(inst), "--db", str(work / "store.db"), "--out", str(work / "o")],
+            fake.base_url,
+            concurrency=concurrency,
+            min_words=1000,
+            prefix=[exe, "record", "-o", str(out), "-f", "raw", "-r", "100", "--gil", "--"],
+        )
+    if run.returncode != 0 or not out.exists():
+        return {}
+    return categorize(out)
+
+
+def run(instructions: int = 2000, concurrency: int = 64) -> BenchResult:
+    res = BenchResult("orchestration", "Orchestration overhead (fake server, 100 ms/call)")
+    m = measure_build(instructions, concurrency)
+    res.details = m
+    res.add("instructions x calls", f"{m['instructions']} x 7 = {m['calls']} calls")
+    res.add("lower bound", m["bound_s"], "s")
+    res.add("wall, whole command", m["wall_s"], "s")
+    res.add("wall / bound, whole command", m["ratio_whole"])
+    res.add("wall / bound, steady state", m["ratio_steady"], goal="<= 1.15")
+    res.add("factory CPU per LLM call, steady", m["cpu_ms_per_call_steady"], "ms", "<= 2")
+    res.add("factory CPU per LLM call, whole", m["cpu_ms_per_call_whole"], "ms")
+    res.add("factory CPU busy share, steady", m["cpu_share_steady"], "cores")
+    res.add("Prefect API server CPU per call", m["prefect_server_cpu_ms_per_call_steady"], "ms")
+    res.add("fake server CPU per call", m["fake_server_cpu_ms_per_call"], "ms")
+    res.add("mean call latency seen by client", m["mean_latency_ms"], "ms")
+    res.notes.append(
+        f"start-up {m['startup_s']} s (interpreter, Prefect API server, ingest), steady "
+        f"{m['steady_s']} s, tail {m['tail_s']} s (filter, export, artifacts, shutdown); "
+        f"accepted {m['accepted']}/{m['instructions']}; load average {m['load_before']} -> "
+        f"{m['load_after']}"
+    )
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--instructions", type=int, default=2000)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--profile", type=int, default=0, help="also profile a build of N (py-spy)")
+    args = ap.parse_args()
+    if args.profile:
+        for cat, share in profile_build(args.profile, args.concurrency).items():
+            print(f"{share:7.1%}  {cat}")
+        return
+    res = run(args.instructions, args.concurrency)
+    for f in res.figures:
+        print(f"{f.name:45s} {f.shown():>18s} {f.goal}")
+    for n in res.notes:
+        print(n)
+
+
+if __name__ == "__main__":
+    main()
