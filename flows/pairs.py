@@ -89,6 +89,9 @@ class PairsSettings(BaseModel):
     rejected: Literal["random", "worst"] = "random"
     request_timeout_s: float = 600.0
     max_attempts: int = Field(6, ge=1)
+    # Client backoff between attempts (capped full jitter; Retry-After wins when given).
+    initial_backoff_s: float = Field(0.5, ge=0)
+    max_backoff_s: float = Field(30.0, ge=0)
 
     def public(self) -> dict[str, Any]:
         d = self.model_dump()
@@ -145,7 +148,10 @@ async def pairs_flow(settings: PairsSettings) -> dict[str, Any]:
                 "run longwriter build first"
             )
         policy = RetryPolicy(
-            max_attempts=settings.max_attempts, read_timeout_s=settings.request_timeout_s
+            max_attempts=settings.max_attempts,
+            read_timeout_s=settings.request_timeout_s,
+            initial_backoff_s=settings.initial_backoff_s,
+            max_backoff_s=settings.max_backoff_s,
         )
         async with contextlib.AsyncExitStack() as stack:
             gen_eps = await stack.enter_async_context(

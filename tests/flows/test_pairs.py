@@ -237,3 +237,30 @@ def test_cli_pairs_without_plans_fails_in_one_line(
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("longwriter: error: no instruction with an accepted plan")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_unwritable_variant_is_stored_as_failed_and_counted(tmp_path: Path, db_url: str) -> None:
+    """A variant whose paragraph never comes (empty answers until the client gives up) is a
+    `failed` row with the reason, counted among the variants; the others still pair."""
+
+    def answer(stage: str, body: dict[str, Any], cfg: FakeConfig) -> str:
+        if stage == "write" and body.get("seed") == 3:
+            return ""
+        return fake_answer(stage, body, cfg)
+
+    out = tmp_path / "pairs"
+    with FakeOpenAIServer(fake_config(), answer=answer).running() as fake:
+        build_store(tmp_path, db_url, fake.base_url)
+        settings = pairs_settings(
+            db_url, out, fake.base_url, limit=1, max_attempts=2, initial_backoff_s=0.0
+        )
+        summary = asyncio.run(pairs_flow(settings=settings))
+    assert summary["counts"]["variants"] == {"scored": 4, "failed": 1}
+    assert summary["counts"]["decisions"] == {"paired": 1}
+    store = Store(db_url)
+    try:
+        with store.session() as s:
+            failed = s.exec(select(VariantSample).where(VariantSample.status == "failed")).all()
+    finally:
+        store.close()
+    assert [(v.variant, v.error.split(":")[0]) for v in failed] == [(3, "bad_output")]
