@@ -68,6 +68,26 @@ def replay(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {"tokens": tokens, "seconds": seconds, "same_answers": same, "compared": compared}
 
 
+def estimate_vs_tokenizer(records: list[dict[str, Any]]) -> dict[str, float]:
+    """The factory's token estimate (what the dry-run forecast uses) over the model's own
+    count, for prompts and answers of the recorded successful calls."""
+    from tasks.write import estimate_tokens
+
+    est_in = est_out = real_in = real_out = 0
+    for rec in records:
+        if rec["status"] != 200 or not rec.get("answer"):
+            continue
+        usage = rec["answer"].get("usage") or {}
+        est_in += sum(estimate_tokens(m["content"]) for m in rec["body"]["messages"])
+        est_out += estimate_tokens(rec["answer"]["choices"][0]["message"]["content"] or "")
+        real_in += int(usage.get("prompt_tokens") or 0)
+        real_out += int(usage.get("completion_tokens") or 0)
+    return {
+        "prompt": round(est_in / max(real_in, 1), 3),
+        "completion": round(est_out / max(real_out, 1), 3),
+    }
+
+
 def run(instructions: int = 2, paragraph_tokens: int = 160) -> BenchResult:
     res = BenchResult("real_model", "Real model: factory vs direct llama.cpp calls")
     if importlib.util.find_spec("llama_cpp") is None:
@@ -158,6 +178,12 @@ def run(instructions: int = 2, paragraph_tokens: int = 160) -> BenchResult:
         "factory / direct, LLM phase", round(factory_tps / max(direct_tps, 1e-9), 3), goal=">= 0.95"
     )
     res.add("factory / direct, per-call", round(per_call_tps / max(direct_tps, 1e-9), 3))
+    calib = estimate_vs_tokenizer(records)
+    res.details["estimate_over_tokenizer"] = calib
+    res.add(
+        "forecast token estimate / tokenizer, in / out",
+        f"{calib['prompt']:.2f} / {calib['completion']:.2f}",
+    )
     res.notes.append(
         f"SmolLM2-135M Q4_1 on {server.n_threads} threads, temperature 0, factory concurrency 1, "
         f"paragraphs capped at {paragraph_tokens} tokens; load average "

@@ -267,27 +267,19 @@ class FakeServerProcess:
 
 @contextlib.contextmanager
 def fake_server(
-    latency_s: float, plan_steps: int = 6, step_words: int = 300
+    latency_s: float,
+    plan_steps: int | None = 6,
+    step_words: int = 300,
+    module: str = "tests.fake_openai",
 ) -> Iterator[FakeServerProcess]:
-    """`python -m tests.fake_openai` in a separate process (its CPU is not the factory's)."""
+    """`python -m tests.fake_openai` in a separate process (its CPU is not the factory's).
+    `plan_steps=None` with module tests.benchmarks.fake_sized: plans sized by the prompt."""
+    argv = [sys.executable, "-m", module, "--port", "0", "--latency", str(latency_s)]
+    argv += ["--step-words", str(step_words)]
+    if plan_steps is not None:
+        argv += ["--plan-steps", str(plan_steps)]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tests.fake_openai",
-            "--port",
-            "0",
-            "--latency",
-            str(latency_s),
-            "--plan-steps",
-            str(plan_steps),
-            "--step-words",
-            str(step_words),
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
+        argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
     )
     try:
         assert proc.stdout is not None
@@ -308,9 +300,15 @@ def fake_server(
 
 
 def write_instructions(
-    path: Path, n: int, *, length: int | None = None, prefix: str = "bench"
+    path: Path,
+    n: int,
+    *,
+    length: int | None = None,
+    prefix: str = "bench",
+    lengths: Sequence[int] = (),
 ) -> Path:
-    """`n` distinct English instructions (no benchmark text, so decontamination keeps them)."""
+    """`n` distinct English instructions (no benchmark text, so decontamination keeps them),
+    each with `length`, or with lengths[i % len(lengths)] when `lengths` is given."""
     topics = ("a lighthouse keeper", "a river town", "a glass factory", "an orchard", "a ferry")
     with path.open("w", encoding="utf-8") as fh:
         for i in range(n):
@@ -319,7 +317,9 @@ def write_instructions(
                 "prompt": f"Write a long story, number {i}, about {topics[i % len(topics)]} "
                 f"and the people around it (variant {prefix}-{i}).",
             }
-            if length is not None:
+            if lengths:
+                rec["length"] = lengths[i % len(lengths)]
+            elif length is not None:
                 rec["length"] = length
             fh.write(json.dumps(rec) + "\n")
     return path
