@@ -9,6 +9,7 @@ runs) never block the writer. The same code runs on PostgreSQL by URL.
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import event, func
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import Session, SQLModel, col, create_engine, select
 
 from storage.models import (
@@ -84,7 +85,21 @@ class Store:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:
             self.engine = create_engine(self.url, pool_pre_ping=True, pool_size=5, max_overflow=10)
-        SQLModel.metadata.create_all(self.engine)
+        self._create_tables()
+
+    def _create_tables(self) -> None:
+        """Create missing tables. `create_all` checks, then creates: two processes opening a
+        fresh database together (partitions, `stats` while a build starts) both try to create
+        the same table and the loser fails (PostgreSQL: duplicate pg_type; SQLite: table
+        exists). The loser tries again and finds the tables there."""
+        for attempt in range(1, 4):
+            try:
+                SQLModel.metadata.create_all(self.engine)
+                return
+            except DBAPIError:
+                if attempt == 3:
+                    raise
+                time.sleep(0.2 * attempt)
 
     def close(self) -> None:
         self.engine.dispose()
