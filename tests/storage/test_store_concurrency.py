@@ -120,6 +120,35 @@ def test_concurrent_writers_postgres(pg_url):
     hammer(pg_url)
 
 
+def _open(url: str, barrier) -> None:
+    barrier.wait(60)
+    store = Store(url)
+    store.stats()
+    store.close()
+
+
+def open_together(url: str, n: int = 6) -> None:
+    """Processes opening a fresh database at once (partitioned builds starting together, or
+    `longwriter stats` as a build starts) all get a working store."""
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(n)
+    procs = [ctx.Process(target=_open, args=(url, barrier)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * n, "a process failed to open the store"
+
+
+def test_first_open_by_many_processes_sqlite(tmp_path):
+    open_together(f"sqlite:///{tmp_path / 'fresh.db'}")
+
+
+@pytest.mark.postgres
+def test_first_open_by_many_processes_postgres(pg_url):
+    open_together(pg_url)
+
+
 def test_same_call_saved_twice_is_one_row(db_url):
     store = Store(db_url)
     try:
