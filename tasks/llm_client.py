@@ -17,6 +17,7 @@ and never part of an error message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import hashlib
 import json
@@ -210,8 +211,7 @@ def parse_retry_after(value: str | None) -> float | None:
 class _EndpointState:
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
-        self.slots = asyncio.Semaphore(endpoint.max_concurrency)
-        self.in_flight = 0
+        self.in_flight = 0  # slots taken, counted under LLMClient._slot_freed
         self.consecutive_failures = 0
         self.set_aside_until = 0.0
 
@@ -242,6 +242,7 @@ class LLMClient:
         self.model = model
         self.policy = policy or RetryPolicy()
         self._states = [_EndpointState(e) for e in endpoints]
+        self._slot_freed = asyncio.Condition()
         limits = httpx.Limits(
             max_connections=sum(e.max_concurrency for e in endpoints) + 8,
             max_keepalive_connections=sum(e.max_concurrency for e in endpoints),
@@ -269,11 +270,29 @@ class LLMClient:
     def endpoints(self) -> list[Endpoint]:
         return [s.endpoint for s in self._states]
 
-    def _pick(self) -> _EndpointState:
-        now = time.monotonic()
-        healthy = [s for s in self._states if s.set_aside_until <= now]
-        pool = healthy or self._states  # all set aside: still try rather than stall forever
-        return max(pool, key=lambda s: (s.free(), -s.consecutive_failures))
+    async def _acquire(self) -> _EndpointState:
+        """Take a slot on the healthy endpoint with the most free slots. When every slot is
+        busy, wait for whichever endpoint frees one first: choosing an endpoint before waiting
+        would queue every waiter on the one that looked best at the time."""
+        async with self._slot_freed:
+            while True:
+                now = time.monotonic()
+                healthy = [s for s in self._states if s.set_aside_until <= now]
+                pool = healthy or self._states  # all set aside: still try rather than stall
+                open_ = [s for s in pool if s.free() > 0]
+                if open_:
+                    state = max(open_, key=lambda s: (s.free(), -s.consecutive_failures))
+                    state.in_flight += 1
+                    return state
+                # An endpoint returning from its cool-down adds capacity too: wake by then.
+                back = [s.set_aside_until - now for s in self._states if s.set_aside_until > now]
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._slot_freed.wait(), min(back) if back else None)
+
+    async def _release(self, state: _EndpointState) -> None:
+        async with self._slot_freed:
+            state.in_flight -= 1
+            self._slot_freed.notify()
 
     async def chat(self, request: ChatRequest) -> ChatResult:
         """Send one logical call, retrying transient faults; raises FatalLLMError,
@@ -309,7 +328,7 @@ class LLMClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _send_once(self, request: ChatRequest, key: str, attempt: int) -> ChatResult:
-        state = self._pick()
+        state = await self._acquire()
         endpoint = state.endpoint
         body: dict[str, Any] = {
             "model": self.model,
@@ -323,18 +342,16 @@ class LLMClient:
         }
         if endpoint.api_key:
             headers["Authorization"] = f"Bearer {endpoint.api_key}"
-        async with state.slots:
-            state.in_flight += 1
-            self.stats.requests += 1
-            started = time.perf_counter()
-            try:
-                response = await self._http.post(endpoint.chat_url, json=body, headers=headers)
-            except (httpx.TimeoutException, httpx.TransportError) as exc:
-                self._failed(state, "transport")
-                raise TransientLLMError(f"{type(exc).__name__} from {endpoint.base_url}") from None
-            finally:
-                state.in_flight -= 1
-            latency_ms = int((time.perf_counter() - started) * 1000)
+        self.stats.requests += 1
+        started = time.perf_counter()
+        try:
+            response = await self._http.post(endpoint.chat_url, json=body, headers=headers)
+        except (httpx.TimeoutException, httpx.TransportError) as exc:
+            self._failed(state, "transport")
+            raise TransientLLMError(f"{type(exc).__name__} from {endpoint.base_url}") from None
+        finally:
+            await self._release(state)
+        latency_ms = int((time.perf_counter() - started) * 1000)
         status = response.status_code
         self.stats.by_status[str(status)] = self.stats.by_status.get(str(status), 0) + 1
         if status != 200:

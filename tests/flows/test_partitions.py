@@ -93,11 +93,6 @@ async def test_two_endpoints_share_load_within_each_limit() -> None:
     assert {r.endpoint for r in results} == {a.base_url, b.base_url}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tasks/llm_client.py picks the endpoint before waiting for its slot: when every "
-    "slot is busy, all waiting calls queue on the first endpoint while the other frees up",
-)
 async def test_calls_beyond_all_slots_wait_for_any_free_endpoint() -> None:
     with (
         CountingServer(FakeConfig(latency_s=0.05, **FAKE)).running() as a,
