@@ -35,9 +35,9 @@ from tests.fake_openai import FakeConfig, FakeOpenAIServer, default_answer
 
 REPO = Path(__file__).resolve().parents[2]
 
-# Small pieces so a 200-instruction build is a few seconds of real work: 3 paragraphs of 100
+# Small pieces so a 200-instruction build is a few seconds of real work: 2 paragraphs of 120
 # words each, accepted at 200 words.
-SMALL = dict(plan_steps=3, step_words=100)
+SMALL = dict(plan_steps=2, step_words=120)
 FAST_RETRIES = dict(
     max_attempts=10,  # 0.2**10: exhausting retries at a 20% fault rate never happens
     initial_backoff_s=0.01,
@@ -370,7 +370,8 @@ def test_sigkill_at_random_moments_then_resume(prefect_api, tmp_path, cli_prefec
     seed = int(os.environ.get("LONGWRITER_KILL_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
     src = write_jsonl(tmp_path / "in.jsonl", instructions(60, tag="canal"))
-    cfg = dict(**SMALL, latency_s=0.02)
+    # 240 calls: more than five kills at <= 40 new requests each can reach.
+    cfg = dict(plan_steps=3, step_words=100, latency_s=0.02)
 
     with FakeOpenAIServer(FakeConfig(**cfg)).running() as ref_fake:
         reference = settings(tmp_path, ref_fake, src, "reference", concurrency=4)
@@ -385,7 +386,7 @@ def test_sigkill_at_random_moments_then_resume(prefect_api, tmp_path, cli_prefec
         killed_at = []
         for attempt in range(kills):
             start = fake.stats.requests
-            target = start + rng.randint(5, 45)
+            target = start + rng.randint(5, 40)
             with log.open("a") as fh:
                 proc = subprocess.Popen(
                     cmd, cwd=REPO, env=env, stdout=fh, stderr=fh, start_new_session=True
@@ -658,3 +659,151 @@ def test_bad_input_corpus_is_kept_and_explained(prefect_api, tmp_path, capsys):
         for line in f.read_text().splitlines()
     ]
     assert {r["instruction"] for r in records} >= set(literal)
+
+
+# -- 5. secrets stay secret (and a 401 through the real CLI) -------------------------------
+
+
+def dump_sqlite(path: Path) -> str:
+    """Every row of every table, as text."""
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    try:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        return "\n".join(
+            f"{t}: {row!r}" for t in tables for row in conn.execute(f'SELECT * FROM "{t}"')
+        )
+    finally:
+        conn.close()
+
+
+def test_cli_401_is_one_line_and_the_key_stays_secret(prefect_api, tmp_path, cli_prefect_home):
+    """A wrong key: `longwriter build` stops at the first 401 with one error line and a
+    non-zero exit, retrying nothing and leaving the store consistent; the right key: the same
+    command finishes. Neither key appears in the store, the output, the logs (the console and
+    Prefect's API), Prefect's artifacts and flow-run parameters, the manifest or the shards."""
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    key, wrong = f"sk-lw-{uuid.uuid4().hex}", f"sk-wrong-{uuid.uuid4().hex}"
+    src = write_jsonl(tmp_path / "in.jsonl", instructions(10, tag="harbour"))
+    with FakeOpenAIServer(FakeConfig(**SMALL, api_key=key)).running() as fake:
+        s = settings(tmp_path, fake, src, "secret", concurrency=4)
+        cmd = cli_build_cmd(s, "--api-key-env", "LW_TEST_SECRET_KEY")
+        # Against the session's Prefect API (so its logs and artifacts can be read back after
+        # the CLI exits), with run logs shipped to it and everything logged.
+        env = cli_env(
+            cli_prefect_home,
+            PREFECT_API_URL=PREFECT_API_URL.value(),
+            PREFECT_LOGGING_TO_API_ENABLED="true",
+            PREFECT_LOGGING_LEVEL="DEBUG",
+            LW_TEST_SECRET_KEY=wrong,
+        )
+        refused = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        after_refusal = fake.stats.requests, dict(fake.stats.by_request_id)
+        assert_untouched(s.db_url, n=10)
+
+        env["LW_TEST_SECRET_KEY"] = key
+        ok = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        auth_seen = set(fake.stats.auth_headers)
+
+    assert refused.returncode != 0
+    err_lines = refused.stderr.strip().splitlines()
+    errors = [ln for ln in err_lines if ln.startswith("longwriter: error:")]
+    assert len(errors) == 1 and "401" in errors[0], refused.stderr[-2000:]
+    assert err_lines[-1] == errors[0]  # the last word, not buried in a traceback
+    requests, by_id = after_refusal
+    assert requests <= s.concurrency and set(by_id.values()) == {1}  # 401 is never retried
+
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    assert len(accepted_uids(s.db_url)) == 10
+    assert auth_seen == {f"Bearer {wrong}", f"Bearer {key}"}  # the keys really were used
+
+    async def prefect_records() -> str:
+        async with get_client() as client:
+            artifacts = await client.read_artifacts()
+            logs = await client.read_logs()
+            runs = await client.read_flow_runs()
+        assert any(a.key == "build-summary" for a in artifacts)
+        assert logs, "no run logs reached the API"
+        return "\n".join(
+            [a.model_dump_json() for a in artifacts]
+            + [lg.model_dump_json() for lg in logs]
+            + [r.model_dump_json() for r in runs]
+        )
+
+    haystacks = {
+        "refused stdout": refused.stdout,
+        "refused stderr": refused.stderr,
+        "stdout": ok.stdout,
+        "stderr": ok.stderr,
+        "store rows": dump_sqlite(tmp_path / "secret" / "store.db"),
+        "prefect api": asyncio.run(prefect_records()),
+    }
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "manifest.json" for p in files)
+    assert any(p.suffix == ".parquet" for p in files)
+    for secret in (key, wrong):
+        for name, text in haystacks.items():
+            assert secret not in text, f"API key found in {name}"
+        for p in files:  # store (and its WAL), manifest, shards, histogram, logs
+            assert secret.encode() not in p.read_bytes(), f"API key found in {p}"
+    # Positive control: the CLI did say something about the run, where the key could leak.
+    assert "accepted samples" in ok.stdout
+
+
+# -- 6. no lock errors at concurrency 256 ---------------------------------------------------
+
+
+def build_at_256(tmp_path: Path, db_url: str, caplog) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", instructions(256, tag="delta"))
+    stop, reader_errors, reads = threading.Event(), [], [0]
+
+    def reader() -> None:  # `longwriter stats` while the build writes
+        while not stop.is_set():
+            try:
+                store = Store(db_url)
+                store.stats()
+                store.close()
+                reads[0] += 1
+            except Exception as exc:  # noqa: BLE001 - the tables may not exist yet
+                if "no such table" not in str(exc) and "does not exist" not in str(exc):
+                    reader_errors.append(exc)
+            time.sleep(0.05)
+
+    with FakeOpenAIServer(FakeConfig(**SMALL, latency_s=0.05)).running() as fake:
+        s = settings(tmp_path, fake, src, "c256", db_url=db_url, concurrency=256, batch_size=32)
+        t = threading.Thread(target=reader)
+        t.start()
+        try:
+            summary = run(s)
+        finally:
+            stop.set()
+            t.join()
+        stats = fake.stats
+    assert reader_errors == []
+    assert reads[0] > 0
+    assert summary["accepted"] == 256
+    keys = stored_keys(db_url)
+    # Loses no write: every usable answer the endpoint gave is a stored row, once.
+    assert set(keys) == set(stats.successes_by_request_id)
+    assert len(keys) == 256 * (1 + SMALL["plan_steps"])
+    assert repaid(fake, keys) == 0
+    assert_no_duplicate_rows(db_url)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "locked" not in text.lower() and "deadlock" not in text.lower()
+    assert "Retrying" not in text  # no task needed Prefect's retry to get through
+
+
+@pytest.mark.slow
+def test_concurrency_256_sqlite(prefect_api, tmp_path, caplog):
+    build_at_256(tmp_path, f"sqlite:///{tmp_path / 'c256.db'}", caplog)
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_concurrency_256_postgres(prefect_api, tmp_path, pg_url, caplog):
+    build_at_256(tmp_path, pg_url, caplog)
