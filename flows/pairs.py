@@ -294,6 +294,12 @@ def add_cli(sub: Any) -> None:
         help="least score gap (0-100) between chosen and rejected; smaller: skipped",
     )
     p.add_argument("--rejected", choices=("random", "worst"), default="random")
+    p.add_argument(
+        "--max-repetition",
+        type=float,
+        default=0.3,
+        help="a variant repeating more 13-grams than this share is never chosen",
+    )
     p.add_argument("--context-window", type=int, default=None)
     p.add_argument("--judge-context-window", type=int, default=None)
     p.add_argument("--max-paragraph-tokens", type=int, default=2048)
@@ -327,11 +333,20 @@ def settings_from_args(args: argparse.Namespace) -> PairsSettings:
         batch_size=args.batch_size,
         min_margin=args.min_margin,
         rejected=args.rejected,
+        max_repetition=args.max_repetition,
         context_window=args.context_window,
         judge_context_window=args.judge_context_window,
         max_paragraph_tokens=args.max_paragraph_tokens,
         request_timeout_s=args.request_timeout,
     )
+
+
+def has_eligible(db_url: str) -> bool:
+    store = Store(db_url)
+    try:
+        return bool(eligible_ids(store, limit=1))
+    finally:
+        store.close()
 
 
 def cmd_pairs(args: argparse.Namespace) -> int:
@@ -345,6 +360,13 @@ def cmd_pairs(args: argparse.Namespace) -> int:
         first = exc.errors()[0]
         return _fail(f"--{'-'.join(str(x) for x in first['loc'])}: {first['msg']}")
     try:
+        # Checked before the flow starts (and any server with it): an empty store fails in a
+        # blink, with one line instead of a flow-run traceback.
+        if not has_eligible(settings.db_url):
+            raise ConfigError(
+                f"no instruction with an accepted plan in {redact_db_url(settings.db_url)}; "
+                "run longwriter build first"
+            )
         start_prefect_api()
         summary = run_pairs(settings)
     except (ConfigError, LLMError) as exc:
