@@ -146,18 +146,14 @@ def deploy_all(args: argparse.Namespace) -> dict[str, str]:
 
     source = str(Path(args.source).resolve())
     settings = build_settings(args)
-    common: dict[str, Any] = {
-        "work_pool_name": args.pool,
-        "build": False,
-        "push": False,
-        "print_next_steps": False,
-        "tags": ["longwriter"],
-    }
     ids: dict[str, str] = {}
 
     def deploy(entrypoint: str, name: str, **kwargs: Any) -> None:
+        # from_source records the pull step (cd into `source`) and reads the flow's parameter
+        # schema, which the UI turns into a form; apply() raises on any error.
         f = flow.from_source(source=source, entrypoint=entrypoint)
-        ids[f"{f.name}/{name}"] = str(f.deploy(name=name, **common, **kwargs))
+        deployment = f.to_deployment(name=name, tags=["longwriter"], **kwargs)
+        ids[f"{f.name}/{name}"] = str(deployment.apply(work_pool_name=args.pool))
 
     schedules = [] if args.no_schedule else [CronSchedule(cron=args.cron, timezone=args.timezone)]
     deploy(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -100,10 +101,12 @@ def cmd_build(args: argparse.Namespace) -> int:
         request_timeout_s=args.request_timeout,
         progress=sys.stderr.isatty() if args.progress is None else args.progress,
     )
+    expected = (ConfigError, InputError, LLMError)
+    _console_logs_without_tracebacks_for(expected)
     try:
         start_prefect_api()
         summary = run_build(settings)
-    except (ConfigError, InputError, LLMError) as exc:
+    except expected as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return _fail("interrupted; rerun the same command to resume", code=130)
@@ -231,6 +234,35 @@ class _PopenWithPreexec:
     def Popen(self, *args: Any, **kwargs: Any) -> Any:  # noqa: N802 - mirrors subprocess
         kwargs.setdefault("preexec_fn", self._preexec)
         return self._module.Popen(*args, **kwargs)
+
+
+class _OneLineFor(logging.Formatter):
+    """Console formatter that drops the traceback of errors the CLI reports in one line
+    anyway (a refused key, an endpoint that stayed down, unusable input): Prefect logs the
+    failed task and flow runs with full tracebacks, which buried that line. Other exceptions
+    keep theirs; Prefect's API handler formats records itself, so the UI keeps every one."""
+
+    def __init__(self, inner: logging.Formatter, expected: tuple[type[BaseException], ...]) -> None:
+        super().__init__()
+        self._inner = inner
+        self._expected = expected
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not (record.exc_info and isinstance(record.exc_info[1], self._expected)):
+            return self._inner.format(record)
+        saved = record.exc_info, record.exc_text
+        record.exc_info, record.exc_text = None, None
+        try:
+            return self._inner.format(record)
+        finally:
+            record.exc_info, record.exc_text = saved
+
+
+def _console_logs_without_tracebacks_for(expected: tuple[type[BaseException], ...]) -> None:
+    for handler in logging.getLogger().handlers:  # Prefect's console handler lives on root
+        fmt = handler.formatter
+        if isinstance(handler, logging.StreamHandler) and not isinstance(fmt, _OneLineFor):
+            handler.setFormatter(_OneLineFor(fmt or logging.Formatter(), expected))
 
 
 def start_prefect_api() -> None:

@@ -164,7 +164,8 @@ class PrefectStack:
     ) -> Proc:
         worker = self.spawn(
             f"worker-{name}",
-            [PREFECT, "worker", "start", "--pool", pool, "--name", name, "--limit", str(limit)],
+            [PREFECT, "worker", "start", "--pool", pool, "--type", "process"]
+            + ["--name", name, "--limit", str(limit)],
             **env,
         )
         if wait:
@@ -181,12 +182,14 @@ class PrefectStack:
 
         self.wait(online, timeout_s, f"workers {sorted(names)} online", *(w.log for w in workers))
 
-    def run(self, *args: str, timeout_s: float = 180.0) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, timeout_s: float = 180.0, **env: str
+    ) -> subprocess.CompletedProcess[str]:
         """A command (e.g. the README's) in the repository with this stack's environment."""
         out = subprocess.run(
             list(args),
             cwd=REPO,
-            env=self.env(),
+            env=self.env(**env),
             capture_output=True,
             text=True,
             timeout=timeout_s,

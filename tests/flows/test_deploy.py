@@ -24,7 +24,7 @@ from storage.store import Store
 from tasks.export import verify_manifest
 from tests.conftest import write_jsonl
 from tests.fake_openai import FakeConfig, FakeOpenAIServer
-from tests.flows.prefect_stack import PREFECT, PrefectStack, tail
+from tests.flows.prefect_stack import PREFECT, REPO, PrefectStack, Proc, tail
 
 pytestmark = pytest.mark.slow
 
@@ -52,8 +52,17 @@ def fake() -> Iterator[FakeOpenAIServer]:
 
 
 @pytest.fixture(scope="module")
+def build_worker(stack: PrefectStack) -> Proc:
+    """The worker of the build test, started early so it boots while the deploy runs."""
+    return stack.start_worker(POOL, "w-build", wait=False)
+
+
+@pytest.fixture(scope="module")
 def deployed(
-    stack: PrefectStack, fake: FakeOpenAIServer, tmp_path_factory: pytest.TempPathFactory
+    stack: PrefectStack,
+    fake: FakeOpenAIServer,
+    build_worker: Proc,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Path:
     """`python deploy/deployments.py ...` as the README runs it; returns the data directory."""
     data = tmp_path_factory.mktemp("data")
@@ -128,9 +137,14 @@ def test_deployments_schedule_and_zombie_automation(stack: PrefectStack, deploye
 
 
 def test_build_deployment_runs_on_worker(
-    stack: PrefectStack, deployed: Path, fake: FakeOpenAIServer, capsys: pytest.CaptureFixture[str]
+    stack: PrefectStack,
+    deployed: Path,
+    fake: FakeOpenAIServer,
+    build_worker: Proc,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    worker = stack.start_worker(POOL, "w-build")
+    worker = build_worker
+    stack.wait_online(POOL, [worker])
     try:
         data = deployed
         write_jsonl(
@@ -198,8 +212,9 @@ def _stored_keys(db: str) -> set[str]:
 
 
 def test_killed_worker_run_is_retried_and_resumes(
-    stack: PrefectStack, deployed: Path, fake: FakeOpenAIServer
+    stack: PrefectStack, deployed: Path, fake: FakeOpenAIServer, build_worker: Proc
 ) -> None:
+    build_worker.stop()  # only the doomed worker may take this run
     data = deployed
     write_jsonl(
         data / "killed.jsonl",
@@ -209,6 +224,9 @@ def test_killed_worker_run_is_retried_and_resumes(
     db = str(settings["db_url"])
     worker = stack.start_worker(POOL, "w-doomed")
     run = stack.create_run("longwriter-build/nightly", {"settings": settings})
+    stack.wait(lambda: stack.state(run["id"]) == "RUNNING", 120, "run started", worker.log)
+    # The rescuer boots meanwhile; the run is taken, so it stays idle until the retry.
+    worker2 = stack.start_worker(POOL, "w-rescue", wait=False)
     # Mid-run: some calls stored, most still to make (8 instructions x 4 calls).
     stack.wait(
         lambda: Path(db).exists() and len(_stored_keys(db)) >= 6, 120, "6 stored calls", worker.log
@@ -230,7 +248,6 @@ def test_killed_worker_run_is_retried_and_resumes(
         },
     )
     stack.run(PREFECT, "flow-run", "retry", run["id"])  # the README's command
-    worker2 = stack.start_worker(POOL, "w-rescue")
     try:
         final = stack.wait_final(run["id"], 180, [worker2.log])
         assert final["state"]["type"] == "COMPLETED", tail(worker2.log)
@@ -247,3 +264,35 @@ def test_killed_worker_run_is_retried_and_resumes(
     assert len(_stored_keys(db)) == 32
     manifest = json.loads((data / "killed-out" / "manifest.json").read_text())
     assert manifest["counts"]["samples"] == 8
+
+
+def test_prefect_yaml_deploys_the_same_shape(
+    stack: PrefectStack, deployed: Path, fake: FakeOpenAIServer
+) -> None:
+    """`prefect deploy` with deploy/prefect.yaml, as its header says (last in this module: it
+    replaces the deployments the tests above used)."""
+    stack.run(PREFECT, "work-pool", "create", "longwriter", "--type", "process")
+    urls = f"{fake.base_url},{fake.base_url}"
+    stack.run(
+        PREFECT, "--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml",
+        LONGWRITER_INSTRUCTIONS=str(deployed / "nightly.jsonl"),
+        LONGWRITER_DB_URL=str(deployed / "yaml.db"),
+        LONGWRITER_OUT=str(deployed / "yaml-out"),
+        LONGWRITER_BASE_URL=urls,
+        LONGWRITER_MODEL="fake-model",
+    )  # fmt: skip
+    nightly = stack.deployment("longwriter-build/nightly")
+    assert nightly["work_pool_name"] == "longwriter"
+    assert [s["schedule"]["cron"] for s in nightly["schedules"]] == ["0 3 * * *"]
+    assert nightly["parameters"]["settings"]["base_urls"] == [urls]
+    assert nightly["parameters"]["settings"]["db_url"] == str(deployed / "yaml.db")
+    step = nightly["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]
+    assert Path(step["directory"]) == REPO
+    parted = stack.deployment("longwriter-partitioned-build/partitioned")
+    assert parted["entrypoint"] == "flows/partition.py:partitioned_build"
+    assert parted["parameters"]["partitions"] == 2
+    export = stack.deployment("longwriter-export/export")
+    assert export["parameters"] == {
+        "db_url": str(deployed / "yaml.db"),
+        "out_dir": str(deployed / "yaml-out"),
+    }

@@ -192,14 +192,15 @@ def test_partitioned_build_on_three_workers_with_postgres(pg_url: str, tmp_path:
     try:
         with FakeOpenAIServer(FakeConfig(latency_s=0.25, **FAKE)).running() as fake:
             stack.start_server()
-            # deployments.py creates the pool when it is missing
+            # One run per worker at a time: the parent and the two partitions land on three.
+            # They boot while the deploy runs.
+            stack.post("/work_pools/", {"name": pool, "type": "process"})
+            workers = [stack.start_worker(pool, f"w{i}", limit=1, wait=False) for i in range(3)]
             stack.run(
                 sys.executable, "deploy/deployments.py", "--pool", pool, "--no-schedule",
                 "--db", pg_url, "--out", str(tmp_path / "out"),
                 "--base-url", fake.base_url, "--model", "fake-model",
             )  # fmt: skip
-            # One run per worker at a time: the parent and the two partitions land on three.
-            workers = [stack.start_worker(pool, f"w{i}", limit=1, wait=False) for i in range(3)]
             stack.wait_online(pool, workers)
             settings = {
                 "instructions": str(src),
