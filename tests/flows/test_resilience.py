@@ -739,7 +739,8 @@ def test_cli_401_is_one_line_and_the_key_stays_secret(prefect_api, tmp_path, cli
     err_lines = refused.stderr.strip().splitlines()
     errors = [ln for ln in err_lines if ln.startswith("longwriter: error:")]
     assert len(errors) == 1 and "401" in errors[0], refused.stderr[-2000:]
-    assert err_lines[-1] == errors[0]  # the last word, not buried in a traceback
+    assert err_lines[-1] == errors[0]  # the last word
+    assert "Traceback" not in refused.stderr  # an expected failure, not a crash
     requests, by_id = after_refusal
     assert requests <= s.concurrency and set(by_id.values()) == {1}  # 401 is never retried
 
