@@ -76,6 +76,10 @@ def measure_build(
         "tail_s": round(run.ended - win.last_end, 2),
         "ratio_whole": round(run.wall_s / bound, 3),
         "ratio_steady": round(win.seconds / bound, 3),
+        # On a busy machine the factory gets a fraction of a core and the wall ratio mostly
+        # measures the neighbours; its one event loop is CPU-bound when the calls' CPU exceeds
+        # the bound, so on a core of its own the steady state would take about this long.
+        "ratio_steady_projected": round(max(bound, cpu_main_win) / bound, 3),
         "cpu_ms_per_call_steady": round(1000 * cpu_main_win / max(win.calls, 1), 3),
         "cpu_ms_per_call_whole": round(1000 * run.cpu_main_s / max(win.calls, 1), 3),
         "cpu_share_steady": round(cpu_main_win / max(win.seconds, 1e-9), 3),
@@ -184,6 +188,7 @@ def run(instructions: int = 2000, concurrency: int = 64) -> BenchResult:
     res.add("wall, whole command", m["wall_s"], "s")
     res.add("wall / bound, whole command", m["ratio_whole"])
     res.add("wall / bound, steady state", m["ratio_steady"], goal="<= 1.15")
+    res.add("steady ratio projected on a free core", m["ratio_steady_projected"])
     res.add("factory CPU per LLM call, steady", m["cpu_ms_per_call_steady"], "ms", "<= 2")
     res.add("factory CPU per LLM call, whole", m["cpu_ms_per_call_whole"], "ms")
     res.add("factory CPU busy share, steady", m["cpu_share_steady"], "cores")
@@ -195,6 +200,11 @@ def run(instructions: int = 2000, concurrency: int = 64) -> BenchResult:
         f"{m['steady_s']} s, tail {m['tail_s']} s (filter, export, artifacts, shutdown); "
         f"accepted {m['accepted']}/{m['instructions']}; load average {m['load_before']} -> "
         f"{m['load_after']}"
+    )
+    res.notes.append(
+        "one event loop serves every call: at 64 x 100 ms (640 calls/s) the steady ratio can "
+        "reach 1.15 only if the factory spends under 1.8 ms of CPU per call (1.15 / 640 s), "
+        "in practice less (a loop near saturation delays every answer)"
     )
     return res
 
