@@ -226,9 +226,11 @@ class GoesDown:
         return default_answer(stage, body, cfg)
 
 
-def heal_when_run_failed(db_url: str, cfg: FakeConfig, stop: threading.Event) -> threading.Thread:
+def heal_when_run_failed(
+    db_url: str, cfg: FakeConfig, stop: threading.Event, stored_at_failure: list[str]
+) -> threading.Thread:
     """Bring the endpoint back once the build has recorded a failed run (so the first flow
-    run attempt certainly failed against the dead endpoint)."""
+    run attempt certainly failed against the dead endpoint); note what was stored by then."""
 
     def watch() -> None:
         while not stop.is_set():
@@ -240,6 +242,7 @@ def heal_when_run_failed(db_url: str, cfg: FakeConfig, stop: threading.Event) ->
             except Exception:  # noqa: BLE001 - the database may not exist yet
                 failed = None
             if failed is not None:
+                stored_at_failure.extend(stored_keys(db_url))
                 cfg.fail_status = None
                 return
             time.sleep(0.05)
@@ -260,7 +263,8 @@ def test_prefect_flow_retry_resumes_without_repaying(prefect_api, tmp_path):
         s = settings(
             tmp_path, fake, src, "retry", **{**FAST_RETRIES, "max_attempts": 3}, concurrency=8
         )
-        heal_when_run_failed(s.db_url, cfg, stop)
+        before: list[str] = []
+        heal_when_run_failed(s.db_url, cfg, stop, before)
         flow = build_flow.with_options(retries=1, retry_delay_seconds=0.5)
         state = asyncio.run(flow(settings=s, return_state=True))
         stop.set()
@@ -281,6 +285,8 @@ def test_prefect_flow_retry_resumes_without_repaying(prefect_api, tmp_path):
     assert "EndpointDownError" in runs[0].error
     assert len(accepted_uids(s.db_url)) == 40
     keys = stored_keys(s.db_url)
+    assert before and set(before) < set(keys)
+    assert repaid(fake, before) == 0  # the retried run re-requested nothing it had stored
     # Only answers that arrived while the failure was cancelling the build could repeat.
     assert repaid(fake, keys) <= s.concurrency
     assert_no_duplicate_rows(s.db_url)
@@ -395,7 +401,8 @@ def test_sigkill_at_random_moments_then_resume(prefect_api, tmp_path, cli_prefec
     seed = int(os.environ.get("LONGWRITER_KILL_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
     src = write_jsonl(tmp_path / "in.jsonl", instructions(60, tag="canal"))
-    # 240 calls: more than five kills at <= 40 new requests each can reach.
+    # 240 calls: more than five kills at <= 30 (+ a few during the random pause) new
+    # requests each can reach, so every kill lands mid-build.
     cfg = dict(plan_steps=3, step_words=100, latency_s=0.02)
 
     with FakeOpenAIServer(FakeConfig(**cfg)).running() as ref_fake:
@@ -411,7 +418,7 @@ def test_sigkill_at_random_moments_then_resume(prefect_api, tmp_path, cli_prefec
         killed_at = []
         for attempt in range(kills):
             start = fake.stats.requests
-            target = start + rng.randint(5, 40)
+            target = start + rng.randint(5, 30)
             with log.open("a") as fh:
                 proc = subprocess.Popen(
                     cmd, cwd=REPO, env=env, stdout=fh, stderr=fh, start_new_session=True
@@ -420,7 +427,7 @@ def test_sigkill_at_random_moments_then_resume(prefect_api, tmp_path, cli_prefec
                 while fake.stats.requests < target and proc.poll() is None:
                     assert time.monotonic() < deadline, "build made no progress"
                     time.sleep(0.005)
-                time.sleep(rng.uniform(0, 0.1))
+                time.sleep(rng.uniform(0, 0.05))
                 assert proc.poll() is None, f"run {attempt} ended before its kill; see {log}"
                 helpers = helpers_of(proc.pid)
                 assert any("prefect.server.api.server" in c for c in helpers.values()), helpers
