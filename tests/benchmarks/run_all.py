@@ -77,7 +77,9 @@ def run_one(name: str, quick: bool, profile: bool) -> BenchResult:
         res.skipped = f"crashed: {type(exc).__name__}: {exc}"
         res.details["traceback"] = traceback.format_exc()[-4000:]
     if name == "orchestration" and profile and not res.skipped:
+        t1 = time.perf_counter()
         shares = bench_orchestration.profile_build(300, args["concurrency"])
+        res.details["profile_s"] = round(time.perf_counter() - t1, 1)
         if shares:
             res.details["profile_300_instructions"] = shares
             for cat, share in list(shares.items())[:8]:
@@ -180,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         entries[name] = entry
         print(f"[bench] {name}: {res.wall_s} s" + (f" ({res.skipped})" if res.skipped else ""))
-    total = time.perf_counter() - started
+    # The optional profile is not part of `make bench`'s budget.
+    total = time.perf_counter() - started - sum(r.details.get("profile_s", 0) for r in results)
     print()
     print(table(results))
     print(f"\ntotal {total:.0f} s" + (" (over the 15-minute budget)" if total > BUDGET_S else ""))
