@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 
 REPO = Path(__file__).resolve().parents[2]
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -32,6 +31,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def descendants(pid: int) -> list[int]:
+    """pid and every live descendant, from /proc (Linux; no psutil dependency)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] != "Z":  # a zombie is already dead
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo.extend(children.get(current, []))
+    return found
 
 
 def tail(path: Path, n: int = 60) -> str:
@@ -47,20 +67,15 @@ class Proc:
     popen: subprocess.Popen[bytes]
     log: Path
 
-    def tree(self) -> list[psutil.Process]:
-        try:
-            root = psutil.Process(self.popen.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return []
-
-    def kill(self) -> list[int]:
-        """SIGKILL the process, its group and every descendant's group; the pids killed."""
-        procs = self.tree()
+    def kill(self, pids: list[int] | None = None) -> list[int]:
+        """SIGKILL the process, its group and every descendant's group; the pids killed.
+        The tree is read first: once the worker is dead its flow runs are orphans."""
+        if pids is None:
+            pids = descendants(self.popen.pid) if self.popen.poll() is None else []
         groups = set()
-        for p in procs:
+        for pid in pids:
             try:
-                groups.add(os.getpgid(p.pid))
+                groups.add(os.getpgid(pid))
             except ProcessLookupError:
                 pass
         for g in groups:
@@ -68,19 +83,21 @@ class Proc:
                 os.killpg(g, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        for p in procs:
+        for pid in pids:
             try:
-                p.kill()
-            except psutil.NoSuchProcess:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
                 pass
         try:
             self.popen.wait(10)
         except subprocess.TimeoutExpired:
             pass
-        return [p.pid for p in procs]
+        return pids
 
     def stop(self, grace_s: float = 5.0) -> None:
-        """SIGTERM first (a worker or server shuts down cleanly), then kill what is left."""
+        """SIGTERM first (a worker or server shuts down cleanly), then kill what is left,
+        including flow-run processes (they run in sessions of their own)."""
+        pids = descendants(self.popen.pid) if self.popen.poll() is None else []
         if self.popen.poll() is None:
             try:
                 os.killpg(self.popen.pid, signal.SIGTERM)
@@ -90,13 +107,17 @@ class Proc:
                 self.popen.wait(grace_s)
             except subprocess.TimeoutExpired:
                 pass
-        self.kill()
+        self.kill(pids + descendants(self.popen.pid) if self.popen.poll() is None else pids)
 
 
 @dataclass
 class PrefectStack:
     root: Path
     port: int = field(default_factory=free_port)
+    # Prefect's own database: SQLite in PREFECT_HOME unless a postgresql+asyncpg:// URL is
+    # given (migrations take ~7 s there instead of 20-40 s, and many workers never see
+    # "database is locked").
+    database_url: str | None = None
     procs: list[Proc] = field(default_factory=list)
 
     @property
@@ -143,9 +164,15 @@ class PrefectStack:
 
     def start_server(self, timeout_s: float = 180.0) -> Proc:
         self.home.mkdir(parents=True, exist_ok=True)
+        db = (
+            {"PREFECT_SERVER_DATABASE_CONNECTION_URL": self.database_url}
+            if self.database_url
+            else {}
+        )
         server = self.spawn(
             "server",
             [PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+            **db,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -15,6 +15,7 @@ import json
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -153,20 +154,35 @@ def _pg_available() -> bool:
         return False
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    if not _pg_available():
-        pytest.skip("PostgreSQL at 127.0.0.1:5432 not reachable")
+@contextmanager
+def fresh_database() -> Iterator[str]:
+    """A new PostgreSQL database, dropped afterwards (connections still open included)."""
     import psycopg
 
     name = f"lw_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+        yield name
     finally:
         with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """The factory's store in a fresh database."""
+    if not _pg_available():
+        pytest.skip("PostgreSQL at 127.0.0.1:5432 not reachable")
+    with fresh_database() as name:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+
+
+@pytest.fixture
+def prefect_pg_url(pg_url: str) -> Iterator[str]:
+    """Prefect's own database, as the README recommends for several workers."""
+    with fresh_database() as name:
+        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
 
 
 def test_partition_settings_split_the_ids() -> None:
@@ -181,8 +197,10 @@ def test_partition_settings_split_the_ids() -> None:
 
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_partitioned_build_on_three_workers_with_postgres(pg_url: str, tmp_path: Path) -> None:
-    stack = PrefectStack(tmp_path / "stack")
+def test_partitioned_build_on_three_workers_with_postgres(
+    pg_url: str, prefect_pg_url: str, tmp_path: Path
+) -> None:
+    stack = PrefectStack(tmp_path / "stack", database_url=prefect_pg_url)
     pool = "lw-parts"
     n = 12
     src = write_jsonl(
