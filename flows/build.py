@@ -32,9 +32,16 @@ from tasks.export import export_task
 from tasks.filters import FilterConfig, filter_batch
 from tasks.ingest import ingest_task
 from tasks.llm_client import LLMClient, RetryPolicy
-from tasks.plan import _gather, plan_batch
+from tasks.plan import plan_batch
 from tasks.report import build_summary, length_histogram_png, summary_markdown
-from tasks.runtime import BuildRuntime, Progress, StageConfig, register, unregister
+from tasks.runtime import (
+    BuildRuntime,
+    Progress,
+    StageConfig,
+    gather_all,
+    register,
+    unregister,
+)
 from tasks.write import ContextBudget, write_batch
 
 UNFINISHED = ("pending", "planned", "written")
@@ -181,7 +188,7 @@ async def run_agentwrite(rt: BuildRuntime, ids: list[int], batch_size: int) -> N
 
     try:
         # The first failing batch cancels the others and its error is raised as itself.
-        await _gather(batch(chunk) for chunk in _chunks(ids, batch_size))
+        await gather_all(batch(chunk) for chunk in _chunks(ids, batch_size))
     finally:
         unregister(runtime_id)
 

@@ -53,7 +53,7 @@ from tasks.pairs import (
     unregister,
     write_variants_batch,
 )
-from tasks.plan import _gather
+from tasks.runtime import gather_all
 from tasks.write import ContextBudget
 
 
@@ -124,7 +124,7 @@ async def _run_batches(rt: PairsRuntime, ids: list[int], batch_size: int) -> Non
         await judge_variants_batch(runtime_id, chunk)
 
     try:
-        await _gather(batch(ids[i : i + batch_size]) for i in range(0, len(ids), batch_size))
+        await gather_all(batch(ids[i : i + batch_size]) for i in range(0, len(ids), batch_size))
     finally:
         unregister(runtime_id)
 

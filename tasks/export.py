@@ -10,7 +10,6 @@ removed after the manifest is in place.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import uuid
@@ -25,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.models import Instruction, Plan, Sample
+from tasks.files import atomic_write_text, sha256_file
 from tasks.plan import steps_from_json
 
 SCHEMA = pa.schema(
@@ -79,20 +79,6 @@ def histogram_bucket(words: int) -> str:
     return f"[{HISTOGRAM_EDGES[-1]},inf)"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 @dataclass
 class _Shard:
     """One parquet shard and its jsonl twin, open under temporary names."""
@@ -135,7 +121,7 @@ class _Shard:
             files.append(
                 {
                     "path": str(final.relative_to(self.out_dir)),
-                    "sha256": _sha256(final),
+                    "sha256": sha256_file(final),
                     "bytes": final.stat().st_size,
                     "records": self.records,
                 }
@@ -214,9 +200,7 @@ def export_shards(
         "settings": settings or {},
         **(extra or {}),
     }
-    _atomic_write_text(
-        out_dir / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False)
-    )
+    atomic_write_text(out_dir / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False))
     keep = {f["path"] for f in files}
     for sub in ("shards", "jsonl"):
         for p in (out_dir / sub).iterdir():
@@ -240,7 +224,7 @@ def verify_manifest(out_dir: Path) -> list[str]:
         if not p.exists():
             problems.append(f"missing {f['path']}")
             continue
-        if _sha256(p) != f["sha256"]:
+        if sha256_file(p) != f["sha256"]:
             problems.append(f"sha256 mismatch {f['path']}")
         per_format[p.suffix] += f["records"]
     for ext, n in per_format.items():

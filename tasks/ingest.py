@@ -23,6 +23,7 @@ from typing import Any
 
 from sqlmodel import select
 
+from tasks.files import sha256_file
 from tasks.wordcount import detect_lang
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -392,14 +393,6 @@ def ingest_records(
     return IngestResult(out, rejections, already, n)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # -- stage over the store (thin) ------------------------------------------------------------
 from prefect import task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
@@ -423,7 +416,7 @@ def ingest_file(
     if not path.is_file():
         raise InputError(f"instructions file not found: {path}")
     source = str(path.resolve())
-    digest = file_sha256(path)
+    digest = sha256_file(path)
     previous = store.source_file(source)
     if previous is not None and previous.sha256 == digest:
         return {"records": previous.records, "accepted": 0, "rejected": 0, "skipped_file": 1}

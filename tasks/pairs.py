@@ -265,7 +265,7 @@ def export_pairs(
     import os
     import uuid
 
-    from tasks.export import _atomic_write_text, _sha256
+    from tasks.files import atomic_write_text, sha256_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
     files: list[dict[str, Any]] = []
@@ -285,7 +285,7 @@ def export_pairs(
         files.append(
             {
                 "path": str(final.relative_to(out_dir)),
-                "sha256": _sha256(final),
+                "sha256": sha256_file(final),
                 "bytes": final.stat().st_size,
                 "records": len(records),
             }
@@ -296,7 +296,7 @@ def export_pairs(
         "files": files,
         **manifest_extra,
     }
-    _atomic_write_text(
+    atomic_write_text(
         out_dir / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
     )
     return manifest
@@ -334,15 +334,15 @@ from tasks.llm_client import (  # noqa: E402
     FatalLLMError,
     LLMClient,
 )
-from tasks.plan import PlanStep, _gather, _retry_unless_llm_error, steps_from_json  # noqa: E402
-from tasks.runtime import Progress, generate  # noqa: E402
+from tasks.plan import PlanStep, steps_from_json  # noqa: E402
+from tasks.runtime import Progress, gather_all, generate, retry_unless_llm_error  # noqa: E402  # noqa: E402
 from tasks.wordcount import count_words  # noqa: E402
 from tasks.write import (  # noqa: E402
     ContextBudget,
-    _join_continuation,
     build_continue_request,
     build_write_request,
     clean_paragraph,
+    join_continuation,
     join_paragraphs,
 )
 
@@ -533,7 +533,7 @@ async def _write_paragraph(
         except (BadOutputError, ContextLengthError):
             break  # stays marked truncated; such a variant can only be rejected, never chosen
         continuation_keys.append(more.key)
-        text = _join_continuation(text, clean_paragraph(more.content))
+        text = join_continuation(text, clean_paragraph(more.content))
         finish = more.finish_reason
     if not text.strip():
         return f"empty: paragraph {step} was only markers"
@@ -684,7 +684,7 @@ def _variant_numbers(item: _Item, k: int) -> list[int]:
     persist_result=False,
     retries=1,
     retry_delay_seconds=2,
-    retry_condition_fn=_retry_unless_llm_error,
+    retry_condition_fn=retry_unless_llm_error,
 )
 async def write_variants_batch(runtime_id: str, instruction_ids: list[int]) -> int:
     """Write the K extra variants of every instruction of a batch, all chains at once (each
@@ -693,7 +693,7 @@ async def write_variants_batch(runtime_id: str, instruction_ids: list[int]) -> i
     items = _load_items(rt.store, instruction_ids)
     for item in items:
         _ensure_original(rt, item)
-    rows = await _gather(
+    rows = await gather_all(
         write_variant(rt, item, v) for item in items for v in range(1, rt.config.variants + 1)
     )
     return sum(r.status == "written" for r in rows)
@@ -705,7 +705,7 @@ async def write_variants_batch(runtime_id: str, instruction_ids: list[int]) -> i
     persist_result=False,
     retries=1,
     retry_delay_seconds=2,
-    retry_condition_fn=_retry_unless_llm_error,
+    retry_condition_fn=retry_unless_llm_error,
 )
 async def judge_variants_batch(runtime_id: str, instruction_ids: list[int]) -> int:
     """Judge every written variant of a batch. Returns how many verdicts are scored."""
@@ -718,7 +718,7 @@ async def judge_variants_batch(runtime_id: str, instruction_ids: list[int]) -> i
             .where(col(VariantSample.variant) <= rt.config.variants)
             .order_by(col(VariantSample.instruction_id), col(VariantSample.variant))
         ).all()
-    verdicts = await _gather(judge_variant(rt, items[v.instruction_id], v) for v in variants)
+    verdicts = await gather_all(judge_variant(rt, items[v.instruction_id], v) for v in variants)
     return sum(1 for j in verdicts if j is not None and j.status == "scored")
 
 

@@ -293,7 +293,13 @@ from tasks.llm_client import (  # noqa: E402
     FatalLLMError,
     LLMError,
 )
-from tasks.runtime import BuildRuntime, generate, get_runtime  # noqa: E402
+from tasks.runtime import (  # noqa: E402
+    BuildRuntime,
+    gather_all,
+    generate,
+    get_runtime,
+    retry_unless_llm_error,
+)
 
 
 def _json_unsupported(exc: LLMError) -> bool:
@@ -358,24 +364,13 @@ async def plan_instruction(rt: BuildRuntime, inst: Instruction) -> bool:
     return True
 
 
-def _retry_unless_llm_error(_task: Any, _run: Any, state: Any) -> bool:
-    """Prefect retries a whole task only for non-LLM failures (e.g. a database blip): LLM
-    faults were already retried by the client, so attempts never multiply.
-
-    The engine hands over `Failed(data=exc)`; the exception is read from `data` because this
-    runs inside the task engine's event loop, where `state.result()` returns an un-awaited
-    coroutine instead of raising (so the condition was always False)."""
-    exc = getattr(state, "data", None)
-    return isinstance(exc, Exception) and not isinstance(exc, LLMError)
-
-
 @task(
     name="plan",
     cache_policy=NO_CACHE,
     persist_result=False,
     retries=1,
     retry_delay_seconds=2,
-    retry_condition_fn=_retry_unless_llm_error,
+    retry_condition_fn=retry_unless_llm_error,
 )
 async def plan_batch(runtime_id: str, instruction_ids: list[int]) -> int:
     """Plan every pending instruction of a batch concurrently. Returns how many were planned."""
@@ -391,33 +386,5 @@ async def plan_batch(runtime_id: str, instruction_ids: list[int]) -> int:
             rt.progress.instructions_done += 1
         return ok
 
-    results = await _gather(one(i) for i in todo)
+    results = await gather_all(one(i) for i in todo)
     return sum(results)
-
-
-async def _gather(coros: Any) -> list[Any]:
-    """Run coroutines concurrently; the first fatal error cancels the rest (TaskGroup) and is
-    raised as itself: callers match on its type (the CLI's one-line errors, the task retry
-    condition that must not retry an LLM error), and a TaskGroup would wrap it in an
-    ExceptionGroup that no `except LLMError` catches."""
-    import asyncio
-
-    try:
-        async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(c) for c in coros]
-    except BaseExceptionGroup as group:
-        raise _primary_error(group) from group
-    return [t.result() for t in tasks]
-
-
-def _primary_error(group: BaseExceptionGroup) -> BaseException:
-    """The error to report from a group: the first LLM error, else the first error."""
-    leaves: list[BaseException] = []
-    stack: list[BaseException] = [group]
-    while stack:
-        exc = stack.pop(0)
-        if isinstance(exc, BaseExceptionGroup):
-            stack[:0] = list(exc.exceptions)
-        else:
-            leaves.append(exc)
-    return next((e for e in leaves if isinstance(e, LLMError)), leaves[0])

@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from storage.models import LLMCall
 from storage.store import Store
-from tasks.llm_client import ChatRequest, LLMClient
+from tasks.llm_client import ChatRequest, LLMClient, LLMError
 
 if TYPE_CHECKING:  # the stage modules import this one; only their types are needed here
     from tasks.filters import FilterConfig
@@ -151,3 +152,40 @@ async def generate(
         progress.prompt_tokens += result.prompt_tokens
         progress.completion_tokens += result.completion_tokens
     return call
+
+
+async def gather_all(coros: Iterable[Coroutine[Any, Any, Any]]) -> list[Any]:
+    """Run coroutines concurrently; the first fatal error cancels the rest (TaskGroup) and is
+    raised as itself: callers match on its type (the CLI's one-line errors, the task retry
+    condition that must not retry an LLM error), and a TaskGroup would wrap it in an
+    ExceptionGroup that no `except LLMError` catches."""
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(c) for c in coros]
+    except BaseExceptionGroup as group:
+        raise primary_error(group) from group
+    return [t.result() for t in tasks]
+
+
+def primary_error(group: BaseExceptionGroup) -> BaseException:
+    """The error to report from a group: the first LLM error, else the first error."""
+    leaves: list[BaseException] = []
+    stack: list[BaseException] = [group]
+    while stack:
+        exc = stack.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            stack[:0] = list(exc.exceptions)
+        else:
+            leaves.append(exc)
+    return next((e for e in leaves if isinstance(e, LLMError)), leaves[0])
+
+
+def retry_unless_llm_error(_task: Any, _run: Any, state: Any) -> bool:
+    """Prefect retries a whole task only for non-LLM failures (e.g. a database blip): LLM
+    faults were already retried by the client, so attempts never multiply.
+
+    The engine hands over `Failed(data=exc)`; the exception is read from `data` because this
+    runs inside the task engine's event loop, where `state.result()` returns an un-awaited
+    coroutine instead of raising (so the condition was always False)."""
+    exc = getattr(state, "data", None)
+    return isinstance(exc, Exception) and not isinstance(exc, LLMError)

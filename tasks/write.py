@@ -199,14 +199,20 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from storage.models import Paragraph  # noqa: E402
 from storage.store import InstructionState  # noqa: E402
 from tasks.llm_client import BadOutputError, ContextLengthError  # noqa: E402
-from tasks.plan import _gather, _retry_unless_llm_error, steps_from_json  # noqa: E402
-from tasks.runtime import BuildRuntime, generate, get_runtime  # noqa: E402
+from tasks.plan import steps_from_json  # noqa: E402
+from tasks.runtime import (  # noqa: E402
+    BuildRuntime,
+    gather_all,
+    generate,
+    get_runtime,
+    retry_unless_llm_error,
+)
 from tasks.wordcount import count_words  # noqa: E402
 
 _ENDS_CJK = re.compile(r"[\u3400-\u9fff\uff00-\uffef\u3000-\u303f]$")
 
 
-def _join_continuation(partial: str, more: str) -> str:
+def join_continuation(partial: str, more: str) -> str:
     partial, more = partial.rstrip(), more.strip()
     sep = "" if _ENDS_CJK.search(partial) else " "
     return partial + sep + more
@@ -271,7 +277,7 @@ async def write_step(
         except (BadOutputError, ContextLengthError):
             break  # stays marked truncated; the filter stage rejects it with that reason
         continuation_keys.append(more.key)
-        text = _join_continuation(text, clean_paragraph(more.content))
+        text = join_continuation(text, clean_paragraph(more.content))
         finish = more.finish_reason
     if not text.strip():
         rt.store.reject(
@@ -314,7 +320,7 @@ async def write_instruction(rt: BuildRuntime, state: InstructionState) -> bool:
     persist_result=False,
     retries=1,
     retry_delay_seconds=2,
-    retry_condition_fn=_retry_unless_llm_error,
+    retry_condition_fn=retry_unless_llm_error,
 )
 async def write_batch(runtime_id: str, instruction_ids: list[int]) -> int:
     """Write the planned instructions of a batch, many at once, each one step by step."""
@@ -329,4 +335,4 @@ async def write_batch(runtime_id: str, instruction_ids: list[int]) -> int:
             rt.progress.instructions_done += 1
         return ok
 
-    return sum(await _gather(one(s) for s in states))
+    return sum(await gather_all(one(s) for s in states))

@@ -476,7 +476,7 @@ def test_task_retry_condition_never_retries_llm_errors():
     from sqlalchemy.exc import OperationalError
 
     from tasks.llm_client import BadOutputError, FatalLLMError
-    from tasks.plan import _retry_unless_llm_error as retry
+    from tasks.runtime import retry_unless_llm_error as retry
 
     llm = [EndpointDownError("down"), FatalLLMError("401", status=401), BadOutputError("empty")]
     blip = OperationalError("INSERT", {}, Exception("disk I/O error"))
