@@ -99,6 +99,9 @@ def build_plan_request(
     extra_params: dict[str, Any] | None = None,
 ) -> ChatRequest:
     min_steps = min_steps_for(target_words or min_words, max_steps)
+    # The ceiling follows the target too: with room for 50 items, small models keep appending
+    # near-copies of earlier items until the token limit cuts the JSON off.
+    max_steps = min(max_steps, max(2 * min_steps, min_steps + 4))
     content = render(
         "plan",
         instruction=instruction,

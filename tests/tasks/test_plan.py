@@ -139,11 +139,14 @@ def test_plan_request_asks_for_json_schema_and_carries_instruction_literally():
     req = build_plan_request(inst, 3000, 2000)
     assert req.stage == "plan"
     assert req.response_format["type"] == "json_schema"
-    # 3,000 words need at least 8 paragraphs of the typical 400 words
-    assert req.response_format["json_schema"]["schema"] == plan_schema(min_steps=8)
-    assert "at least 8" in req.messages[0][1]
+    # 3,000 words need at least 8 paragraphs of the typical 400 words, and at most twice that
+    assert req.response_format["json_schema"]["schema"] == plan_schema(16, min_steps=8)
+    assert "at least 8 and at most 16" in req.messages[0][1]
     llama = build_plan_request(inst, 3000, 2000, json_style="llama_cpp")
-    assert llama.response_format == {"type": "json_object", "schema": plan_schema(min_steps=8)}
+    assert llama.response_format == {"type": "json_object", "schema": plan_schema(16, 8)}
+    # long targets are capped by the absolute limit
+    long = build_plan_request(inst, 40000, 2000).response_format["json_schema"]["schema"]
+    assert long["properties"]["paragraphs"]["maxItems"] == 50
     content = req.messages[0][1]
     assert inst in content and "49" not in content
     assert "3000" in content
