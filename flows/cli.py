@@ -69,6 +69,18 @@ def add_build_parser(sub: Any) -> None:
     p.add_argument("--no-export", action="store_true")
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument(
+        "--partition",
+        type=int,
+        default=None,
+        help="build only instructions with id %% PARTITIONS == PARTITION (one machine's share "
+        "of a build over a shared PostgreSQL store; ingest and export run separately)",
+    )
+    p.add_argument("--partitions", type=int, default=1)
+    from tasks.forecast import add_dry_run_arguments
+
+    add_dry_run_arguments(p)
+    p.add_argument("--json", action="store_true", help="with --dry-run: print JSON")
     p.set_defaults(handler=cmd_build)
 
 
@@ -80,6 +92,12 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     if args.instructions and not Path(args.instructions).is_file():
         return _fail(f"instructions file not found: {args.instructions}")
+    if args.dry_run:
+        from tasks.forecast import run_dry_run
+
+        return run_dry_run(args, args.db or _db_default())
+    if args.partition is not None and not 0 <= args.partition < args.partitions:
+        return _fail(f"--partition must be in 0..{args.partitions - 1}")
     settings = BuildSettings(
         instructions=args.instructions,
         db_url=args.db or _db_default(),
@@ -100,6 +118,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         export=not args.no_export,
         request_timeout_s=args.request_timeout,
         progress=sys.stderr.isatty() if args.progress is None else args.progress,
+        partition=args.partition,
+        partitions=args.partitions,
     )
     expected = (ConfigError, InputError, LLMError)
     _console_logs_without_tracebacks_for(expected)
