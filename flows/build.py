@@ -27,7 +27,7 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from storage.store import Store, redact_db_url
-from tasks.endpoints import open_endpoints
+from tasks.endpoints import open_endpoints, sampling_extras
 from tasks.export import export_task
 from tasks.filters import FilterConfig, filter_batch
 from tasks.ingest import ingest_task
@@ -68,7 +68,9 @@ class BuildSettings(BaseModel):
     max_paragraph_tokens: int = 2048
     plan_temperature: float = 0.5
     write_temperature: float = 0.7
+    # None: the endpoint's default, or for the embedded model tasks.endpoints.EMBEDDED_SAMPLING
     frequency_penalty: float | None = None
+    presence_penalty: float | None = None
     json_plan: bool = True
     max_repetition: float = 0.3
     decontaminate: bool = True
@@ -250,9 +252,6 @@ async def build_flow(settings: BuildSettings) -> dict[str, Any]:
         logger.info("%d instructions to build (%d in scope)", len(ids), len(first))
         progress = Progress(instructions_total=len(ids))
         if ids:
-            extra: dict[str, Any] = {}
-            if settings.frequency_penalty is not None:
-                extra["frequency_penalty"] = settings.frequency_penalty
             async with open_endpoints(
                 settings.base_urls,
                 settings.model,
@@ -265,6 +264,9 @@ async def build_flow(settings: BuildSettings) -> dict[str, Any]:
                     [e.base_url for e in resolved.endpoints],
                     resolved.model,
                     ", embedded" if resolved.embedded else "",
+                )
+                extra = sampling_extras(
+                    resolved, settings.frequency_penalty, settings.presence_penalty
                 )
                 policy = RetryPolicy(
                     max_attempts=settings.max_attempts,

@@ -63,6 +63,7 @@ def add_build_parser(sub: Any) -> None:
     p.add_argument("--context-window", type=int, default=None)
     p.add_argument("--max-paragraph-tokens", type=int, default=2048)
     p.add_argument("--frequency-penalty", type=float, default=None)
+    p.add_argument("--presence-penalty", type=float, default=None)
     p.add_argument("--max-repetition", type=float, default=0.3)
     p.add_argument("--no-json-plan", action="store_true", help="ask for line-format plans")
     p.add_argument("--no-decontaminate", action="store_true")
@@ -112,6 +113,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         context_window=args.context_window,
         max_paragraph_tokens=args.max_paragraph_tokens,
         frequency_penalty=args.frequency_penalty,
+        presence_penalty=args.presence_penalty,
         max_repetition=args.max_repetition,
         json_plan=not args.no_json_plan,
         decontaminate=not args.no_decontaminate,

@@ -13,6 +13,10 @@ from tasks.llm_client import Endpoint
 
 EMBEDDED_CONTEXT_WINDOW = 8192
 REMOTE_CONTEXT_WINDOW = 32768
+# The embedded 135M model loops: it repeats main points in plans and sentences in paragraphs
+# (measured: 2 of 3 plans degenerate at default sampling). These penalties are its defaults;
+# flags override them, and other endpoints keep their own defaults.
+EMBEDDED_SAMPLING: dict[str, float] = {"frequency_penalty": 0.8, "presence_penalty": 0.5}
 
 
 class ConfigError(ValueError):
@@ -89,3 +93,18 @@ async def open_endpoints(
         )
     finally:
         server.stop()
+
+
+def sampling_extras(
+    resolved: ResolvedEndpoints,
+    frequency_penalty: float | None,
+    presence_penalty: float | None,
+) -> dict[str, float]:
+    """Extra sampling parameters for plan and write calls: the user's, else the embedded
+    model's defaults, else none (the endpoint decides)."""
+    extras = dict(EMBEDDED_SAMPLING) if resolved.embedded else {}
+    if frequency_penalty is not None:
+        extras["frequency_penalty"] = frequency_penalty
+    if presence_penalty is not None:
+        extras["presence_penalty"] = presence_penalty
+    return extras

@@ -10,6 +10,7 @@ raw text, never an exception that stops the batch.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -79,6 +80,11 @@ def response_format(schema: dict[str, Any], style: str) -> dict[str, Any]:
     `json_schema`; llama-cpp-python's server takes `json_object` with a `schema` (it answers
     422 to the OpenAI shape) and compiles it to a grammar."""
     if style == "llama_cpp":
+        # llama.cpp's schema-to-grammar drops integer minimum/maximum (SmolLM2 planned a
+        # 10-word paragraph); an enum of allowed counts is a grammar it does enforce.
+        schema = copy.deepcopy(schema)
+        items = schema["properties"]["paragraphs"]["items"]["properties"]
+        items["word_count"] = {"type": "integer", "enum": list(range(200, 1001, 50))}
         return {"type": "json_object", "schema": schema}
     return {
         "type": "json_schema",

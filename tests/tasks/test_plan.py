@@ -143,7 +143,10 @@ def test_plan_request_asks_for_json_schema_and_carries_instruction_literally():
     assert req.response_format["json_schema"]["schema"] == plan_schema(16, min_steps=8)
     assert "at least 8 and at most 16" in req.messages[0][1]
     llama = build_plan_request(inst, 3000, 2000, json_style="llama_cpp")
-    assert llama.response_format == {"type": "json_object", "schema": plan_schema(16, 8)}
+    assert llama.response_format["type"] == "json_object"
+    llama_items = llama.response_format["schema"]["properties"]["paragraphs"]
+    assert (llama_items["minItems"], llama_items["maxItems"]) == (8, 16)
+    assert llama_items["items"]["properties"]["word_count"]["enum"][::8] == [200, 600, 1000]
     # long targets are capped by the absolute limit
     long = build_plan_request(inst, 40000, 2000).response_format["json_schema"]["schema"]
     assert long["properties"]["paragraphs"]["maxItems"] == 50
