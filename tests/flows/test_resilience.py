@@ -791,6 +791,21 @@ def test_cli_401_is_one_line_and_the_key_stays_secret(prefect_api, tmp_path, cli
 # -- 6. no lock errors at concurrency 256 ---------------------------------------------------
 
 
+class PeakFake(FakeOpenAIServer):
+    """The fake, also counting the most requests it held at once."""
+
+    in_flight = 0
+    peak = 0
+
+    async def _respond(self, *args, **kwargs):
+        self.in_flight += 1  # one event loop thread: no lock needed
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            return await super()._respond(*args, **kwargs)
+        finally:
+            self.in_flight -= 1
+
+
 def build_at_256(tmp_path: Path, db_url: str, caplog) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", instructions(256, tag="delta"))
     stop, reader_errors, reads = threading.Event(), [], [0]
@@ -807,7 +822,9 @@ def build_at_256(tmp_path: Path, db_url: str, caplog) -> None:
                     reader_errors.append(exc)
             time.sleep(0.05)
 
-    with FakeOpenAIServer(FakeConfig(**SMALL, latency_s=0.05)).running() as fake:
+    # One paragraph per sample: 512 calls, every one of them among 256 in flight.
+    cfg = FakeConfig(plan_steps=1, step_words=250, latency_s=0.1)
+    with PeakFake(cfg).running() as fake:
         s = settings(tmp_path, fake, src, "c256", db_url=db_url, concurrency=256, batch_size=32)
         t = threading.Thread(target=reader)
         t.start()
@@ -817,13 +834,15 @@ def build_at_256(tmp_path: Path, db_url: str, caplog) -> None:
             stop.set()
             t.join()
         stats = fake.stats
+    print(f"FIGURES concurrency {json.dumps({'peak_in_flight': fake.peak, 'db': db_url[:10]})}")
+    assert fake.peak > 128  # the endpoint really saw that many requests at once
     assert reader_errors == []
     assert reads[0] > 0
     assert summary["accepted"] == 256
     keys = stored_keys(db_url)
     # Loses no write: every usable answer the endpoint gave is a stored row, once.
     assert set(keys) == set(stats.successes_by_request_id)
-    assert len(keys) == 256 * (1 + SMALL["plan_steps"])
+    assert len(keys) == 256 * 2
     assert repaid(fake, keys) == 0
     assert_no_duplicate_rows(db_url)
     text = "\n".join(r.getMessage() for r in caplog.records)
