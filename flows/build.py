@@ -81,7 +81,12 @@ class BuildSettings(BaseModel):
     # Client backoff between attempts (capped full jitter; Retry-After wins when given).
     initial_backoff_s: float = Field(0.5, ge=0)
     max_backoff_s: float = Field(30.0, ge=0)
-    max_continuations: int = Field(1, ge=0, description="continuations of a cut paragraph")
+    max_continuations: int = Field(
+        2, ge=0, description="continuations of a paragraph cut at max_tokens or too short"
+    )
+    min_paragraph_share: float = Field(
+        0.5, ge=0, le=1, description="continue a paragraph under this share of its planned words"
+    )
     progress: bool = False  # terminal progress bar (the CLI turns it on for a tty)
     # Scale-out: several flow runs (workers, machines) share one store and each builds the
     # instruction ids with id % partitions == partition. Ingest and export happen once, in the
@@ -286,6 +291,7 @@ async def build_flow(settings: BuildSettings) -> dict[str, Any]:
                             write_temperature=settings.write_temperature,
                             max_paragraph_tokens=settings.max_paragraph_tokens,
                             max_continuations=settings.max_continuations,
+                            min_paragraph_share=settings.min_paragraph_share,
                             context_window=resolved.context_window,
                             extra_params=extra,
                             filters=FilterConfig(

@@ -79,7 +79,9 @@ class StageConfig:
     plan_temperature: float = 0.5
     write_temperature: float = 0.7
     max_paragraph_tokens: int = 2048
-    max_continuations: int = 1
+    max_continuations: int = 2
+    # A paragraph under this share of its planned words is continued (up to max_continuations).
+    min_paragraph_share: float = 0.5
     context_window: int = 8192
     extra_params: dict[str, Any] = field(default_factory=dict)  # e.g. frequency_penalty
     filters: FilterConfig = field(default_factory=_filter_config)

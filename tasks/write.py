@@ -16,6 +16,7 @@ from typing import Any
 from prompts import prompt_version, render
 from tasks.llm_client import ChatRequest
 from tasks.plan import PlanStep
+from tasks.wordcount import count_words
 
 _CJK_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
@@ -120,18 +121,28 @@ def build_continue_request(
     step: PlanStep,
     partial: str,
     *,
+    cut: bool = True,
     lang: str,
     budget: ContextBudget,
     max_paragraph_tokens: int = 2048,
     temperature: float = 0.7,
     extra_params: dict[str, Any] | None = None,
 ) -> ChatRequest:
-    """Continue a paragraph that stopped at max_tokens, from where it stopped."""
-    max_tokens = paragraph_max_tokens(step.word_count // 2, lang, max_paragraph_tokens)
+    """Continue a paragraph from where it stopped: `cut` when max_tokens stopped it, else
+    because it ended well short of its planned words."""
+    words = count_words(partial)
+    missing = step.word_count // 2 if cut else max(step.word_count - words, 50)
+    max_tokens = paragraph_max_tokens(missing, lang, max_paragraph_tokens)
     room = budget.prompt_budget(max_tokens) - 400
     partial_fit = partial if estimate_tokens(partial) <= room else partial[-max(room, 64) * 3 :]
     content = render(
-        "continue", instruction=instruction, main_point=step.main_point, partial=partial_fit
+        "continue",
+        instruction=instruction,
+        main_point=step.main_point,
+        partial=partial_fit,
+        cut=cut,
+        planned_words=step.word_count,
+        words=words,
     )
     params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature}
     params.update(extra_params or {})
@@ -207,7 +218,6 @@ from tasks.runtime import (  # noqa: E402
     get_runtime,
     retry_unless_llm_error,
 )
-from tasks.wordcount import count_words  # noqa: E402
 
 _ENDS_CJK = re.compile(r"[\u3400-\u9fff\uff00-\uffef\u3000-\u303f]$")
 
@@ -261,11 +271,17 @@ async def write_step(
     text = clean_paragraph(call.content)
     finish = call.finish_reason
     continuation_keys: list[str] = []
-    while finish == "length" and len(continuation_keys) < cfg.max_continuations:
+    planned = steps[step - 1].word_count
+    # Continue a paragraph cut at max_tokens, and one that ended well short of its planned
+    # words (small models stop early): the plan's word counts are what make the piece long.
+    while (
+        finish == "length" or count_words(text) < cfg.min_paragraph_share * planned
+    ) and len(continuation_keys) < cfg.max_continuations:
         creq = build_continue_request(
             inst.prompt,
             steps[step - 1],
             text,
+            cut=finish == "length",
             lang=inst.lang,
             budget=rt.budget,
             max_paragraph_tokens=cfg.max_paragraph_tokens,

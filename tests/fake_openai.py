@@ -8,7 +8,8 @@ Answers depend only on the request (stage header + messages), so two builds agai
 produce the same plans and paragraphs. Fault injection uses its own seeded RNG.
 
 Markers inside an instruction steer the answers: `[[garbage-plan]]`, `[[refuse]]`,
-`[[repeat]]`, `[[short]]`, `[[error-text]]`, `[[markers]]` (paragraphs labelled "Paragraph N:").
+`[[repeat]]`, `[[short]]`, `[[terse]]` (paragraphs a quarter of the asked length),
+`[[error-text]]`, `[[markers]]` (paragraphs labelled "Paragraph N:").
 
 Counts every request by `X-Longwriter-Request-Id`, so tests can prove no stored call was paid
 twice. Run standalone (for subprocess builds and benchmarks):
@@ -138,6 +139,8 @@ def default_answer(stage: str, body: dict[str, Any], cfg: FakeConfig) -> str:
         words = int(m.group(1)) if m else cfg.step_words // 2  # continuation: a shorter tail
         if "[[short]]" in instruction:
             words = 20
+        elif "[[terse]]" in instruction and m:
+            words //= 4  # stops early, like small models: the factory must continue it
         zh = _is_cjk(instruction)
         if "[[refuse]]" in instruction:
             return "I'm sorry, but I can't help with writing this."

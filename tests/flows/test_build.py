@@ -173,3 +173,26 @@ def test_plan_falls_back_to_llama_cpp_json_dialect(tmp_path, db_url):
     assert summary["rejections"] == {}
     # one plan call exhausted its retries on the 500, then every plan used the other dialect
     assert plan_prompts == 6 + 3
+
+
+def test_short_paragraphs_are_continued_to_their_planned_length(tmp_path, db_url):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Write it [[terse]]", "id": "terse"}])
+    with FakeOpenAIServer(FakeConfig()).running() as fake:
+        summary = run(
+            BuildSettings(
+                instructions=str(src),
+                db_url=db_url,
+                out_dir=str(tmp_path / "out"),
+                base_urls=[fake.base_url],
+                model="m",
+                min_words=1500,  # 6 paragraphs x (100 + 200 continued) words
+            )
+        )
+        writes = fake.stats.by_stage["write"]
+    assert summary["accepted"] == 1
+    store = Store(db_url)
+    with store.session() as s:
+        paras = s.exec(select(Paragraph)).all()
+    assert len(paras) == 6 and writes == 12  # each 100-word answer continued once (+200)
+    assert all(p.continuation_keys and p.words >= 200 and not p.truncated for p in paras)
+    store.close()

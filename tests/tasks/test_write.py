@@ -100,3 +100,17 @@ def test_continue_request_carries_partial():
     )
     assert "The story began" in req.messages[0][1]
     assert req.prompt_version.startswith("continue@")
+
+
+def test_continue_request_for_a_short_paragraph_asks_for_the_missing_words():
+    req = build_continue_request(
+        "Write",
+        PlanStep("Intro", 600),
+        "Only a few words here.",
+        cut=False,
+        lang="en",
+        budget=ContextBudget(),
+    )
+    content = req.messages[0][1]
+    assert "about 600 words" in content and "only 5 so far" in content
+    assert "length limit" not in content
