@@ -16,12 +16,11 @@ import json
 import random
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from tests.benchmarks.common import BenchResult, bench_env, load_average, run_sampled
+from tests.benchmarks.common import BenchResult, bench_env, load_average, run_sampled, scratch_dir
 
 MB = 1024 * 1024
 
@@ -144,7 +143,7 @@ def child(db_url: str, out_dir: str) -> None:
 
 def run(samples: int = 6000, words: int = 5000) -> BenchResult:
     res = BenchResult("export", f"Store and export ({samples:,} samples x {words:,} words)")
-    work = Path(tempfile.mkdtemp(prefix="lw-bench-export-"))
+    work = scratch_dir("export")
     db_url = f"sqlite:///{work / 'store.db'}"
     fill = fill_store(db_url, samples, words)
     db_mb = (work / "store.db").stat().st_size / MB

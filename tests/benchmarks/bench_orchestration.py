@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from tests.benchmarks.common import (
     count_status,
     fake_server,
     run_cli_build,
+    scratch_dir,
     warm_prefect_home,
     write_instructions,
 )
@@ -42,7 +42,7 @@ def measure_build(
     n: int, concurrency: int, latency_s: float = LATENCY_S, label: str = "orch"
 ) -> dict[str, float | int | str]:
     """One fake build of `n` instructions; every figure the overhead benchmarks need."""
-    work = Path(tempfile.mkdtemp(prefix=f"lw-bench-{label}-"))
+    work = scratch_dir(label)
     inst = write_instructions(work / "instructions.jsonl", n, prefix=label)
     db = work / "store.db"
     with fake_server(latency_s, STEPS, STEP_WORDS) as fake:
@@ -89,7 +89,6 @@ def measure_build(
         "mean_latency_ms": round(1000 * win.latency_s_sum / max(win.calls, 1), 1),
         "load_before": run.load_before,
         "load_after": run.load_after,
-        "work_dir": str(work),
     }
 
 
@@ -161,7 +160,7 @@ def profile_build(n: int, concurrency: int, latency_s: float = LATENCY_S) -> dic
     exe = py_spy()
     if exe is None:
         return {}
-    work = Path(tempfile.mkdtemp(prefix="lw-bench-profile-"))
+    work = scratch_dir("profile")
     inst = write_instructions(work / "instructions.jsonl", n, prefix="prof")
     out = work / "profile.txt"
     with fake_server(latency_s, STEPS, STEP_WORDS) as fake:

@@ -16,18 +16,23 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from tests.benchmarks.bench_orchestration import LATENCY_S, STEP_WORDS, STEPS, measure_build
-from tests.benchmarks.common import REPO, BenchResult, fake_server, load_average, write_instructions
+from tests.benchmarks.common import (
+    REPO,
+    BenchResult,
+    fake_server,
+    load_average,
+    scratch_dir,
+    write_instructions,
+)
 
 PAPER_WORKERS = 8
 
 
 def run_paper(n: int) -> dict[str, float | int]:
-    work = Path(tempfile.mkdtemp(prefix="lw-bench-paper-"))
+    work = scratch_dir("paper")
     inst = write_instructions(work / "instructions.jsonl", n, prefix="paper")
     with fake_server(LATENCY_S, STEPS, STEP_WORDS) as fake:
         load = load_average()
@@ -68,7 +73,7 @@ def run_paper(n: int) -> dict[str, float | int]:
     }
 
 
-def run(instructions: int = 300, concurrencies: tuple[int, ...] = (8, 16, 64)) -> BenchResult:
+def run(instructions: int = 120, concurrencies: tuple[int, ...] = (8, 16, 64)) -> BenchResult:
     res = BenchResult("paper_baseline", "Against the paper's way (8 processes, blocking calls)")
     paper = run_paper(instructions)
     res.details["paper"] = paper
@@ -95,7 +100,7 @@ def run(instructions: int = 300, concurrencies: tuple[int, ...] = (8, 16, 64)) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--instructions", type=int, default=300)
+    ap.add_argument("--instructions", type=int, default=120)
     args = ap.parse_args()
     res = run(args.instructions)
     for f in res.figures:

@@ -17,7 +17,6 @@ import argparse
 import sqlite3
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from tests.benchmarks.common import (
@@ -26,6 +25,7 @@ from tests.benchmarks.common import (
     bench_env,
     fake_server,
     run_cli_build,
+    scratch_dir,
     warm_prefect_home,
     write_instructions,
 )
@@ -67,7 +67,7 @@ def run(instructions: int = 20, plan_sizes: tuple[int, ...] = (5, 10, 20)) -> Be
     from tasks.forecast import ForecastConfig, forecast, pending_from_file
 
     res = BenchResult("tokens", "Tokens and cost: measured vs dry-run forecast")
-    work = Path(tempfile.mkdtemp(prefix="lw-bench-tokens-"))
+    work = scratch_dir("tokens")
     lengths = [n * STEP_WORDS for n in plan_sizes]
     inst = write_instructions(
         work / "instructions.jsonl", instructions * len(plan_sizes), prefix="tok", lengths=lengths

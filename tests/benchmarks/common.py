@@ -9,11 +9,13 @@ results.md. Nothing here is a timed test: a benchmark reports, it never fails a 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,6 +30,27 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+# -- scratch space ----------------------------------------------------------------------------
+
+_SCRATCH: list[Path] = []
+
+
+def scratch_dir(label: str) -> Path:
+    """A temporary directory removed when the process exits (the export benchmark alone
+    writes ~850 MB), unless LW_BENCH_KEEP=1 asks to keep them for inspection."""
+    path = Path(tempfile.mkdtemp(prefix=f"lw-bench-{label}-"))
+    _SCRATCH.append(path)
+    return path
+
+
+@atexit.register
+def _remove_scratch() -> None:
+    if os.environ.get("LW_BENCH_KEEP") == "1":
+        return
+    for path in _SCRATCH:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # -- results ----------------------------------------------------------------------------------
@@ -173,12 +196,20 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def _is_model_server(pid: int) -> bool:
+    try:
+        return b"llama_cpp.server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 @dataclass
 class CpuSample:
     t: float  # time.time()
     main_cpu_s: float  # the measured process itself
-    children_cpu_s: float  # its live descendants
+    children_cpu_s: float  # its descendants (the Prefect API server...), model servers apart
     rss_bytes: int
+    model_cpu_s: float = 0.0  # descendants serving a model (the embedded llama.cpp server)
 
 
 class ProcessSampler:
@@ -190,6 +221,7 @@ class ProcessSampler:
         self.interval_s = interval_s
         self.samples: list[CpuSample] = []
         self._child_last: dict[int, float] = {}
+        self._model_pids: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -211,14 +243,22 @@ class ProcessSampler:
                 return
             if i % scan_every == 0:
                 kids = descendants(self.pid)
+                for k in kids:
+                    if k not in self._child_last and _is_model_server(k):
+                        self._model_pids.add(k)
             for k in kids:
                 c = proc_cpu_s(k)
                 if c is not None:
                     self._child_last[k] = c  # a child's last reading counts after it exits
             rss = proc_rss_bytes(self.pid) or 0
-            self.samples.append(CpuSample(time.time(), main, sum(self._child_last.values()), rss))
+            model = sum(v for k, v in self._child_last.items() if k in self._model_pids)
+            others = sum(self._child_last.values()) - model
+            self.samples.append(CpuSample(time.time(), main, others, rss, model))
             i += 1
             self._stop.wait(self.interval_s)
+
+    def model_cpu_between(self, t0: float, t1: float) -> float:
+        return self._at(t1, "model_cpu_s") - self._at(t0, "model_cpu_s")
 
     def cpu_between(self, t0: float, t1: float) -> tuple[float, float]:
         """(main, children) CPU seconds spent between wall times t0 and t1 (interpolated)."""
@@ -353,8 +393,8 @@ def warm_prefect_home(base_url: str) -> Path:
     global _PREFECT_HOME
     if _PREFECT_HOME is not None:
         return _PREFECT_HOME
-    home = Path(tempfile.mkdtemp(prefix="lw-bench-prefect-"))
-    work = Path(tempfile.mkdtemp(prefix="lw-bench-warm-"))
+    home = scratch_dir("prefect")
+    work = scratch_dir("warm")
     inst = write_instructions(work / "warm.jsonl", 2, prefix="warm")
     run = run_cli_build(
         home,

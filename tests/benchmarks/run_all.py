@@ -43,8 +43,8 @@ BENCHES: dict[str, tuple[Callable[..., BenchResult], dict[str, Any], dict[str, A
         {"instructions": 2000, "concurrency": 64},
         {"instructions": 200, "concurrency": 64},
     ),
-    "paper_baseline": (bench_paper_baseline.run, {"instructions": 200}, {"instructions": 40}),
-    "real_model": (bench_real_model.run, {"instructions": 2}, {"instructions": 1}),
+    "paper_baseline": (bench_paper_baseline.run, {"instructions": 120}, {"instructions": 40}),
+    "real_model": (bench_real_model.run, {"instructions": 3}, {"instructions": 1}),
     "export": (bench_export.run, {"samples": 6000, "words": 5000}, {"samples": 600, "words": 5000}),
     "tokens": (bench_tokens.run, {"instructions": 20}, {"instructions": 5}),
 }
