@@ -103,6 +103,7 @@ class Paragraph(SQLModel, table=True):
     text: str = Field(sa_column=Column(Text, nullable=False))
     words: int
     truncated: bool = False  # still cut by max_tokens after continuing: never passed as complete
+    trimmed: bool = False  # cut by max_tokens with its planned words: ended at its last sentence
     prompt_version: str
     created_at: datetime = Field(default_factory=utcnow)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, func
+from sqlalchemy import event, func, inspect
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import Session, SQLModel, col, create_engine, select
@@ -95,11 +95,44 @@ class Store:
         for attempt in range(1, 4):
             try:
                 SQLModel.metadata.create_all(self.engine)
+                self._add_missing_columns()
                 return
             except DBAPIError:
                 if attempt == 3:
                     raise
                 time.sleep(0.2 * attempt)
+
+    def _add_missing_columns(self) -> None:
+        """Additive schema upgrades: a column a newer release added to a model is added to an
+        existing store's table (with its default), so last month's store keeps resuming.
+        Renames and type changes are not handled here; they would need a real migration."""
+        inspector = inspect(self.engine)
+        existing_tables = set(inspector.get_table_names())
+        with self.engine.begin() as conn:
+            for table in SQLModel.metadata.sorted_tables:
+                if table.name not in existing_tables:
+                    continue
+                have = {c["name"] for c in inspector.get_columns(table.name)}
+                for column in table.columns:
+                    if column.name in have:
+                        continue
+                    ddl_type = column.type.compile(dialect=self.engine.dialect)
+                    default = column.default.arg if column.default is not None else None
+                    clause = ""
+                    if isinstance(default, bool):
+                        literal = str(default).upper() if self._is_postgres else str(int(default))
+                        clause = f" NOT NULL DEFAULT {literal}"
+                    elif isinstance(default, int | float):
+                        clause = f" NOT NULL DEFAULT {default}"
+                    elif isinstance(default, str):
+                        clause = " NOT NULL DEFAULT '" + default.replace("'", "''") + "'"
+                    conn.exec_driver_sql(
+                        f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {ddl_type}{clause}'
+                    )
+
+    @property
+    def _is_postgres(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
 
     def close(self) -> None:
         self.engine.dispose()

@@ -198,6 +198,31 @@ def clean_paragraph(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", cleaned)
 
 
+def needs_continuation(text: str, finish: str | None, planned: int, min_share: float) -> bool:
+    """Whether a paragraph needs another call: cut at max_tokens before reaching its planned
+    words, or ended (stop) under `min_share` of them. A cut paragraph that already has its
+    words is ended at a sentence instead (see trim_to_sentence): continuing it only makes a
+    small model ramble on."""
+    words = count_words(text)
+    if finish == "length":
+        return words < planned
+    return words < min_share * planned
+
+
+# Latin sentence ends need a space or the end after them ("3.5" is no end); CJK ones do not.
+_SENTENCE_END_RE = re.compile(r"[.!?…][\"'”’）)\]]*(?=\s|$)|[。！？][”’）)\]]*")
+
+
+def trim_to_sentence(text: str, min_keep: float = 0.6) -> str | None:
+    """`text` up to its last complete sentence, or None when that would drop more than
+    `1 - min_keep` of it (no sentence boundary near the end)."""
+    ends = list(_SENTENCE_END_RE.finditer(text))
+    if not ends:
+        return None
+    cut = text[: ends[-1].end()].rstrip()
+    return cut if len(cut) >= min_keep * len(text.rstrip()) else None
+
+
 def join_paragraphs(paragraphs: list[str]) -> str:
     """The sample: paragraphs in order, separated by blank lines."""
     return "\n\n".join(p.strip() for p in paragraphs if p.strip())
@@ -275,8 +300,9 @@ async def write_step(
     # Continue a paragraph cut at max_tokens, and one that ended well short of its planned
     # words (small models stop early): the plan's word counts are what make the piece long.
     while (
-        finish == "length" or count_words(text) < cfg.min_paragraph_share * planned
-    ) and len(continuation_keys) < cfg.max_continuations:
+        needs_continuation(text, finish, planned, cfg.min_paragraph_share)
+        and len(continuation_keys) < cfg.max_continuations
+    ):
         creq = build_continue_request(
             inst.prompt,
             steps[step - 1],
@@ -295,6 +321,13 @@ async def write_step(
         continuation_keys.append(more.key)
         text = join_continuation(text, clean_paragraph(more.content))
         finish = more.finish_reason
+    trimmed = False
+    if finish == "length" and count_words(text) >= cfg.min_paragraph_share * planned:
+        # Still cut, but long enough for its plan step: end it at its last full sentence
+        # rather than pass a cut sentence on or lose the sample.
+        ended = trim_to_sentence(text)
+        if ended is not None:
+            text, finish, trimmed = ended, "trimmed", True
     if not text.strip():
         rt.store.reject(
             inst.id, "write", "empty", f"paragraph {step} was only markers", raw=call.content
@@ -308,6 +341,7 @@ async def write_step(
         text=text,
         words=count_words(text),
         truncated=finish == "length",
+        trimmed=trimmed,
         prompt_version=call.prompt_version,
     )
     rt.store.save(para)  # committed as it finishes: a crash loses at most calls in flight

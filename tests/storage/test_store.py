@@ -60,3 +60,49 @@ def test_postgres_store(pg_url):
         exercise(store)
     finally:
         store.close()
+
+
+def _old_store_without_trimmed(url: str) -> None:
+    """A store made by a release whose paragraph table had no `trimmed` column."""
+    store = Store(url)
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql('ALTER TABLE paragraph DROP COLUMN "trimmed"')
+    store.add_all([Instruction(id=1, uid="u", prompt="p", norm_hash="h")])
+    store.save(LLMCall(key="k", stage="write", model="m", prompt_version="v", content="c"))
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO paragraph (instruction_id, step, call_key, continuation_keys, text, "
+            "words, truncated, prompt_version, created_at) "
+            "VALUES (1, 1, 'k', '', 'old text', 2, false, 'v', CURRENT_TIMESTAMP)"
+        )
+    store.close()
+
+
+def check_upgraded(url: str) -> None:
+    store = Store(url)  # opening adds the missing column with its default
+    (state,) = store.load_states([1])
+    assert state.paragraphs[0].text == "old text" and state.paragraphs[0].trimmed is False
+    store.save(
+        Paragraph(
+            instruction_id=1,
+            step=2,
+            call_key="k",
+            text="t",
+            words=1,
+            trimmed=True,
+            prompt_version="v",
+        )
+    )
+    assert [p.trimmed for p in store.load_states([1])[0].paragraphs] == [False, True]
+    store.close()
+
+
+def test_sqlite_store_gains_new_columns(db_url):
+    _old_store_without_trimmed(db_url)
+    check_upgraded(db_url)
+
+
+@pytest.mark.postgres
+def test_postgres_store_gains_new_columns(pg_url):
+    _old_store_without_trimmed(pg_url)
+    check_upgraded(pg_url)

@@ -9,6 +9,8 @@ from tasks.write import (
     estimate_tokens,
     fit_written_text,
     join_paragraphs,
+    needs_continuation,
+    trim_to_sentence,
 )
 
 
@@ -114,3 +116,23 @@ def test_continue_request_for_a_short_paragraph_asks_for_the_missing_words():
     content = req.messages[0][1]
     assert "about 600 words" in content and "only 5 so far" in content
     assert "length limit" not in content
+
+
+@pytest.mark.parametrize(
+    ("words", "finish", "needed"),
+    [(100, "length", True), (450, "length", False), (100, "stop", True), (250, "stop", False)],
+)
+def test_needs_continuation(words, finish, needed):
+    assert needs_continuation("word " * words, finish, 400, 0.5) is needed
+
+
+def test_trim_to_sentence():
+    assert (
+        trim_to_sentence("One sentence is here. Two sentences are here! Three is cut")
+        == "One sentence is here. Two sentences are here!"
+    )
+    assert trim_to_sentence("Pi is 3.14 and more. It was cut") == "Pi is 3.14 and more."
+    assert trim_to_sentence("他来了。她走了。然后") == "他来了。她走了。"
+    assert trim_to_sentence('He said "go now." Then') == 'He said "go now."'
+    assert trim_to_sentence("no sentence end at all") is None
+    assert trim_to_sentence("Short. " + "x " * 100) is None  # would drop most of the text
