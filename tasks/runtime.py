@@ -148,7 +148,7 @@ async def generate(
         attempts=result.attempts,
         endpoint=result.endpoint,
     )
-    store.save(call)
+    store.insert(call)
     if progress is not None:
         progress.calls += 1
         progress.prompt_tokens += result.prompt_tokens

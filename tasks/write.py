@@ -344,7 +344,7 @@ async def write_step(
         trimmed=trimmed,
         prompt_version=call.prompt_version,
     )
-    rt.store.save(para)  # committed as it finishes: a crash loses at most calls in flight
+    rt.store.insert(para)  # committed as it finishes: a crash loses at most calls in flight
     rt.progress.paragraphs += 1
     rt.progress.words += para.words
     return para
