@@ -561,7 +561,7 @@ def scatter_png(rows: list[ScoredRow], path: Path) -> Path:
         pts = [(r.length, r.response_length) for r in rows if r.lang == lang and r.response_length]
         if pts:
             ax.scatter(
-                *zip(*pts, strict=True), s=18, alpha=0.7, color=color, label=f"{lang} output"
+                *zip(*pts, strict=True), s=18, alpha=0.7, color=color, label=f"{lang} prompts"
             )
     empty = [r.length for r in rows if not r.response_length]
     if empty:
@@ -596,7 +596,10 @@ def write_outputs(
     (out_dir / "results.md").write_text(md, encoding="utf-8")
     png = scatter_png(rows, out_dir / "scatter.png")
     with store.session() as s:
-        gens = {g.key: g for g in s.exec(select(EvalGeneration)).all()}
+        gens = {
+            g.key: g
+            for g in s.exec(select(EvalGeneration).where(col(EvalGeneration.key).in_(keys))).all()
+        }
     with (out_dir / "responses.jsonl").open("w", encoding="utf-8") as fh:
         for row, key in zip(rows, keys, strict=True):
             rec = {
@@ -642,7 +645,9 @@ async def _status_line(rt: EvalRuntime, total: int, show: bool) -> AsyncIterator
         while True:
             await asyncio.sleep(15)
             if show:
-                print(line(), file=sys.stderr, flush=True)
+                # Not print(): log_prints turns prints into INFO logs, which the CLI hides.
+                sys.stderr.write(line() + "\n")
+                sys.stderr.flush()
             with contextlib.suppress(Exception):  # the UI is a view; never fail on it
                 await aupdate_progress_artifact(artifact_id, 100.0 * rt.generated / max(1, total))
 

@@ -37,7 +37,9 @@ class JudgeParseError(ValueError):
 
 
 def judge_schema() -> dict[str, Any]:
-    rating = {"type": "integer", "minimum": 1, "maximum": 5}
+    # An enum, not minimum/maximum: llama.cpp's schema-to-grammar conversion ignores numeric
+    # bounds (SmolLM2 then "rates" 1, 2, 3, 4, 5, 6), but it does enforce enums.
+    rating = {"type": "integer", "enum": [1, 2, 3, 4, 5]}
     return {
         "type": "object",
         "properties": {d: rating for d in DIMENSIONS},

@@ -494,3 +494,47 @@ def test_default_prompt_sets_load() -> None:
     assert {i.lang for i in items} == {"en", "zh"}
     ruler = load_prompts(default_prompts_path().with_name("longwrite_ruler.jsonl"))
     assert max(i.length for i in ruler) == 30000
+
+
+def test_judge_format_resolution() -> None:
+    from flows.eval import _resolve_format
+    from tasks.endpoints import ConfigError
+
+    # llama-cpp-python's server answers json_schema with HTTP 500: ask it for json_object.
+    assert _resolve_format("auto", embedded=True) == "json_object"
+    assert _resolve_format("auto", embedded=False) == "json_schema"
+    assert _resolve_format("none", embedded=True) == "none"
+    with pytest.raises(ConfigError):
+        _resolve_format("xml", embedded=False)
+
+
+@pytest.mark.embedded
+@pytest.mark.slow
+def test_eval_on_the_embedded_model(tmp_path: Path, prefect_api: None) -> None:
+    """No endpoint given: the embedded SmolLM2 server answers and judges itself, the judge
+    asked for schema-constrained JSON (json_object + an enum schema), so its verdict parses."""
+    write_jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {
+                "prompt": "Write a 50-word note thanking a friend for a gift.",
+                "length": 50,
+                "type": "Functional Writing",
+            }
+        ],
+    )
+    settings = EvalSettings(
+        prompts=str(tmp_path / "p.jsonl"),
+        out_dir=str(tmp_path / "out"),
+        max_tokens=96,
+        judge_max_tokens=96,
+        concurrency=1,
+    )
+    results = run_eval_sync(settings)
+    assert results["model"] == "smollm2-135m-instruct"
+    assert results["llm"]["judge"]["final_format"] == "json_object"
+    row = results["rows"][0]
+    assert row["generation_status"] == "ok" and row["response_length"] > 0
+    assert row["judge_status"] == "scored", row
+    assert set(row["scores"].values()) <= {1.0, 2.0, 3.0, 4.0, 5.0}
+    assert results["overall"]["S"] is not None
