@@ -38,6 +38,10 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    # A process started from a non-interactive shell's background job inherits SIGINT as
+    # ignored, and Python then never raises KeyboardInterrupt: `serve` promises Ctrl-C stops
+    # it, so it takes SIGINT back explicitly.
+    previous_int = signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
     try:
         server.start()
         print(f"starting {server.model_path.name} (log: {server.log_path}) ...", flush=True)
@@ -59,6 +63,7 @@ def run_serve(args: argparse.Namespace) -> int:
     finally:
         server.stop()
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def add_cli(subparsers: Any) -> None:

@@ -5,7 +5,15 @@ from prompts import PROMPTS_DIR, prompt_version, render
 
 
 def test_user_text_is_data_not_template():
-    out = render("continue", instruction="{{ 7*7 }} {% for x in y %}", main_point="m", partial="p")
+    out = render(
+        "continue",
+        instruction="{{ 7*7 }} {% for x in y %}",
+        main_point="m",
+        partial="p",
+        cut=True,
+        planned_words=400,
+        words=1,
+    )
     assert "{{ 7*7 }} {% for x in y %}" in out
     assert "49" not in out
 
