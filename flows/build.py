@@ -84,6 +84,9 @@ class BuildSettings(BaseModel):
     max_continuations: int = Field(
         2, ge=0, description="continuations of a paragraph cut at max_tokens or too short"
     )
+    max_resamples: int = Field(
+        2, ge=0, description="rewrites (new seed) of a paragraph that loops; best one kept"
+    )
     min_paragraph_share: float = Field(
         0.5, ge=0, le=1, description="continue a paragraph under this share of its planned words"
     )
@@ -292,6 +295,7 @@ async def build_flow(settings: BuildSettings) -> dict[str, Any]:
                             max_paragraph_tokens=settings.max_paragraph_tokens,
                             max_continuations=settings.max_continuations,
                             min_paragraph_share=settings.min_paragraph_share,
+                            max_resamples=settings.max_resamples,
                             context_window=resolved.context_window,
                             extra_params=extra,
                             filters=FilterConfig(

@@ -80,6 +80,8 @@ class StageConfig:
     write_temperature: float = 0.7
     max_paragraph_tokens: int = 2048
     max_continuations: int = 2
+    # A paragraph that loops is written again with another seed up to this many times.
+    max_resamples: int = 2
     # A paragraph under this share of its planned words is continued (up to max_continuations).
     min_paragraph_share: float = 0.5
     context_window: int = 8192

@@ -234,6 +234,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from storage.models import Paragraph  # noqa: E402
 from storage.store import InstructionState  # noqa: E402
+from tasks.filters import repetition_share  # noqa: E402
 from tasks.llm_client import BadOutputError, ContextLengthError  # noqa: E402
 from tasks.plan import steps_from_json  # noqa: E402
 from tasks.runtime import (  # noqa: E402
@@ -256,11 +257,45 @@ def join_continuation(partial: str, more: str) -> str:
 async def write_step(
     rt: BuildRuntime, state: InstructionState, steps: list[PlanStep], written: list[str], step: int
 ) -> Paragraph | None:
-    """Write paragraph `step`, continuing it if it stopped at max_tokens; store it and return
-    it, or store a rejection and return None."""
+    """Write paragraph `step`; store it and return it, or store a rejection and return None.
+
+    A draft that loops (its own n-gram repetition over the sample filter's limit) is written
+    again with another sampling seed, up to `max_resamples` times, and the least repetitive
+    draft is kept: small models fall into loops often enough that one bad paragraph would
+    otherwise sink a whole sample."""
+    cfg = rt.config
+    best: Paragraph | None = None
+    best_share = 2.0
+    for resample in range(cfg.max_resamples + 1):
+        draft = await draft_paragraph(rt, state, steps, written, step, seed=resample or None)
+        if draft is None:
+            return None  # rejected, reason stored
+        share = repetition_share(draft.text, cfg.filters.ngram)
+        if share < best_share:
+            best, best_share = draft, share
+        if share <= cfg.filters.max_repetition:
+            break
+    assert best is not None
+    rt.store.insert(best)  # committed as it finishes: a crash loses at most calls in flight
+    rt.progress.paragraphs += 1
+    rt.progress.words += best.words
+    return best
+
+
+async def draft_paragraph(
+    rt: BuildRuntime,
+    state: InstructionState,
+    steps: list[PlanStep],
+    written: list[str],
+    step: int,
+    seed: int | None = None,
+) -> Paragraph | None:
+    """One draft of paragraph `step`, continued if it stopped at max_tokens or short of its
+    words (not stored; its LLM calls are). None when the instruction was rejected."""
     inst = state.instruction
     assert inst.id is not None
     cfg = rt.config
+    extra = cfg.extra_params if seed is None else {**cfg.extra_params, "seed": seed}
     call = None
     for _ in range(2):  # a context-length error shrinks the budget and retries once
         budget = rt.budget
@@ -273,7 +308,7 @@ async def write_step(
             budget=budget,
             max_paragraph_tokens=cfg.max_paragraph_tokens,
             temperature=cfg.write_temperature,
-            extra_params=cfg.extra_params,
+            extra_params=extra,
         )
         try:
             call = await generate(rt.store, rt.client, request, rt.progress)
@@ -312,7 +347,7 @@ async def write_step(
             budget=rt.budget,
             max_paragraph_tokens=cfg.max_paragraph_tokens,
             temperature=cfg.write_temperature,
-            extra_params=cfg.extra_params,
+            extra_params=extra,
         )
         try:
             more = await generate(rt.store, rt.client, creq, rt.progress)
@@ -344,9 +379,6 @@ async def write_step(
         trimmed=trimmed,
         prompt_version=call.prompt_version,
     )
-    rt.store.insert(para)  # committed as it finishes: a crash loses at most calls in flight
-    rt.progress.paragraphs += 1
-    rt.progress.words += para.words
     return para
 
 

@@ -196,3 +196,26 @@ def test_short_paragraphs_are_continued_to_their_planned_length(tmp_path, db_url
     assert len(paras) == 6 and writes == 12  # each 100-word answer continued once (+200)
     assert all(p.continuation_keys and p.words >= 200 and not p.truncated for p in paras)
     store.close()
+
+
+def test_looping_paragraphs_are_resampled_then_rejected(tmp_path, db_url):
+    """A paragraph over the repetition limit is rewritten with new seeds (new idempotency
+    keys) before the sample is given up."""
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Loop [[repeat]]", "id": "loop"}])
+    with FakeOpenAIServer(FakeConfig(plan_steps=2)).running() as fake:
+        summary = run(
+            BuildSettings(
+                instructions=str(src),
+                db_url=db_url,
+                out_dir=str(tmp_path / "out"),
+                base_urls=[fake.base_url],
+                model="m",
+                max_resamples=2,
+                min_words=500,
+            )
+        )
+        writes = fake.stats.by_stage["write"]
+        ids = len(fake.stats.by_request_id)
+    assert summary["rejections"]["filter"] == {"repetition": 1}
+    assert writes == 2 * 3  # two paragraphs, each drafted three times (no seed, seed 1, 2)
+    assert ids == 1 + writes  # every draft had its own key
