@@ -65,6 +65,9 @@ def add_build_parser(sub: Any) -> None:
     p.add_argument("--frequency-penalty", type=float, default=None)
     p.add_argument("--presence-penalty", type=float, default=None)
     p.add_argument("--max-repetition", type=float, default=0.3)
+    p.add_argument(
+        "--max-resamples", type=int, default=2, help="redrafts of a paragraph that loops"
+    )
     p.add_argument("--no-json-plan", action="store_true", help="ask for line-format plans")
     p.add_argument("--no-decontaminate", action="store_true")
     p.add_argument("--no-export", action="store_true")
@@ -115,6 +118,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         frequency_penalty=args.frequency_penalty,
         presence_penalty=args.presence_penalty,
         max_repetition=args.max_repetition,
+        max_resamples=args.max_resamples,
         json_plan=not args.no_json_plan,
         decontaminate=not args.no_decontaminate,
         export=not args.no_export,
