@@ -50,13 +50,11 @@ from prompts import prompt_version
 from storage.eval_models import EvalGeneration, EvalJudgement
 from storage.store import Store, redact_db_url
 from tasks.endpoints import ConfigError, ResolvedEndpoints, open_endpoints
-from tasks.judge import FORMATS, JudgeParseError, build_judge_request, format_unsupported
-from tasks.judge import parse_judge as parse_judge_answer
+from tasks.judge import FORMATS, judge_answer
 from tasks.llm_client import (
     BadOutputError,
     ChatRequest,
     ContextLengthError,
-    FatalLLMError,
     LLMClient,
     LLMError,
     RetryPolicy,
@@ -250,6 +248,7 @@ async def generate_one(rt: EvalRuntime, key: str) -> EvalGeneration:
     with rt.store.session() as s:
         existing = s.get(EvalGeneration, key)
     if existing is not None:
+        rt.generated += 1  # answered by an earlier run: counts as done
         return existing
     item = rt.items[key][0]
     request = rt.requests[key]
@@ -305,60 +304,27 @@ async def judge_one(rt: EvalRuntime, key: str) -> EvalJudgement | None:
         gen = s.get(EvalGeneration, key)
         existing = s.get(EvalJudgement, (key, judge_model, version))
     if existing is not None:
+        rt.judged += 1
         return existing
     if gen is None or not gen.response.strip():
         return None
     row = EvalJudgement(
         generation_key=key, judge_model=judge_model, prompt_version=version, status="unparsed"
     )
-    call_keys: list[str] = []
-    errors: list[str] = []
-    attempt = 0
-    while attempt < rt.settings.judge_attempts:
-        fmt = rt.judge_format
-        request, truncated = build_judge_request(
-            gen.prompt,
-            gen.response,
-            attempt=attempt,
-            fmt=fmt,
-            max_tokens=rt.settings.judge_max_tokens,
-            temperature=rt.settings.judge_temperature,
-            context_window=rt.judge_context_window,
-        )
-        row.truncated = truncated
-        try:
-            async with rt.slots:
-                call = await generate(rt.store, rt.judge_client, request, rt.judge_progress)
-        except FatalLLMError as exc:
-            if fmt != "none" and format_unsupported(exc.status, str(exc)):
-                # The endpoint has no structured output of this shape: ask the next way.
-                if rt.judge_format == fmt:
-                    rt.judge_format = FORMATS[FORMATS.index(fmt) + 1]
-                continue
-            raise
-        except BadOutputError as exc:
-            errors.append(f"attempt {attempt + 1}: {exc}")
-            attempt += 1
-            continue
-        except ContextLengthError as exc:
-            row.status, row.error = "error", f"judge context overflow: {exc}"
-            break
-        call_keys.append(call.key)
-        attempt += 1
-        try:
-            scores = parse_judge_answer(call.content)
-        except JudgeParseError as exc:
-            errors.append(f"attempt {attempt}: {exc}")
-            row.raw = call.content[:4000]
-            continue
-        row.status = "scored"
-        row.scores_json = json.dumps(scores, sort_keys=True)
-        row.raw = None
-        break
-    row.attempts = attempt
-    row.call_keys = ",".join(call_keys)
-    if row.status != "scored" and row.error is None:
-        row.error = "; ".join(errors)[:4000] or None
+    await judge_answer(
+        row,
+        gen.prompt,
+        gen.response,
+        store=rt.store,
+        client=rt.judge_client,
+        progress=rt.judge_progress,
+        slots=rt.slots,
+        formats=rt,
+        attempts=rt.settings.judge_attempts,
+        max_tokens=rt.settings.judge_max_tokens,
+        temperature=rt.settings.judge_temperature,
+        context_window=rt.judge_context_window,
+    )
     rt.store.save(row)
     rt.judged += 1
     return row
