@@ -14,12 +14,22 @@ the prompt as unscored.
 from __future__ import annotations
 
 import ast
+import asyncio
 import json
 import re
-from typing import Any
+from typing import Any, Protocol
 
 from prompts import prompt_version, render
-from tasks.llm_client import ChatRequest
+from storage.store import Store
+from tasks.llm_client import (
+    BadOutputError,
+    ChatRequest,
+    ContextLengthError,
+    EndpointDownError,
+    FatalLLMError,
+    LLMClient,
+)
+from tasks.runtime import Progress, generate
 from tasks.scoring import DIMENSIONS
 from tasks.write import estimate_tokens
 
@@ -315,3 +325,94 @@ def parse_judge(text: str) -> dict[str, float]:
         if best
         else "no ratings found in judge answer"
     )
+
+
+# -- judging one answer (shared by eval and pairs) -------------------------------------------
+
+
+class JudgeVerdictRow(Protocol):
+    """The fields eval's and pairs' verdict rows share; `judge_answer` fills them."""
+
+    status: str
+    scores_json: str | None
+    raw: str | None
+    error: str | None
+    truncated: bool
+    attempts: int
+    call_keys: str
+
+
+class JudgeFormatHolder(Protocol):
+    """Where the structured-output format that works with this judge endpoint is kept (one
+    per run: a fallback found by one call serves the next)."""
+
+    judge_format: str
+
+
+async def judge_answer(
+    row: JudgeVerdictRow,
+    prompt: str,
+    response: str,
+    *,
+    store: Store,
+    client: LLMClient,
+    progress: Progress | None,
+    slots: asyncio.Semaphore,
+    formats: JudgeFormatHolder,
+    attempts: int,
+    max_tokens: int,
+    temperature: float,
+    context_window: int,
+) -> None:
+    """Up to `attempts` judge calls (each a varied request, so a new idempotency key) until
+    one parses; fills `row` with the scores, or with why none came (never dropped). Hard LLM
+    failures propagate; a structured-output format the endpoint rejects moves to the next."""
+    call_keys: list[str] = []
+    errors: list[str] = []
+    attempt = 0
+    while attempt < attempts:
+        fmt = formats.judge_format
+        request, truncated = build_judge_request(
+            prompt,
+            response,
+            attempt=attempt,
+            fmt=fmt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            context_window=context_window,
+        )
+        row.truncated = truncated
+        try:
+            async with slots:
+                call = await generate(store, client, request, progress)
+        except (FatalLLMError, EndpointDownError) as exc:
+            status = exc.status if isinstance(exc, FatalLLMError) else 400
+            if fmt != "none" and format_unsupported(status, str(exc)):
+                # The endpoint has no structured output of this shape: ask the next way.
+                if formats.judge_format == fmt:
+                    formats.judge_format = FORMATS[FORMATS.index(fmt) + 1]
+                continue
+            raise
+        except BadOutputError as exc:
+            errors.append(f"attempt {attempt + 1}: {exc}")
+            attempt += 1
+            continue
+        except ContextLengthError as exc:
+            row.status, row.error = "error", f"judge context overflow: {exc}"
+            break
+        call_keys.append(call.key)
+        attempt += 1
+        try:
+            scores = parse_judge(call.content)
+        except JudgeParseError as exc:
+            errors.append(f"attempt {attempt}: {exc}")
+            row.raw = call.content[:4000]
+            continue
+        row.status = "scored"
+        row.scores_json = json.dumps(scores, sort_keys=True)
+        row.raw = None
+        break
+    row.attempts = attempt
+    row.call_keys = ",".join(call_keys)
+    if row.status != "scored" and row.error is None:
+        row.error = "; ".join(errors)[:4000] or None

@@ -321,17 +321,10 @@ from storage.pair_models import (  # noqa: E402
 )
 from storage.store import Store  # noqa: E402
 from tasks.filters import FilterConfig, SampleCandidate, run_filters  # noqa: E402
-from tasks.judge import (  # noqa: E402
-    FORMATS,
-    JudgeParseError,
-    build_judge_request,
-    format_unsupported,
-    parse_judge,
-)
+from tasks.judge import FORMATS, judge_answer  # noqa: E402
 from tasks.llm_client import (  # noqa: E402
     BadOutputError,
     ContextLengthError,
-    FatalLLMError,
     LLMClient,
 )
 from tasks.plan import PlanStep, steps_from_json  # noqa: E402
@@ -622,54 +615,20 @@ async def judge_variant(
         prompt_version=version,
         status="unparsed",
     )
-    call_keys: list[str] = []
-    errors: list[str] = []
-    attempt = 0
-    while attempt < cfg.judge_attempts:
-        fmt = rt.judge_format
-        request, truncated = build_judge_request(
-            inst.prompt,
-            variant.text,
-            attempt=attempt,
-            fmt=fmt,
-            max_tokens=cfg.judge_max_tokens,
-            temperature=cfg.judge_temperature,
-            context_window=cfg.judge_context_window,
-        )
-        row.truncated = truncated
-        try:
-            async with rt.slots:
-                call = await generate(rt.store, rt.judge_client, request, rt.judge_progress)
-        except FatalLLMError as exc:
-            if fmt != "none" and format_unsupported(exc.status, str(exc)):
-                # The endpoint has no structured output of this shape: ask the next way.
-                if rt.judge_format == fmt:
-                    rt.judge_format = FORMATS[FORMATS.index(fmt) + 1]
-                continue
-            raise
-        except BadOutputError as exc:
-            errors.append(f"attempt {attempt + 1}: {exc}")
-            attempt += 1
-            continue
-        except ContextLengthError as exc:
-            row.status, row.error = "error", f"judge context overflow: {exc}"
-            break
-        call_keys.append(call.key)
-        attempt += 1
-        try:
-            scores = parse_judge(call.content)
-        except JudgeParseError as exc:
-            errors.append(f"attempt {attempt}: {exc}")
-            row.raw = call.content[:4000]
-            continue
-        row.status = "scored"
-        row.scores_json = json.dumps(scores, sort_keys=True)
-        row.raw = None
-        break
-    row.attempts = attempt
-    row.call_keys = ",".join(call_keys)
-    if row.status != "scored" and row.error is None:
-        row.error = "; ".join(errors)[:4000] or None
+    await judge_answer(
+        row,
+        inst.prompt,
+        variant.text,
+        store=rt.store,
+        client=rt.judge_client,
+        progress=rt.judge_progress,
+        slots=rt.slots,
+        formats=rt,
+        attempts=cfg.judge_attempts,
+        max_tokens=cfg.judge_max_tokens,
+        temperature=cfg.judge_temperature,
+        context_window=cfg.judge_context_window,
+    )
     rt.store.save(row)
     return row
 
