@@ -344,11 +344,13 @@ def test_eval_flow_every_figure(tmp_path: Path, prefect_api: None) -> None:
     responses = [json.loads(x) for x in (out / "responses.jsonl").read_text().splitlines()]
     assert [r["response"] for r in responses] == [_text(i, c) for i, c in enumerate(CASES)]
 
-    artifact = asyncio.run(_artifact("eval-results"))
+    artifact = asyncio.run(_artifact("eval-results", must_contain="model `fake-model`"))
     assert "data:image/png;base64," in artifact and "| 20k+" in artifact
 
 
-async def _artifact(key: str) -> str:
+async def _artifact(key: str, must_contain: str = "") -> str:
+    """The newest artifact under `key` from this test's run: the suite shares one Prefect API,
+    and other tests (the closed loop) publish under the same key."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
@@ -356,8 +358,9 @@ async def _artifact(key: str) -> str:
         arts = await client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
         )
-    assert arts, f"no artifact {key}"
-    return str(arts[-1].data)
+    mine = sorted((a for a in arts if must_contain in str(a.data)), key=lambda a: a.created)
+    assert mine, f"no artifact {key} containing {must_contain!r}"
+    return str(mine[-1].data)
 
 
 def test_rerun_skips_answered_prompts(tmp_path: Path, prefect_api: None) -> None:
