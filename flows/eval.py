@@ -32,7 +32,7 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -59,7 +59,7 @@ from tasks.llm_client import (
     LLMError,
     RetryPolicy,
 )
-from tasks.runtime import Progress, generate
+from tasks.runtime import Progress, gather_all, generate
 from tasks.scoring import DIMENSIONS, ScoredRow, report
 from tasks.wordcount import count_words, detect_lang
 from tasks.write import estimate_tokens
@@ -221,25 +221,6 @@ def _runtime(runtime_id: str) -> EvalRuntime:
         raise RuntimeError(f"eval runtime {runtime_id} is not registered in this process") from None
 
 
-def _first_error(exc: BaseException) -> BaseException:
-    """The error to report from a TaskGroup's group: an LLMError when there is one."""
-    if isinstance(exc, BaseExceptionGroup):
-        leaves = [_first_error(e) for e in exc.exceptions]
-        return next((e for e in leaves if isinstance(e, LLMError)), leaves[0])
-    return exc
-
-
-async def _gather(coros: Iterable[Coroutine[Any, Any, Any]]) -> list[Any]:
-    """Run concurrently; the first hard failure cancels the rest and is raised as itself (not
-    as an ExceptionGroup), so the CLI can print its one-line reason."""
-    try:
-        async with asyncio.TaskGroup() as tg:
-            tasks = [tg.create_task(c) for c in coros]
-    except BaseExceptionGroup as eg:
-        raise _first_error(eg) from None
-    return [t.result() for t in tasks]
-
-
 # -- generation -------------------------------------------------------------------------------
 
 
@@ -287,7 +268,7 @@ async def generate_batch(runtime_id: str, keys: list[str]) -> int:
     """Answer every prompt of a batch concurrently; returns how many were answered now."""
     rt = _runtime(runtime_id)
     before = rt.gen_progress.calls
-    await _gather(generate_one(rt, k) for k in keys)
+    await gather_all(generate_one(rt, k) for k in keys)
     return rt.gen_progress.calls - before
 
 
@@ -333,7 +314,7 @@ async def judge_one(rt: EvalRuntime, key: str) -> EvalJudgement | None:
 @task(name="eval-judge", cache_policy=NO_CACHE, persist_result=False)
 async def judge_batch(runtime_id: str, keys: list[str]) -> int:
     rt = _runtime(runtime_id)
-    results = await _gather(judge_one(rt, k) for k in keys)
+    results = await gather_all(judge_one(rt, k) for k in keys)
     return sum(1 for r in results if r is not None and r.status == "scored")
 
 
@@ -349,7 +330,7 @@ async def run_eval(rt: EvalRuntime, keys: list[str]) -> None:
 
     size = rt.settings.batch_size
     try:
-        await _gather(batch(keys[i : i + size]) for i in range(0, len(keys), size))
+        await gather_all(batch(keys[i : i + size]) for i in range(0, len(keys), size))
     finally:
         _RUNTIMES.pop(rt.id, None)
 
