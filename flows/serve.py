@@ -14,7 +14,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from tasks.llama_server import DEFAULT_ALIAS, LlamaServer, LlamaServerError
+from tasks.llama_server import (
+    DEFAULT_ALIAS,
+    DEFAULT_PROMPT_CACHE_BYTES,
+    LlamaServer,
+    LlamaServerError,
+)
 
 
 def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -31,6 +36,8 @@ def run_serve(args: argparse.Namespace) -> int:
             port=args.port,
             n_ctx=args.n_ctx,
             n_threads=args.n_threads,
+            n_threads_batch=args.n_threads_batch,
+            prompt_cache_bytes=args.prompt_cache_mb << 20,
             model_alias=args.model_alias,
             ready_timeout_s=args.ready_timeout,
         )
@@ -84,7 +91,22 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="listen port (default: a free one)")
     p.add_argument("--n-ctx", type=int, default=8192, help="context window (default 8192)")
-    p.add_argument("--n-threads", type=int, default=None, help="threads (default: all cores)")
+    p.add_argument(
+        "--n-threads", type=int, default=None, help="generation threads (default: half the cores)"
+    )
+    p.add_argument(
+        "--n-threads-batch",
+        type=int,
+        default=None,
+        help="prompt-processing threads (default: all cores)",
+    )
+    p.add_argument(
+        "--prompt-cache-mb",
+        type=int,
+        default=DEFAULT_PROMPT_CACHE_BYTES >> 20,
+        help="RAM for cached prompt states, resumed by longest prefix (0: off; default "
+        f"{DEFAULT_PROMPT_CACHE_BYTES >> 20})",
+    )
     p.add_argument("--model-alias", default=DEFAULT_ALIAS, help="model name clients send")
     p.add_argument(
         "--ready-timeout", type=float, default=120.0, help="seconds to wait for the model load"

@@ -101,14 +101,37 @@ def cpu_cores() -> int:
 
 
 def default_threads() -> int:
-    """llama.cpp threads: all cores (the child also gets OMP_WAIT_POLICY=passive, see below).
+    """Threads for token-by-token generation: half the cores (at least one).
 
-    Measured on the 2-core box while other processes kept it busy (load ~9), 400-token
-    completions: 2 threads with passive OpenMP waiting gave 33-52 tok/s, 1 thread 24-31 tok/s,
-    but 2 threads with OpenMP's default spin-waiting collapsed to 1.4-3.4 tok/s: the spinning
-    threads fight every other process for the two cores.
+    Generating one token of a small model is a few tiny matrix products, so threads spend more
+    time meeting at barriers than computing. Measured on the idle 2-core box, SmolLM2-135M,
+    400 tokens after a 1,400-token prompt (OMP_WAIT_POLICY=passive): 1 thread 56-71 tok/s,
+    2 threads 38-41 tok/s; with one busy process beside it, 1 thread 52 tok/s, 2 threads 41.
+    Spinning OpenMP waits help 2 threads only on an idle box (81 tok/s) and collapse them on a
+    busy one (20-25 tok/s), so waits stay passive and generation gets one thread per two cores.
     """
+    return max(1, cpu_cores() // 2)
+
+
+def default_batch_threads() -> int:
+    """Threads for prompt processing: every core. A prompt is one large batched product that
+    does scale (1,400 tokens: 9.6 s on 1 thread, 5.1 s on 2)."""
     return cpu_cores()
+
+
+# llama-cpp-python's RAM prompt cache: the server keeps the KV state of recent requests and
+# resumes a new prompt from the longest cached prefix. AgentWrite's write calls for one
+# instruction share everything up to the text written so far, so with two chains interleaving
+# on the (one-request-at-a-time) server, the second paragraph's prompt was processed in 0.6 s
+# instead of 3.4 s. The capacity counts only the KV state (~40 MB for a 1.8k-token prompt);
+# each entry also holds an uncounted copy of the n_batch x n_vocab logits buffer, which is why
+# PROMPT_BATCH is small (see there). 512 MiB keeps about a dozen prompts: a few per chain.
+DEFAULT_PROMPT_CACHE_BYTES = 512 << 20
+# llama.cpp's n_batch. llama-cpp-python sizes its logits buffer n_batch x n_vocab and copies it
+# into every prompt-cache entry: 96 MB per entry at the default 512 for SmolLM2's 49k vocab
+# (a 33-call demo reached 5.3 GB RSS), 24 MB at 128, with prompt processing unchanged
+# (1,840 tokens: 7.2 s at 512, 7.0-8.0 s at 64-256).
+PROMPT_BATCH = 128
 
 
 def pick_free_port(host: str = "127.0.0.1") -> int:
@@ -349,6 +372,8 @@ class LlamaServer:
         port: int | None = None,
         n_ctx: int = 8192,
         n_threads: int | None = None,
+        n_threads_batch: int | None = None,
+        prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
         model_alias: str = DEFAULT_ALIAS,
         extra_args: Sequence[str] = (),
         runtime_dir: Path | None = None,
@@ -365,6 +390,10 @@ class LlamaServer:
         self.port: int | None = self._requested_port
         self.n_ctx = n_ctx
         self.n_threads = n_threads if n_threads is not None else default_threads()
+        self.n_threads_batch = (
+            n_threads_batch if n_threads_batch is not None else default_batch_threads()
+        )
+        self.prompt_cache_bytes = max(0, prompt_cache_bytes)  # 0: no prompt cache
         self.model_alias = model_alias
         self.extra_args = list(extra_args)
         self.runtime_dir = Path(runtime_dir) if runtime_dir is not None else DEFAULT_RUNTIME_DIR
@@ -434,14 +463,29 @@ class LlamaServer:
             "--n_threads",
             str(self.n_threads),
             "--n_threads_batch",
-            str(self.n_threads),
+            str(self.n_threads_batch),
+            "--n_batch",
+            str(PROMPT_BATCH),
             "--logits_all",
             str(self.logits_all),
+            *self._cache_args(),
             # With the default (True) a *streaming* response is cut short as soon as another
             # request queues up behind it; concurrent pipeline workers would get truncated text.
             "--interrupt_requests",
             "False",
             *self.extra_args,
+        ]
+
+    def _cache_args(self) -> list[str]:
+        if not self.prompt_cache_bytes:
+            return []
+        return [
+            "--cache",
+            "True",
+            "--cache_type",
+            "ram",
+            "--cache_size",
+            str(self.prompt_cache_bytes),
         ]
 
     def _child_env(self) -> dict[str, str]:

@@ -203,9 +203,25 @@ def test_command_and_child_env(
 ) -> None:
     model = tmp_path / "m.gguf"
     model.write_bytes(b"GGUF")
-    server = LlamaServer(model_path=model, port=12345, n_threads=3, runtime_dir=runtime_dir)
+    server = LlamaServer(
+        model_path=model,
+        port=12345,
+        n_threads=3,
+        n_threads_batch=5,
+        prompt_cache_bytes=64 << 20,
+        runtime_dir=runtime_dir,
+    )
     argv = server.command()
     flags = dict(zip(argv[3::2], argv[4::2], strict=False))
+    assert flags["--n_threads_batch"] == "5"
+    # The RAM prompt cache lets interleaved AgentWrite chains resume from their shared prefix.
+    assert (flags["--cache"], flags["--cache_type"], flags["--cache_size"]) == (
+        "True",
+        "ram",
+        str(64 << 20),
+    )
+    no_cache = LlamaServer(model_path=model, port=1, prompt_cache_bytes=0, runtime_dir=runtime_dir)
+    assert "--cache" not in no_cache.command()
     assert argv[1:3] == ["-m", "llama_cpp.server"]
     assert flags["--model"] == str(model)
     assert flags["--n_ctx"] == "8192"
