@@ -84,6 +84,9 @@ class BuildSettings(BaseModel):
     max_continuations: int = Field(
         2, ge=0, description="continuations of a paragraph cut at max_tokens or too short"
     )
+    max_plan_resamples: int = Field(
+        2, ge=0, description="new plans (new seed) asked for when a plan fails validation"
+    )
     max_resamples: int = Field(
         2, ge=0, description="rewrites (new seed) of a paragraph that loops; best one kept"
     )
@@ -296,6 +299,7 @@ async def build_flow(settings: BuildSettings) -> dict[str, Any]:
                             max_continuations=settings.max_continuations,
                             min_paragraph_share=settings.min_paragraph_share,
                             max_resamples=settings.max_resamples,
+                            max_plan_resamples=settings.max_plan_resamples,
                             context_window=resolved.context_window,
                             extra_params=extra,
                             filters=FilterConfig(

@@ -68,6 +68,12 @@ def add_build_parser(sub: Any) -> None:
     p.add_argument(
         "--max-resamples", type=int, default=2, help="redrafts of a paragraph that loops"
     )
+    p.add_argument(
+        "--max-plan-resamples",
+        type=int,
+        default=2,
+        help="new plans (new seed) asked for when a plan fails validation",
+    )
     p.add_argument("--no-json-plan", action="store_true", help="ask for line-format plans")
     p.add_argument("--no-decontaminate", action="store_true")
     p.add_argument("--no-export", action="store_true")
@@ -119,6 +125,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         presence_penalty=args.presence_penalty,
         max_repetition=args.max_repetition,
         max_resamples=args.max_resamples,
+        max_plan_resamples=args.max_plan_resamples,
         json_plan=not args.no_json_plan,
         decontaminate=not args.no_decontaminate,
         export=not args.no_export,

@@ -293,7 +293,7 @@ def format_step(index: int, step: PlanStep) -> str:
 from prefect import task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from storage.models import Instruction  # noqa: E402
+from storage.models import Instruction, LLMCall  # noqa: E402
 from storage.models import Plan as PlanRow  # noqa: E402
 from tasks.llm_client import (  # noqa: E402
     BadOutputError,
@@ -319,10 +319,14 @@ def _json_unsupported(exc: LLMError) -> bool:
     return "response_format" in msg or "json_schema" in msg or "json_object" in msg
 
 
-async def plan_instruction(rt: BuildRuntime, inst: Instruction) -> bool:
-    """Plan one instruction; store the plan or a rejection with the raw text. True if planned."""
+async def _request_plan(
+    rt: BuildRuntime, inst: Instruction, seed: int | None
+) -> tuple[ChatRequest, LLMCall] | None:
+    """One plan call in the first structured-output dialect the endpoint accepts; None when
+    the instruction was rejected (reason stored)."""
     assert inst.id is not None
     cfg = rt.config
+    extra = cfg.extra_params if seed is None else {**cfg.extra_params, "seed": seed}
     while True:
         request = build_plan_request(
             inst.prompt,
@@ -332,11 +336,10 @@ async def plan_instruction(rt: BuildRuntime, inst: Instruction) -> bool:
             json_style=cfg.json_style,
             max_tokens=cfg.plan_max_tokens,
             temperature=cfg.plan_temperature,
-            extra_params=cfg.extra_params,
+            extra_params=extra,
         )
         try:
-            call = await generate(rt.store, rt.client, request, rt.progress)
-            break
+            return request, await generate(rt.store, rt.client, request, rt.progress)
         except (FatalLLMError, EndpointDownError) as exc:
             if cfg.json_plan and _json_unsupported(exc):
                 # Endpoint refuses this structured-output dialect: try llama.cpp's, then
@@ -349,28 +352,52 @@ async def plan_instruction(rt: BuildRuntime, inst: Instruction) -> bool:
             raise
         except BadOutputError as exc:
             rt.store.reject(inst.id, "plan", "bad_output", str(exc))
-            return False
+            return None
         except ContextLengthError as exc:
             rt.store.reject(inst.id, "plan", "context_overflow", str(exc))
+            return None
+
+
+async def plan_instruction(rt: BuildRuntime, inst: Instruction) -> bool:
+    """Plan one instruction; store the plan or a rejection with the raw text. True if planned.
+
+    A plan that does not parse or validate (repeated main points, counts far from the target)
+    is asked for again with another sampling seed, up to `max_plan_resamples` times: one more
+    plan call is cheap next to the paragraphs it unlocks, and small models produce a looping
+    plan on some seeds only. Each seed is its own stored call, so a rerun re-pays none."""
+    assert inst.id is not None
+    cfg = rt.config
+    failures: list[str] = []
+    for attempt in range(cfg.max_plan_resamples + 1):
+        got = await _request_plan(rt, inst, seed=attempt or None)
+        if got is None:
             return False
-    try:
-        steps = parse_plan(call.content)
-        validate_plan(steps, inst.length)
-    except PlanError as exc:
-        rt.store.reject(inst.id, "plan", exc.reason, exc.detail, raw=call.content)
-        return False
-    rt.store.save(
-        PlanRow(
-            instruction_id=inst.id,
-            call_key=call.key,
-            steps_json=steps_to_json(steps),
-            n_steps=len(steps),
-            total_words=sum(s.word_count for s in steps),
-            prompt_version=request.prompt_version,
-        ),
-        status=(inst.id, "planned"),
-    )
-    return True
+        request, call = got
+        try:
+            steps = parse_plan(call.content)
+            validate_plan(steps, inst.length)
+        except PlanError as exc:
+            failures.append(exc.detail)
+            if attempt < cfg.max_plan_resamples:
+                continue
+            detail = exc.detail
+            if len(failures) > 1:
+                detail += f" ({len(failures)} plans tried: " + "; ".join(failures[:-1]) + ")"
+            rt.store.reject(inst.id, "plan", exc.reason, detail, raw=call.content)
+            return False
+        rt.store.save(
+            PlanRow(
+                instruction_id=inst.id,
+                call_key=call.key,
+                steps_json=steps_to_json(steps),
+                n_steps=len(steps),
+                total_words=sum(s.word_count for s in steps),
+                prompt_version=request.prompt_version,
+            ),
+            status=(inst.id, "planned"),
+        )
+        return True
+    return False
 
 
 @task(

@@ -82,6 +82,8 @@ class StageConfig:
     max_continuations: int = 2
     # A paragraph that loops is written again with another seed up to this many times.
     max_resamples: int = 2
+    # A plan that fails to parse or validate is asked for again with a new seed this many times.
+    max_plan_resamples: int = 2
     # A paragraph under this share of its planned words is continued (up to max_continuations).
     min_paragraph_share: float = 0.5
     context_window: int = 8192

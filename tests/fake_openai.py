@@ -7,7 +7,8 @@ Retry-After, 500/503, an invalid JSON body, empty content or `finish_reason=leng
 Answers depend only on the request (stage header + messages), so two builds against the fake
 produce the same plans and paragraphs. Fault injection uses its own seeded RNG.
 
-Markers inside an instruction steer the answers: `[[garbage-plan]]`, `[[refuse]]`,
+Markers inside an instruction steer the answers: `[[garbage-plan]]`, `[[flaky-plan]]` (the
+plan repeats one main point unless the request carries a `seed`), `[[refuse]]`,
 `[[repeat]]`, `[[short]]`, `[[terse]]` (paragraphs a quarter of the asked length),
 `[[error-text]]`, `[[markers]]` (paragraphs labelled "Paragraph N:").
 
@@ -123,7 +124,9 @@ def default_answer(stage: str, body: dict[str, Any], cfg: FakeConfig) -> str:
                     if lang_zh
                     else f"Part {i}: develop the theme, aspect {i}"
                 )
-                + f" ({hashlib.sha1(instruction.encode()).hexdigest()[:6]})",
+                + f" ({hashlib.sha1(instruction.encode()).hexdigest()[:6]})"
+                if "[[flaky-plan]]" not in instruction or body.get("seed") is not None
+                else "The same main point again",
                 "word_count": cfg.step_words,
             }
             for i in range(1, cfg.plan_steps + 1)

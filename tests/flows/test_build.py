@@ -9,7 +9,7 @@ from sqlmodel import select
 
 from flows.build import BuildSettings, build_flow
 from flows.cli import main as cli_main
-from storage.models import Paragraph, Plan, Sample
+from storage.models import Paragraph, Plan, Rejection, Sample
 from storage.store import Store
 from tasks.export import verify_manifest
 from tasks.wordcount import count_words
@@ -173,6 +173,40 @@ def test_plan_falls_back_to_llama_cpp_json_dialect(tmp_path, db_url):
     assert summary["rejections"] == {}
     # one plan call exhausted its retries on the 500, then every plan used the other dialect
     assert plan_prompts == 6 + 3
+
+
+def test_a_degenerate_plan_is_asked_for_again_with_new_seeds(tmp_path, db_url):
+    """A plan that fails validation is re-requested with another seed (the fake repeats one main
+    point when asked without a seed); a plan that never validates is rejected with every
+    attempt's reason, after exactly 1 + max_plan_resamples calls."""
+    src = write_jsonl(
+        tmp_path / "in.jsonl",
+        [{"prompt": "Write it [[flaky-plan]]", "id": "flaky"}, SPECIAL[3]],
+    )
+    settings = BuildSettings(
+        instructions=str(src),
+        db_url=db_url,
+        out_dir=str(tmp_path / "out"),
+        base_urls=["http://unused/v1"],
+        model="m",
+        min_words=500,
+        max_plan_resamples=2,
+    )
+    with FakeOpenAIServer(FakeConfig()).running() as fake:
+        settings.base_urls = [fake.base_url]
+        summary = run(settings)
+        plan_calls = fake.stats.by_stage["plan"]
+        first_requests = fake.stats.requests
+        run(settings)  # a rerun re-pays no plan attempt
+        assert fake.stats.requests == first_requests
+    assert summary["accepted"] == 1
+    assert plan_calls == 2 + 3  # flaky: unseeded + seed 1; garbage: unseeded + seeds 1, 2
+    store = Store(db_url)
+    with store.session() as s:
+        rejection = s.exec(select(Rejection)).one()
+    store.close()
+    assert rejection.stage == "plan" and rejection.reason == "unparseable"
+    assert "3 plans tried" in rejection.detail
 
 
 def test_short_paragraphs_are_continued_to_their_planned_length(tmp_path, db_url):
