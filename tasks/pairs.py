@@ -322,20 +322,15 @@ from storage.pair_models import (  # noqa: E402
 from storage.store import Store  # noqa: E402
 from tasks.filters import FilterConfig, SampleCandidate, run_filters  # noqa: E402
 from tasks.judge import FORMATS, judge_answer  # noqa: E402
-from tasks.llm_client import (  # noqa: E402
-    BadOutputError,
-    ContextLengthError,
-    LLMClient,
-)
+from tasks.llm_client import LLMClient  # noqa: E402
 from tasks.plan import PlanStep, steps_from_json  # noqa: E402
-from tasks.runtime import Progress, gather_all, generate, retry_unless_llm_error  # noqa: E402  # noqa: E402
+from tasks.runtime import Progress, gather_all, retry_unless_llm_error  # noqa: E402
 from tasks.wordcount import count_words  # noqa: E402
 from tasks.write import (  # noqa: E402
     ContextBudget,
-    build_continue_request,
-    build_write_request,
-    clean_paragraph,
-    join_continuation,
+    DraftFailed,
+    DraftSettings,
+    draft_paragraph,
     join_paragraphs,
 )
 
@@ -349,6 +344,7 @@ class PairsConfig:
     temperature: float = 0.8
     max_paragraph_tokens: int = 2048
     max_continuations: int = 1
+    min_paragraph_share: float = 0.5  # continue a paragraph under this share of its words
     max_repetition: float = 0.3
     judge_attempts: int = 3
     judge_max_tokens: int = 512
@@ -477,69 +473,34 @@ def _ensure_original(rt: PairsRuntime, item: _Item) -> None:
 async def _write_paragraph(
     rt: PairsRuntime, item: _Item, variant: int, written: list[str], step: int
 ) -> VariantParagraph | str:
-    """Paragraph `step` of one variant (continued when cut by max_tokens), stored; or the
-    reason it could not be written."""
+    """Paragraph `step` of one variant, drafted exactly as the build drafts paragraphs
+    (continued when cut or short, ended at a sentence when still cut) so that chosen and
+    rejected differ by sampling only; stored. Or the reason it could not be written."""
     inst = item.instruction
     assert inst.id is not None
     cfg = rt.config
-    params = {"seed": variant}
-    call = None
-    for _ in range(2):  # a context-length error shrinks the budget and retries once
-        budget = rt.budget
-        request = build_write_request(
-            inst.prompt,
-            item.steps,
-            written,
-            step,
-            lang=inst.lang,
-            budget=budget,
-            max_paragraph_tokens=cfg.max_paragraph_tokens,
-            temperature=cfg.temperature,
-            extra_params=params,
+    settings = DraftSettings(
+        temperature=cfg.temperature,
+        max_paragraph_tokens=cfg.max_paragraph_tokens,
+        max_continuations=cfg.max_continuations,
+        min_paragraph_share=cfg.min_paragraph_share,
+    )
+    try:
+        draft = await draft_paragraph(
+            rt, inst, item.steps, written, step, settings, rt.write_progress, seed=variant
         )
-        try:
-            call = await generate(rt.store, rt.client, request, rt.write_progress)
-            break
-        except ContextLengthError:
-            if rt.budget.context_window >= budget.context_window:
-                rt.budget = ContextBudget(int(budget.context_window * 0.75), budget.reserve_tokens)
-        except BadOutputError as exc:
-            return f"bad_output: paragraph {step}: {exc}"
-    if call is None:
-        return f"context_overflow: paragraph {step} does not fit the context"
-    text = clean_paragraph(call.content)
-    finish = call.finish_reason
-    continuation_keys: list[str] = []
-    while finish == "length" and len(continuation_keys) < cfg.max_continuations:
-        creq = build_continue_request(
-            inst.prompt,
-            item.steps[step - 1],
-            text,
-            lang=inst.lang,
-            budget=rt.budget,
-            max_paragraph_tokens=cfg.max_paragraph_tokens,
-            temperature=cfg.temperature,
-            extra_params=params,
-        )
-        try:
-            more = await generate(rt.store, rt.client, creq, rt.write_progress)
-        except (BadOutputError, ContextLengthError):
-            break  # stays marked truncated; such a variant can only be rejected, never chosen
-        continuation_keys.append(more.key)
-        text = join_continuation(text, clean_paragraph(more.content))
-        finish = more.finish_reason
-    if not text.strip():
-        return f"empty: paragraph {step} was only markers"
+    except DraftFailed as exc:
+        return f"{exc.reason}: {exc.detail}"
     para = VariantParagraph(
         instruction_id=inst.id,
         variant=variant,
         step=step,
-        call_key=call.key,
-        continuation_keys=",".join(continuation_keys),
-        text=text,
-        words=count_words(text),
-        truncated=finish == "length",
-        prompt_version=call.prompt_version,
+        call_key=draft.call_key,
+        continuation_keys=",".join(draft.continuation_keys),
+        text=draft.text,
+        words=draft.words,
+        truncated=draft.truncated,
+        prompt_version=draft.prompt_version,
     )
     rt.store.save(para)  # committed as it finishes: a crash loses at most calls in flight
     return para

@@ -10,8 +10,8 @@ what it left out), the marker cleaner, and the continuation request for a paragr
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from prompts import prompt_version, render
 from tasks.llm_client import ChatRequest
@@ -232,13 +232,14 @@ def join_paragraphs(paragraphs: list[str]) -> str:
 from prefect import task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from storage.models import Paragraph  # noqa: E402
-from storage.store import InstructionState  # noqa: E402
+from storage.models import Instruction, Paragraph  # noqa: E402
+from storage.store import InstructionState, Store  # noqa: E402
 from tasks.filters import repetition_share  # noqa: E402
-from tasks.llm_client import BadOutputError, ContextLengthError  # noqa: E402
+from tasks.llm_client import BadOutputError, ContextLengthError, LLMClient  # noqa: E402
 from tasks.plan import steps_from_json  # noqa: E402
 from tasks.runtime import (  # noqa: E402
     BuildRuntime,
+    Progress,
     gather_all,
     generate,
     get_runtime,
@@ -254,6 +255,51 @@ def join_continuation(partial: str, more: str) -> str:
     return partial + sep + more
 
 
+@dataclass(frozen=True)
+class DraftSettings:
+    """How one paragraph is drafted; the build and the pairs stage draft the same way."""
+
+    temperature: float = 0.7
+    max_paragraph_tokens: int = 2048
+    max_continuations: int = 2
+    # A paragraph under this share of its planned words is continued (up to max_continuations).
+    min_paragraph_share: float = 0.5
+    extra_params: dict[str, Any] = field(default_factory=dict)
+
+
+class DraftingRuntime(Protocol):
+    """What drafting needs from a stage's runtime: the store and client for `generate`, and a
+    context budget that every chain of the run shares (and may shrink)."""
+
+    store: Store
+    client: LLMClient
+    budget: ContextBudget
+
+
+@dataclass(frozen=True)
+class Draft:
+    """One drafted paragraph: its text after marker removal, continuation and trimming, and
+    the stored calls it came from."""
+
+    text: str
+    call_key: str
+    continuation_keys: tuple[str, ...]
+    words: int
+    truncated: bool  # still cut at max_tokens after every continuation
+    trimmed: bool  # cut, long enough, and ended at its last full sentence
+    prompt_version: str
+
+
+class DraftFailed(Exception):
+    """A paragraph that cannot be drafted; `reason` is the stored rejection reason."""
+
+    def __init__(self, reason: str, detail: str, raw: str | None = None) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.raw = raw
+
+
 async def write_step(
     rt: BuildRuntime, state: InstructionState, steps: list[PlanStep], written: list[str], step: int
 ) -> Paragraph | None:
@@ -264,38 +310,61 @@ async def write_step(
     draft is kept: small models fall into loops often enough that one bad paragraph would
     otherwise sink a whole sample."""
     cfg = rt.config
-    best: Paragraph | None = None
+    inst = state.instruction
+    assert inst.id is not None
+    settings = DraftSettings(
+        temperature=cfg.write_temperature,
+        max_paragraph_tokens=cfg.max_paragraph_tokens,
+        max_continuations=cfg.max_continuations,
+        min_paragraph_share=cfg.min_paragraph_share,
+        extra_params=cfg.extra_params,
+    )
+    best: Draft | None = None
     best_share = 2.0
     for resample in range(cfg.max_resamples + 1):
-        draft = await draft_paragraph(rt, state, steps, written, step, seed=resample or None)
-        if draft is None:
-            return None  # rejected, reason stored
+        try:
+            draft = await draft_paragraph(
+                rt, inst, steps, written, step, settings, rt.progress, seed=resample or None
+            )
+        except DraftFailed as exc:
+            rt.store.reject(inst.id, "write", exc.reason, exc.detail, raw=exc.raw)
+            return None
         share = repetition_share(draft.text, cfg.filters.ngram)
         if share < best_share:
             best, best_share = draft, share
         if share <= cfg.filters.max_repetition:
             break
     assert best is not None
-    rt.store.insert(best)  # committed as it finishes: a crash loses at most calls in flight
+    para = Paragraph(
+        instruction_id=inst.id,
+        step=step,
+        call_key=best.call_key,
+        continuation_keys=",".join(best.continuation_keys),
+        text=best.text,
+        words=best.words,
+        truncated=best.truncated,
+        trimmed=best.trimmed,
+        prompt_version=best.prompt_version,
+    )
+    rt.store.insert(para)  # committed as it finishes: a crash loses at most calls in flight
     rt.progress.paragraphs += 1
-    rt.progress.words += best.words
-    return best
+    rt.progress.words += para.words
+    return para
 
 
 async def draft_paragraph(
-    rt: BuildRuntime,
-    state: InstructionState,
+    rt: DraftingRuntime,
+    inst: Instruction,
     steps: list[PlanStep],
     written: list[str],
     step: int,
+    settings: DraftSettings,
+    progress: Progress,
     seed: int | None = None,
-) -> Paragraph | None:
+) -> Draft:
     """One draft of paragraph `step`, continued if it stopped at max_tokens or short of its
-    words (not stored; its LLM calls are). None when the instruction was rejected."""
-    inst = state.instruction
-    assert inst.id is not None
-    cfg = rt.config
-    extra = cfg.extra_params if seed is None else {**cfg.extra_params, "seed": seed}
+    words. Not stored (its LLM calls are); raises DraftFailed with the reason."""
+    extra = settings.extra_params if seed is None else {**settings.extra_params, "seed": seed}
     call = None
     for _ in range(2):  # a context-length error shrinks the budget and retries once
         budget = rt.budget
@@ -306,12 +375,12 @@ async def draft_paragraph(
             step,
             lang=inst.lang,
             budget=budget,
-            max_paragraph_tokens=cfg.max_paragraph_tokens,
-            temperature=cfg.write_temperature,
+            max_paragraph_tokens=settings.max_paragraph_tokens,
+            temperature=settings.temperature,
             extra_params=extra,
         )
         try:
-            call = await generate(rt.store, rt.client, request, rt.progress)
+            call = await generate(rt.store, rt.client, request, progress)
             break
         except ContextLengthError:
             # Shrink the budget this request was built with, once: when several chains hit
@@ -321,13 +390,9 @@ async def draft_paragraph(
                 smaller = int(budget.context_window * 0.75)
                 rt.budget = ContextBudget(smaller, budget.reserve_tokens)
         except BadOutputError as exc:
-            rt.store.reject(inst.id, "write", "bad_output", f"paragraph {step}: {exc}")
-            return None
+            raise DraftFailed("bad_output", f"paragraph {step}: {exc}") from exc
     if call is None:
-        rt.store.reject(
-            inst.id, "write", "context_overflow", f"paragraph {step} does not fit the context"
-        )
-        return None
+        raise DraftFailed("context_overflow", f"paragraph {step} does not fit the context")
     text = clean_paragraph(call.content)
     finish = call.finish_reason
     continuation_keys: list[str] = []
@@ -335,8 +400,8 @@ async def draft_paragraph(
     # Continue a paragraph cut at max_tokens, and one that ended well short of its planned
     # words (small models stop early): the plan's word counts are what make the piece long.
     while (
-        needs_continuation(text, finish, planned, cfg.min_paragraph_share)
-        and len(continuation_keys) < cfg.max_continuations
+        needs_continuation(text, finish, planned, settings.min_paragraph_share)
+        and len(continuation_keys) < settings.max_continuations
     ):
         creq = build_continue_request(
             inst.prompt,
@@ -345,41 +410,35 @@ async def draft_paragraph(
             cut=finish == "length",
             lang=inst.lang,
             budget=rt.budget,
-            max_paragraph_tokens=cfg.max_paragraph_tokens,
-            temperature=cfg.write_temperature,
+            max_paragraph_tokens=settings.max_paragraph_tokens,
+            temperature=settings.temperature,
             extra_params=extra,
         )
         try:
-            more = await generate(rt.store, rt.client, creq, rt.progress)
+            more = await generate(rt.store, rt.client, creq, progress)
         except (BadOutputError, ContextLengthError):
             break  # stays marked truncated; the filter stage rejects it with that reason
         continuation_keys.append(more.key)
         text = join_continuation(text, clean_paragraph(more.content))
         finish = more.finish_reason
     trimmed = False
-    if finish == "length" and count_words(text) >= cfg.min_paragraph_share * planned:
+    if finish == "length" and count_words(text) >= settings.min_paragraph_share * planned:
         # Still cut, but long enough for its plan step: end it at its last full sentence
         # rather than pass a cut sentence on or lose the sample.
         ended = trim_to_sentence(text)
         if ended is not None:
             text, finish, trimmed = ended, "trimmed", True
     if not text.strip():
-        rt.store.reject(
-            inst.id, "write", "empty", f"paragraph {step} was only markers", raw=call.content
-        )
-        return None
-    para = Paragraph(
-        instruction_id=inst.id,
-        step=step,
-        call_key=call.key,
-        continuation_keys=",".join(continuation_keys),
+        raise DraftFailed("empty", f"paragraph {step} was only markers", raw=call.content)
+    return Draft(
         text=text,
+        call_key=call.key,
+        continuation_keys=tuple(continuation_keys),
         words=count_words(text),
         truncated=finish == "length",
         trimmed=trimmed,
         prompt_version=call.prompt_version,
     )
-    return para
 
 
 async def write_instruction(rt: BuildRuntime, state: InstructionState) -> bool:

@@ -130,9 +130,11 @@ def test_pairs_flow_scores_selects_exports_and_resumes(tmp_path: Path, db_url: s
         settings = pairs_settings(db_url, out, fake.base_url)
         summary = asyncio.run(pairs_flow(settings=settings))
         by_stage = {k: v - before.get(k, 0) for k, v in fake.stats.by_stage.items()}
-        # 4 instructions x 4 variants x 2 paragraphs; the judge: 16 + 4 variant-0 verdicts,
-        # plus 2 more attempts for each of the 6 answers that never parse.
-        assert by_stage == {"plan": 0, "write": 32, "judge": 20 + 2 * 6}
+        # 4 instructions x 4 variants x 2 paragraphs, plus one continuation of each of the
+        # refusing variant's 2 paragraphs (9 of 30 planned words: variants are drafted as the
+        # build drafts); the judge: 16 + 4 variant-0 verdicts, plus 2 more attempts for each
+        # of the 6 answers that never parse.
+        assert by_stage == {"plan": 0, "write": 32 + 2, "judge": 20 + 2 * 6}
         assert max(fake.stats.by_request_id.values()) == 1  # every call paid once
         requests = fake.stats.requests
 
