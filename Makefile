@@ -25,11 +25,15 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[embedded,train,dev]"
 	touch $(STAMP)
 
+# At most 6 paragraphs per plan: the 135M model writes ~400-700 words a paragraph, so 6 reach
+# the 2,000-word minimum while keeping the demo inside 15 minutes on two cores (uncapped, its
+# plans ran to 10 paragraphs and 6,000 words). Concurrency 2: llama.cpp serves one request at
+# a time, and the next one queued keeps it busy while the factory stores an answer.
 demo: install
 	$(BIN)/longwriter build \
 		--instructions tasks/data/demo_instructions.jsonl \
 		--db $(DEMO)/store.db --out $(DEMO)/out \
-		--concurrency 2 --progress
+		--concurrency 2 --max-paragraphs 6 --progress
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -84,6 +84,9 @@ class BuildSettings(BaseModel):
     max_continuations: int = Field(
         2, ge=0, description="continuations of a paragraph cut at max_tokens or too short"
     )
+    max_paragraphs: int = Field(
+        50, ge=1, le=50, description="most paragraphs per plan (bounds calls and words per sample)"
+    )
     max_plan_resamples: int = Field(
         2, ge=0, description="new plans (new seed) asked for when a plan fails validation"
     )
@@ -300,6 +303,7 @@ async def build_flow(settings: BuildSettings) -> dict[str, Any]:
                             min_paragraph_share=settings.min_paragraph_share,
                             max_resamples=settings.max_resamples,
                             max_plan_resamples=settings.max_plan_resamples,
+                            max_plan_steps=settings.max_paragraphs,
                             context_window=resolved.context_window,
                             extra_params=extra,
                             filters=FilterConfig(

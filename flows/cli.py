@@ -69,6 +69,12 @@ def add_build_parser(sub: Any) -> None:
         "--max-resamples", type=int, default=2, help="redrafts of a paragraph that loops"
     )
     p.add_argument(
+        "--max-paragraphs",
+        type=int,
+        default=50,
+        help="most paragraphs per plan, 1-50: bounds the calls and words of each sample",
+    )
+    p.add_argument(
         "--max-plan-resamples",
         type=int,
         default=2,
@@ -126,6 +132,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         max_repetition=args.max_repetition,
         max_resamples=args.max_resamples,
         max_plan_resamples=args.max_plan_resamples,
+        max_paragraphs=args.max_paragraphs,
         json_plan=not args.no_json_plan,
         decontaminate=not args.no_decontaminate,
         export=not args.no_export,

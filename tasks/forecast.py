@@ -107,6 +107,7 @@ class ForecastConfig:
     max_paragraph_tokens: int = 2048
     json_plan: bool = True
     json_style: str = "json_schema"
+    max_steps: int = MAX_STEPS  # the build's --max-paragraphs
     price_in: float | None = None  # USD per million input (prompt) tokens
     price_out: float | None = None  # USD per million output (completion) tokens
 
@@ -191,7 +192,7 @@ def expected_steps(length: int | None, cfg: ForecastConfig) -> list[int]:
     `paragraph_words`, never fewer than the plan prompt's minimum."""
     target = length or cfg.default_words or cfg.min_words or cfg.paragraph_words
     n = max(min_steps_for(target), math.ceil(target / max(cfg.paragraph_words, 1)))
-    n = max(1, min(MAX_STEPS, n))
+    n = max(1, min(cfg.max_steps, n))
     base, extra = divmod(target, n)
     return [base + (1 if i < extra else 0) for i in range(n)]
 
@@ -209,6 +210,7 @@ def _plan_shape(
         cfg.min_words,
         json_mode=cfg.json_plan,
         json_style=cfg.json_style,
+        max_steps=cfg.max_steps,
     )
     chars, cjk = _counts(req.messages[-1][1])
     steps = [PlanStep(_main_point(i, lang), w) for i, w in enumerate(words, start=1)]
@@ -428,6 +430,7 @@ def config_from_args(args: argparse.Namespace) -> ForecastConfig:
         max_paragraph_tokens=getattr(args, "max_paragraph_tokens", 2048),
         json_plan=not getattr(args, "no_json_plan", False),
         json_style="json_schema" if remote else "llama_cpp",
+        max_steps=getattr(args, "max_paragraphs", MAX_STEPS),
         price_in=getattr(args, "price_in", None),
         price_out=getattr(args, "price_out", None),
     )

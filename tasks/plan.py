@@ -242,12 +242,14 @@ def parse_plan(text: str) -> list[PlanStep]:
     return steps
 
 
-def validate_plan(steps: list[PlanStep], required_words: int | None) -> None:
+def validate_plan(
+    steps: list[PlanStep], required_words: int | None, max_steps: int = MAX_STEPS
+) -> None:
     """Raise PlanError when the plan cannot drive the write stage."""
     if not steps:
         raise PlanError("no_steps", "the plan has no paragraphs")
-    if len(steps) > MAX_STEPS:
-        raise PlanError("too_many_steps", f"{len(steps)} paragraphs; at most {MAX_STEPS}")
+    if len(steps) > max_steps:
+        raise PlanError("too_many_steps", f"{len(steps)} paragraphs; at most {max_steps}")
     for i, s in enumerate(steps, start=1):
         if not MIN_STEP_WORDS <= s.word_count <= MAX_STEP_WORDS:
             raise PlanError(
@@ -334,6 +336,7 @@ async def _request_plan(
             cfg.min_words,
             json_mode=cfg.json_plan,
             json_style=cfg.json_style,
+            max_steps=cfg.max_plan_steps,
             max_tokens=cfg.plan_max_tokens,
             temperature=cfg.plan_temperature,
             extra_params=extra,
@@ -375,7 +378,7 @@ async def plan_instruction(rt: BuildRuntime, inst: Instruction) -> bool:
         request, call = got
         try:
             steps = parse_plan(call.content)
-            validate_plan(steps, inst.length)
+            validate_plan(steps, inst.length, cfg.max_plan_steps)
         except PlanError as exc:
             failures.append(exc.detail)
             if attempt < cfg.max_plan_resamples:

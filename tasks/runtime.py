@@ -84,6 +84,9 @@ class StageConfig:
     max_resamples: int = 2
     # A plan that fails to parse or validate is asked for again with a new seed this many times.
     max_plan_resamples: int = 2
+    # Most paragraphs a plan may have (tasks.plan.MAX_STEPS, 50, unless capped): a cap bounds
+    # the calls and words per sample, for a budget or a quick demo.
+    max_plan_steps: int = 50
     # A paragraph under this share of its planned words is continued (up to max_continuations).
     min_paragraph_share: float = 0.5
     context_window: int = 8192

@@ -37,6 +37,8 @@ def test_expected_steps_from_length_and_default() -> None:
     assert sum(expected_steps(None, CFG)) == 1000
     assert sum(expected_steps(None, ForecastConfig(min_words=1000, default_words=5000))) == 5000
     assert len(expected_steps(10**6, CFG)) == 50  # never more than MAX_STEPS
+    capped = ForecastConfig(min_words=1000, paragraph_words=300, max_steps=3)
+    assert expected_steps(1800, capped) == [600] * 3  # --max-paragraphs 3
 
 
 @pytest.mark.parametrize("lang", ["en", "zh"])

@@ -159,3 +159,19 @@ def test_plan_request_asks_for_json_schema_and_carries_instruction_literally():
     assert "Paragraph 1 - Main Point" in no_json.messages[0][1]
     assert no_json.key("m") != req.key("m")
     assert req.key("m") == build_plan_request(inst, 3000, 2000).key("m")
+
+
+def test_a_paragraph_cap_bounds_the_schema_the_prompt_and_validation():
+    """--max-paragraphs caps the plan: the schema's item bounds and the prompt's range follow
+    it, and a plan over it (from an endpoint that ignores schemas) is rejected."""
+    req = build_plan_request("Write a long story", None, 2000, max_steps=6)
+    items = req.response_format["json_schema"]["schema"]["properties"]["paragraphs"]
+    assert (items["minItems"], items["maxItems"]) == (5, 6)
+    assert "at least 5 and at most 6" in req.messages[0][1]
+    tight = build_plan_request("Write a long story", 8000, 2000, max_steps=4)
+    items = tight.response_format["json_schema"]["schema"]["properties"]["paragraphs"]
+    assert (items["minItems"], items["maxItems"]) == (4, 4)
+    validate_plan(steps(400, 400, 400, 400, 400, 400), 2000, max_steps=6)
+    with pytest.raises(PlanError) as info:
+        validate_plan(steps(*[300] * 7), 2000, max_steps=6)
+    assert info.value.reason == "too_many_steps"
