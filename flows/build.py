@@ -65,6 +65,9 @@ class BuildSettings(BaseModel):
     limit: int | None = Field(None, ge=1, description="build only the first N instructions")
     batch_size: int = Field(50, ge=1, description="instructions per plan/write/filter task")
     context_window: int | None = Field(None, description="model context; default 8192 embedded")
+    embedded_replicas: int | None = Field(
+        None, ge=1, le=16, description="embedded llama.cpp servers (default: one per core, <= 4)"
+    )
     max_paragraph_tokens: int = 2048
     plan_temperature: float = 0.5
     write_temperature: float = 0.7
@@ -272,6 +275,7 @@ async def build_flow(settings: BuildSettings) -> dict[str, Any]:
                 settings.api_key_env,
                 settings.concurrency,
                 settings.context_window,
+                settings.embedded_replicas,
             ) as resolved:
                 logger.info(
                     "endpoints: %s (model %s%s)",

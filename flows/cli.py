@@ -61,6 +61,12 @@ def add_build_parser(sub: Any) -> None:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--context-window", type=int, default=None)
+    p.add_argument(
+        "--embedded-replicas",
+        type=int,
+        default=None,
+        help="embedded llama.cpp servers when no --base-url (default: one per core, up to 4)",
+    )
     p.add_argument("--max-paragraph-tokens", type=int, default=2048)
     p.add_argument("--frequency-penalty", type=float, default=None)
     p.add_argument("--presence-penalty", type=float, default=None)
@@ -133,6 +139,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         max_resamples=args.max_resamples,
         max_plan_resamples=args.max_plan_resamples,
         max_paragraphs=args.max_paragraphs,
+        embedded_replicas=args.embedded_replicas,
         json_plan=not args.no_json_plan,
         decontaminate=not args.no_decontaminate,
         export=not args.no_export,

@@ -59,7 +59,10 @@ async def open_endpoints(
     api_key_env: str | None,
     concurrency: int,
     context_window: int | None = None,
+    embedded_replicas: int | None = None,
 ) -> AsyncIterator[ResolvedEndpoints]:
+    """The endpoints given, or the embedded model: `embedded_replicas` llama.cpp servers
+    (default: tasks.llama_server.embedded_layout, one per core up to 4), stopped on exit."""
     urls = split_urls(base_urls) or split_urls([os.environ.get("LONGWRITER_BASE_URL", "")])
     model = model or os.environ.get("LONGWRITER_MODEL") or None
     if urls:
@@ -78,21 +81,35 @@ async def open_endpoints(
             context_window=context_window or REMOTE_CONTEXT_WINDOW,
         )
         return
-    from tasks.llama_server import LlamaServer
+    from tasks.llama_server import LlamaServer, embedded_layout
 
-    server = LlamaServer(n_ctx=context_window or EMBEDDED_CONTEXT_WINDOW)
+    layout = embedded_layout()
+    replicas = layout.replicas if embedded_replicas is None else max(1, embedded_replicas)
+    servers = [
+        LlamaServer(
+            n_ctx=context_window or EMBEDDED_CONTEXT_WINDOW,
+            n_threads=layout.n_threads,
+            n_threads_batch=layout.n_threads_batch,
+        )
+        for _ in range(replicas)
+    ]
     try:
         # Starting and waiting block for seconds: keep the event loop free meanwhile.
-        await asyncio.to_thread(server.start)
-        await asyncio.to_thread(server.wait_ready, 180.0)
+        for server in servers:
+            await asyncio.to_thread(server.start)
+        await asyncio.gather(*(asyncio.to_thread(s.wait_ready, 180.0) for s in servers))
+        # Each replica answers one request at a time; a request queued at a busy replica
+        # would wait there while another sits idle, so each takes its share of the slots.
+        per_replica = max(1, -(-concurrency // replicas))
         yield ResolvedEndpoints(
-            [Endpoint(server.base_url, max_concurrency=concurrency)],
-            server.model,
+            [Endpoint(s.base_url, max_concurrency=per_replica) for s in servers],
+            servers[0].model,
             embedded=True,
             context_window=context_window or EMBEDDED_CONTEXT_WINDOW,
         )
     finally:
-        server.stop()
+        for server in servers:
+            server.stop()
 
 
 def sampling_extras(

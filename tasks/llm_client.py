@@ -24,6 +24,7 @@ import json
 import random
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,6 +39,7 @@ from tenacity import (
 )
 
 POOL_CONNECTIONS = 4  # connections per httpx pool (see LLMClient.__init__)
+MAX_AFFINITIES = 4096  # endpoint bindings remembered (chains in flight are far fewer)
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 _CONTEXT_ERROR_RE = re.compile(
     r"context.?(length|window|size)|maximum context|n_ctx|too many tokens|prompt is too long"
@@ -135,6 +137,10 @@ class ChatRequest:
     top_p: float | None = None
     response_format: dict[str, Any] | None = None
     extra: tuple[tuple[str, Any], ...] = ()  # other sampling params, e.g. frequency_penalty
+    # Routing hint, not part of the key: calls with the same affinity (one instruction's
+    # paragraphs) go to the endpoint that served the last of them, whose prompt cache holds
+    # their shared prefix (see LLMClient._acquire).
+    affinity: str | None = field(default=None, compare=False)
 
     @staticmethod
     def of(
@@ -143,7 +149,7 @@ class ChatRequest:
         prompt_version: str,
         **params: Any,
     ) -> ChatRequest:
-        known = {"max_tokens", "temperature", "top_p", "response_format"}
+        known = {"max_tokens", "temperature", "top_p", "response_format", "affinity"}
         return ChatRequest(
             stage=stage,
             messages=tuple((m["role"], m["content"]) for m in messages),
@@ -243,6 +249,8 @@ class LLMClient:
         self.model = model
         self.policy = policy or RetryPolicy()
         self._states = [_EndpointState(e) for e in endpoints]
+        # affinity -> endpoint that served its last call (bounded: oldest bindings dropped)
+        self._affinity: OrderedDict[str, _EndpointState] = OrderedDict()
         self._slot_freed = asyncio.Condition()
         timeout = httpx.Timeout(
             self.policy.read_timeout_s, connect=self.policy.connect_timeout_s, pool=None
@@ -281,10 +289,14 @@ class LLMClient:
     def endpoints(self) -> list[Endpoint]:
         return [s.endpoint for s in self._states]
 
-    async def _acquire(self) -> _EndpointState:
-        """Take a slot on the healthy endpoint with the most free slots. When every slot is
-        busy, wait for whichever endpoint frees one first: choosing an endpoint before waiting
-        would queue every waiter on the one that looked best at the time."""
+    async def _acquire(self, affinity: str | None = None) -> _EndpointState:
+        """Take a slot on the healthy endpoint with the most free slots, or on the endpoint
+        bound to `affinity` when it has one free: that endpoint's prompt cache holds the
+        prefix the affinity's calls share (AgentWrite's instruction, plan and text so far),
+        so another endpoint would process the whole prompt again. Preferring never waits: if
+        the bound endpoint is full, the call goes elsewhere and the binding moves with it.
+        When every slot is busy, wait for whichever endpoint frees one first: choosing an
+        endpoint before waiting would queue every waiter on the one that looked best then."""
         async with self._slot_freed:
             while True:
                 now = time.monotonic()
@@ -292,8 +304,17 @@ class LLMClient:
                 pool = healthy or self._states  # all set aside: still try rather than stall
                 open_ = [s for s in pool if s.free() > 0]
                 if open_:
-                    state = max(open_, key=lambda s: (s.free(), -s.consecutive_failures))
+                    bound = self._affinity.get(affinity) if affinity is not None else None
+                    if bound is not None and bound in open_:
+                        state = bound
+                    else:
+                        state = max(open_, key=lambda s: (s.free(), -s.consecutive_failures))
                     state.in_flight += 1
+                    if affinity is not None and len(self._states) > 1:
+                        self._affinity[affinity] = state
+                        self._affinity.move_to_end(affinity)
+                        if len(self._affinity) > MAX_AFFINITIES:
+                            self._affinity.popitem(last=False)
                     return state
                 # An endpoint returning from its cool-down adds capacity too: wake by then.
                 back = [s.set_aside_until - now for s in self._states if s.set_aside_until > now]
@@ -339,7 +360,7 @@ class LLMClient:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _send_once(self, request: ChatRequest, key: str, attempt: int) -> ChatResult:
-        state = await self._acquire()
+        state = await self._acquire(request.affinity)
         endpoint = state.endpoint
         body: dict[str, Any] = {
             "model": self.model,

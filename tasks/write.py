@@ -9,6 +9,7 @@ what it left out), the marker cleaner, and the continuation request for a paragr
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -365,6 +366,8 @@ async def draft_paragraph(
     """One draft of paragraph `step`, continued if it stopped at max_tokens or short of its
     words. Not stored (its LLM calls are); raises DraftFailed with the reason."""
     extra = settings.extra_params if seed is None else {**settings.extra_params, "seed": seed}
+    # One instruction's calls share their prompt's prefix: keep them on one endpoint.
+    affinity = f"instruction:{inst.id}"
     call = None
     for _ in range(2):  # a context-length error shrinks the budget and retries once
         budget = rt.budget
@@ -379,6 +382,7 @@ async def draft_paragraph(
             temperature=settings.temperature,
             extra_params=extra,
         )
+        request = dataclasses.replace(request, affinity=affinity)
         try:
             call = await generate(rt.store, rt.client, request, progress)
             break
@@ -414,6 +418,7 @@ async def draft_paragraph(
             temperature=settings.temperature,
             extra_params=extra,
         )
+        creq = dataclasses.replace(creq, affinity=affinity)
         try:
             more = await generate(rt.store, rt.client, creq, progress)
         except (BadOutputError, ContextLengthError):

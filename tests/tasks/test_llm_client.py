@@ -5,6 +5,7 @@ OpenAI server for faults on a real socket (dropped connections, hangs past the t
 import asyncio
 import email.utils
 import json
+import random
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -326,6 +327,52 @@ async def test_failing_replica_is_set_aside():
                 await c.chat(request(f"r{i}"))
     assert good.call_count == 20
     assert bad.call_count <= policy.failures_before_cooldown
+
+
+async def test_calls_with_an_affinity_stay_on_one_replica():
+    """Prefix-cache routing: four chains of sequential calls over two replicas (one slot
+    each) keep every chain on the replica that served its first call, while the replicas
+    share the load; the affinity is a routing hint, not part of the call's key."""
+    urls = ["http://r0.test/v1", "http://r1.test/v1"]
+    served: dict[str, list[str]] = {}
+
+    def answer(url: str):
+        async def handler(req: httpx.Request) -> httpx.Response:
+            chain = json.loads(req.content)["messages"][0]["content"].split(":")[0]
+            served.setdefault(chain, []).append(url)
+            await asyncio.sleep(0.005)
+            return ok()
+
+        return handler
+
+    async def chain(c: LLMClient, name: str, slots: asyncio.Semaphore) -> None:
+        think = random.Random(name)
+        async with slots:  # as the build's chain slots: one call of a chain at a time
+            for step in range(6):
+                req = ChatRequest.of(
+                    "write",
+                    [{"role": "user", "content": f"{name}: step {step}"}],
+                    "v@1",
+                    affinity=name,
+                )
+                await c.chat(req)
+                # The factory's work between calls (parse, store, next prompt): meanwhile
+                # the other chain's replica may free up too, and a plain least-busy choice
+                # would then move this chain there.
+                await asyncio.sleep(think.uniform(0, 0.012))
+
+    with respx.mock() as mock:
+        for url in urls:
+            mock.post(url + "/chat/completions").mock(side_effect=answer(url))
+        endpoints = [Endpoint(u, max_concurrency=1) for u in urls]
+        async with LLMClient(endpoints, "m", FAST) as c:
+            slots = asyncio.Semaphore(2)
+            await asyncio.gather(*(chain(c, f"c{i}", slots) for i in range(4)))
+    assert all(len(set(replicas)) == 1 for replicas in served.values()), served
+    assert {r[0] for r in served.values()} == set(urls)  # both replicas got chains
+    a = ChatRequest.of("write", [{"role": "user", "content": "x"}], "v@1", affinity="a")
+    b = ChatRequest.of("write", [{"role": "user", "content": "x"}], "v@1", affinity="b")
+    assert a.key("m") == b.key("m") and a == b
 
 
 # -- faults on a real socket (the fake server) ---------------------------------------------
