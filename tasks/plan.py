@@ -243,9 +243,14 @@ def parse_plan(text: str) -> list[PlanStep]:
 
 
 def validate_plan(
-    steps: list[PlanStep], required_words: int | None, max_steps: int = MAX_STEPS
+    steps: list[PlanStep],
+    required_words: int | None,
+    max_steps: int = MAX_STEPS,
+    min_words: int | None = None,
 ) -> None:
-    """Raise PlanError when the plan cannot drive the write stage."""
+    """Raise PlanError when the plan cannot drive the write stage. With no required length,
+    the plan prompt asked for at least `min_words` in total: a plan under that cannot give
+    a sample the length filter accepts."""
     if not steps:
         raise PlanError("no_steps", "the plan has no paragraphs")
     if len(steps) > max_steps:
@@ -265,8 +270,12 @@ def validate_plan(
         raise PlanError(
             "degenerate_plan", f"only {len(set(points))} distinct main points in {len(points)}"
         )
+    total = sum(s.word_count for s in steps)
+    if not required_words and min_words and total < min_words:
+        raise PlanError(
+            "length_mismatch", f"plan totals {total} words, under the minimum {min_words}"
+        )
     if required_words:
-        total = sum(s.word_count for s in steps)
         lo, hi = TOTAL_RATIO_BAND
         if not lo <= total / required_words <= hi:
             raise PlanError(
@@ -378,7 +387,7 @@ async def plan_instruction(rt: BuildRuntime, inst: Instruction) -> bool:
         request, call = got
         try:
             steps = parse_plan(call.content)
-            validate_plan(steps, inst.length, cfg.max_plan_steps)
+            validate_plan(steps, inst.length, cfg.max_plan_steps, cfg.min_words)
         except PlanError as exc:
             failures.append(exc.detail)
             if attempt < cfg.max_plan_resamples:

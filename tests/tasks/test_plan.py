@@ -175,3 +175,14 @@ def test_a_paragraph_cap_bounds_the_schema_the_prompt_and_validation():
     with pytest.raises(PlanError) as info:
         validate_plan(steps(*[300] * 7), 2000, max_steps=6)
     assert info.value.reason == "too_many_steps"
+
+
+def test_a_plan_without_a_required_length_must_reach_the_minimum_words():
+    """The plan prompt asks for at least min_words in total; a plan under it could only give a
+    sample the length filter rejects, so it is a rejection (and a resample) at once."""
+    with pytest.raises(PlanError) as info:
+        validate_plan(steps(300, 300, 300), None, min_words=1000)
+    assert info.value.reason == "length_mismatch" and "under the minimum 1000" in info.value.detail
+    validate_plan(steps(400, 300, 300), None, min_words=1000)
+    validate_plan(steps(300, 300, 300), None)  # no minimum given: no check
+    validate_plan(steps(300, 300, 300), 1000, min_words=2000)  # a required length rules
