@@ -180,10 +180,16 @@ _META_LINE_RE = re.compile(
 )
 
 
+# The write and continue prompts' own section tags; small models echo them ("</partial> The
+# island of Elba was ..."), and they must never reach a sample.
+_PROMPT_TAG_RE = re.compile(r"</?(?:instruction|plan|written|partial)>[ \t]*", re.IGNORECASE)
+
+
 def clean_paragraph(text: str) -> str:
     """Remove section markers and plan echoes the model added ("Paragraph 3:", "段落3",
-    "Word Count: 600 words"), keep any subtitle text that followed a marker."""
-    lines = text.strip().splitlines()
+    "Word Count: 600 words", the prompt's own <written> tags), keep any subtitle text that
+    followed a marker."""
+    lines = _PROMPT_TAG_RE.sub("", text).strip().splitlines()
     out: list[str] = []
     for line in lines:
         if _MARKER_LINE_RE.match(line) or _META_LINE_RE.match(line):

@@ -37,6 +37,9 @@ from tasks.write import (
         ),
         ("Part of the reason is cost.", "Part of the reason is cost."),
         ("Paragraph 3:", ""),
+        # the prompts' own section tags echoed back
+        ("</partial> The island was far.", "The island was far."),
+        ("<written>\nShe sailed.\n</written>", "She sailed."),
     ],
 )
 def test_clean_paragraph_removes_markers(raw, clean):
