@@ -75,6 +75,18 @@ def add_build_parser(sub: Any) -> None:
         "--max-resamples", type=int, default=2, help="redrafts of a paragraph that loops"
     )
     p.add_argument(
+        "--min-paragraph-share",
+        type=float,
+        default=0.5,
+        help="continue a paragraph that ends under this share of its planned words (0-1)",
+    )
+    p.add_argument(
+        "--max-continuations",
+        type=int,
+        default=2,
+        help="continuation calls per paragraph (cut at max_tokens or short)",
+    )
+    p.add_argument(
         "--max-paragraphs",
         type=int,
         default=50,
@@ -139,6 +151,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         max_resamples=args.max_resamples,
         max_plan_resamples=args.max_plan_resamples,
         max_paragraphs=args.max_paragraphs,
+        min_paragraph_share=args.min_paragraph_share,
+        max_continuations=args.max_continuations,
         embedded_replicas=args.embedded_replicas,
         json_plan=not args.no_json_plan,
         decontaminate=not args.no_decontaminate,
