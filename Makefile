@@ -25,10 +25,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[embedded,train,dev]"
 	touch $(STAMP)
 
-# At most 6 paragraphs per plan: the 135M model writes ~400-700 words a paragraph, so 6 reach
-# the 2,000-word minimum while keeping the demo inside 15 minutes on two cores (uncapped, its
-# plans ran to 10 paragraphs and 6,000 words). Concurrency 2: llama.cpp serves one request at
-# a time, and the next one queued keeps it busy while the factory stores an answer.
+# The demo is sized for two cores and a 135M model: five bundled instructions (two Chinese,
+# three English; the Chinese ones first because they take longest, so no replica idles at the
+# end) and plans of at most 6 paragraphs (uncapped, the model planned 10 and 6,000 words).
+# Concurrency 2: one chain per llama.cpp replica (one replica per core).
 demo: install
 	$(BIN)/longwriter build \
 		--instructions tasks/data/demo_instructions.jsonl \
