@@ -104,7 +104,12 @@ def run(instructions: int = 3, paragraph_tokens: int = 160) -> BenchResult:
     if importlib.util.find_spec("llama_cpp") is None:
         res.skipped = "llama_cpp (llama-cpp-python) is not installed: pip install '.[embedded]'"
         return res
-    from tasks.llama_server import LlamaServer, LlamaServerError, find_embedded_gguf
+    from tasks.llama_server import (
+        LlamaServer,
+        LlamaServerError,
+        embedded_layout,
+        find_embedded_gguf,
+    )
 
     try:
         find_embedded_gguf()
@@ -130,6 +135,9 @@ def run(instructions: int = 3, paragraph_tokens: int = 160) -> BenchResult:
         "db_url": str(db),
         "out_dir": str(work / "out"),
         "concurrency": 1,
+        # One server on each side: the figure is the factory's overhead per request, not the
+        # replicas' extra throughput (a build's default runs one replica per core).
+        "embedded_replicas": 1,
         "min_words": 100,
         "context_window": N_CTX,
         "max_paragraph_tokens": paragraph_tokens,
@@ -155,7 +163,10 @@ def run(instructions: int = 3, paragraph_tokens: int = 160) -> BenchResult:
     records = [json.loads(line) for line in record.read_text().splitlines() if line.strip()]
     records.sort(key=lambda r: r["started"])
     # The same server again (same GGUF, context and threads), fresh like the factory's was.
-    with LlamaServer(n_ctx=N_CTX) as server:
+    layout = embedded_layout()
+    with LlamaServer(
+        n_ctx=N_CTX, n_threads=layout.n_threads, n_threads_batch=layout.n_threads_batch
+    ) as server:
         for rec in records:
             rec["url"] = server.base_url + "/chat/completions"
         load = load_average()
