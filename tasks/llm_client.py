@@ -219,6 +219,7 @@ class _EndpointState:
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self.in_flight = 0  # slots taken, counted under LLMClient._slot_freed
+        self.bound = 0  # affinities bound here and not yet released
         self.consecutive_failures = 0
         self.set_aside_until = 0.0
 
@@ -293,10 +294,12 @@ class LLMClient:
         """Take a slot on the healthy endpoint with the most free slots, or on the endpoint
         bound to `affinity` when it has one free: that endpoint's prompt cache holds the
         prefix the affinity's calls share (AgentWrite's instruction, plan and text so far),
-        so another endpoint would process the whole prompt again. Preferring never waits: if
-        the bound endpoint is full, the call goes elsewhere and the binding moves with it.
-        When every slot is busy, wait for whichever endpoint frees one first: choosing an
-        endpoint before waiting would queue every waiter on the one that looked best then."""
+        so another endpoint would process the whole prompt again. A new affinity binds to the
+        open endpoint with the fewest live bindings, so it does not take the endpoint of a
+        chain that is between calls. Preferring never waits: if the bound endpoint is full,
+        the call goes elsewhere and the binding moves with it. When every slot is busy, wait
+        for whichever endpoint frees one first: choosing an endpoint before waiting would
+        queue every waiter on the one that looked best then."""
         async with self._slot_freed:
             while True:
                 now = time.monotonic()
@@ -307,19 +310,38 @@ class LLMClient:
                     bound = self._affinity.get(affinity) if affinity is not None else None
                     if bound is not None and bound in open_:
                         state = bound
+                    elif affinity is not None:
+                        state = max(
+                            open_, key=lambda s: (-s.bound, s.free(), -s.consecutive_failures)
+                        )
                     else:
                         state = max(open_, key=lambda s: (s.free(), -s.consecutive_failures))
                     state.in_flight += 1
                     if affinity is not None and len(self._states) > 1:
-                        self._affinity[affinity] = state
-                        self._affinity.move_to_end(affinity)
-                        if len(self._affinity) > MAX_AFFINITIES:
-                            self._affinity.popitem(last=False)
+                        if state is bound:
+                            self._affinity.move_to_end(affinity)
+                        else:
+                            self._bind(affinity, state)
                     return state
                 # An endpoint returning from its cool-down adds capacity too: wake by then.
                 back = [s.set_aside_until - now for s in self._states if s.set_aside_until > now]
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._slot_freed.wait(), min(back) if back else None)
+
+    def _bind(self, affinity: str, state: _EndpointState) -> None:
+        self.release_affinity(affinity)
+        self._affinity[affinity] = state
+        state.bound += 1
+        if len(self._affinity) > MAX_AFFINITIES:  # never released: forget the oldest
+            _, oldest = self._affinity.popitem(last=False)
+            oldest.bound -= 1
+
+    def release_affinity(self, affinity: str) -> None:
+        """The affinity's calls are over (an instruction is written): its endpoint no longer
+        counts it when binding new ones."""
+        state = self._affinity.pop(affinity, None)
+        if state is not None:
+            state.bound -= 1
 
     async def _release(self, state: _EndpointState) -> None:
         async with self._slot_freed:

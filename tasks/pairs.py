@@ -470,6 +470,11 @@ def _ensure_original(rt: PairsRuntime, item: _Item) -> None:
     )
 
 
+def _variant_affinity(item: _Item, variant: int) -> str:
+    # Each variant has its own text so far: its calls share a prefix with each other only.
+    return f"instruction:{item.instruction.id}:variant:{variant}"
+
+
 async def _write_paragraph(
     rt: PairsRuntime, item: _Item, variant: int, written: list[str], step: int
 ) -> VariantParagraph | str:
@@ -487,7 +492,15 @@ async def _write_paragraph(
     )
     try:
         draft = await draft_paragraph(
-            rt, inst, item.steps, written, step, settings, rt.write_progress, seed=variant
+            rt,
+            inst,
+            item.steps,
+            written,
+            step,
+            settings,
+            rt.write_progress,
+            seed=variant,
+            affinity=_variant_affinity(item, variant),
         )
     except DraftFailed as exc:
         return f"{exc.reason}: {exc.detail}"
@@ -540,6 +553,7 @@ async def write_variant(rt: PairsRuntime, item: _Item, variant: int) -> VariantS
                 row.status, row.error = "failed", got
                 break
             paras.append(got)
+        rt.client.release_affinity(_variant_affinity(item, variant))
     if row.status != "failed":
         texts = [p.text for p in paras]
         row.text = join_paragraphs(texts)

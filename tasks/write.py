@@ -307,6 +307,12 @@ class DraftFailed(Exception):
         self.raw = raw
 
 
+def instruction_affinity(inst: Instruction) -> str:
+    """Routing key of one instruction's write calls: they share their prompt's prefix
+    (instruction, plan, text so far), which the endpoint that served the last one has cached."""
+    return f"instruction:{inst.id}"
+
+
 async def write_step(
     rt: BuildRuntime, state: InstructionState, steps: list[PlanStep], written: list[str], step: int
 ) -> Paragraph | None:
@@ -368,12 +374,12 @@ async def draft_paragraph(
     settings: DraftSettings,
     progress: Progress,
     seed: int | None = None,
+    affinity: str | None = None,
 ) -> Draft:
     """One draft of paragraph `step`, continued if it stopped at max_tokens or short of its
     words. Not stored (its LLM calls are); raises DraftFailed with the reason."""
     extra = settings.extra_params if seed is None else {**settings.extra_params, "seed": seed}
-    # One instruction's calls share their prompt's prefix: keep them on one endpoint.
-    affinity = f"instruction:{inst.id}"
+    affinity = affinity or instruction_affinity(inst)
     call = None
     for _ in range(2):  # a context-length error shrinks the budget and retries once
         budget = rt.budget
@@ -457,11 +463,14 @@ async def write_instruction(rt: BuildRuntime, state: InstructionState) -> bool:
     assert state.plan is not None and state.instruction.id is not None
     steps = steps_from_json(state.plan.steps_json)
     written = [p.text for p in state.paragraphs]
-    for step in range(len(written) + 1, len(steps) + 1):
-        para = await write_step(rt, state, steps, written, step)
-        if para is None:
-            return False
-        written.append(para.text)
+    try:
+        for step in range(len(written) + 1, len(steps) + 1):
+            para = await write_step(rt, state, steps, written, step)
+            if para is None:
+                return False
+            written.append(para.text)
+    finally:
+        rt.client.release_affinity(instruction_affinity(state.instruction))
     rt.store.save(status=(state.instruction.id, "written"))
     return True
 

@@ -26,8 +26,8 @@ from flows.serve import add_cli
 from tasks.llama_server import (
     DEFAULT_ALIAS,
     GGUF_FILENAME,
-    LlamaServer,
     EmbeddedLayout,
+    LlamaServer,
     LlamaServerError,
     embedded_layout,
     find_embedded_gguf,

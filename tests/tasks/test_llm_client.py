@@ -360,6 +360,7 @@ async def test_calls_with_an_affinity_stay_on_one_replica():
                 # the other chain's replica may free up too, and a plain least-busy choice
                 # would then move this chain there.
                 await asyncio.sleep(think.uniform(0, 0.012))
+            c.release_affinity(name)
 
     with respx.mock() as mock:
         for url in urls:
