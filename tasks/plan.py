@@ -380,7 +380,9 @@ async def plan_instruction(rt: BuildRuntime, inst: Instruction) -> bool:
     assert inst.id is not None
     cfg = rt.config
     failures: list[str] = []
-    for attempt in range(cfg.max_plan_resamples + 1):
+    # Greedy decoding ignores the seed: another attempt would repeat the same plan.
+    resamples = cfg.max_plan_resamples if cfg.plan_temperature > 0 else 0
+    for attempt in range(resamples + 1):
         got = await _request_plan(rt, inst, seed=attempt or None)
         if got is None:
             return False
@@ -390,7 +392,7 @@ async def plan_instruction(rt: BuildRuntime, inst: Instruction) -> bool:
             validate_plan(steps, inst.length, cfg.max_plan_steps, cfg.min_words)
         except PlanError as exc:
             failures.append(exc.detail)
-            if attempt < cfg.max_plan_resamples:
+            if attempt < resamples:
                 continue
             detail = exc.detail
             if len(failures) > 1:

@@ -334,7 +334,9 @@ async def write_step(
     )
     best: Draft | None = None
     best_share = 2.0
-    for resample in range(cfg.max_resamples + 1):
+    # Greedy decoding ignores the seed: another draft would repeat the same paragraph.
+    resamples = cfg.max_resamples if cfg.write_temperature > 0 else 0
+    for resample in range(resamples + 1):
         try:
             draft = await draft_paragraph(
                 rt, inst, steps, written, step, settings, rt.progress, seed=resample or None

@@ -209,6 +209,28 @@ def test_a_degenerate_plan_is_asked_for_again_with_new_seeds(tmp_path, db_url):
     assert "3 plans tried" in rejection.detail
 
 
+def test_greedy_decoding_is_not_resampled(tmp_path, db_url):
+    """At temperature 0 a new seed gives the same answer: a failed plan is rejected after one
+    call, and a looping paragraph is kept after one draft (the filter then decides)."""
+    src = write_jsonl(tmp_path / "in.jsonl", [SPECIAL[3], SPECIAL[5]])  # garbage plan, loop
+    with FakeOpenAIServer(FakeConfig(plan_steps=2)).running() as fake:
+        summary = run(
+            BuildSettings(
+                instructions=str(src),
+                db_url=db_url,
+                out_dir=str(tmp_path / "out"),
+                base_urls=[fake.base_url],
+                model="m",
+                min_words=500,
+                plan_temperature=0.0,
+                write_temperature=0.0,
+            )
+        )
+        calls = dict(fake.stats.by_stage)
+    assert calls == {"plan": 2, "write": 2}
+    assert summary["rejections"] == {"plan": {"unparseable": 1}, "filter": {"repetition": 1}}
+
+
 def test_short_paragraphs_are_continued_to_their_planned_length(tmp_path, db_url):
     src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Write it [[terse]]", "id": "terse"}])
     with FakeOpenAIServer(FakeConfig()).running() as fake:
