@@ -318,6 +318,7 @@ from tasks.runtime import (  # noqa: E402
     gather_all,
     generate,
     get_runtime,
+    in_chain_slot,
     retry_unless_llm_error,
 )
 
@@ -429,8 +430,9 @@ async def plan_batch(runtime_id: str, instruction_ids: list[int]) -> int:
     todo = [s.instruction for s in states if s.instruction.status == "pending"]
 
     async def one(inst: Instruction) -> bool:
-        async with rt.chain_slots:
-            ok = await plan_instruction(rt, inst)
+        ok = await in_chain_slot(rt, plan_instruction(rt, inst))
+        if ok is None:
+            return False  # not started: the build is stopping
         if not ok:
             rt.progress.rejected += 1
             rt.progress.instructions_done += 1

@@ -106,6 +106,24 @@ class BuildRuntime:
     chain_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(16))
     budget: ContextBudget = field(default_factory=_context_budget)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Set when a chain failed on the endpoint: the build is stopping, start no new chain.
+    halted: bool = False
+
+
+async def in_chain_slot(rt: BuildRuntime, work: Coroutine[Any, Any, bool]) -> bool | None:
+    """Run one instruction's chain under a chain slot; None when it was not started because
+    another chain had failed on the endpoint. Without this, a slot freed by the failing chain
+    let another batch's task start a fresh chain (and send calls) while the error was still
+    travelling up to the flow."""
+    async with rt.chain_slots:
+        if rt.halted:
+            work.close()
+            return None
+        try:
+            return await work
+        except LLMError:
+            rt.halted = True
+            raise
 
 
 _RUNTIMES: dict[str, BuildRuntime] = {}

@@ -250,6 +250,7 @@ from tasks.runtime import (  # noqa: E402
     gather_all,
     generate,
     get_runtime,
+    in_chain_slot,
     retry_unless_llm_error,
 )
 
@@ -491,8 +492,9 @@ async def write_batch(runtime_id: str, instruction_ids: list[int]) -> int:
     states = [s for s in rt.store.load_states(instruction_ids) if s.instruction.status == "planned"]
 
     async def one(state: InstructionState) -> bool:
-        async with rt.chain_slots:
-            ok = await write_instruction(rt, state)
+        ok = await in_chain_slot(rt, write_instruction(rt, state))
+        if ok is None:
+            return False  # not started: the build is stopping
         if not ok:
             rt.progress.rejected += 1
             rt.progress.instructions_done += 1
