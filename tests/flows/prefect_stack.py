@@ -268,9 +268,21 @@ class PrefectStack:
         return self.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
 
     def logs(self, run_id: str) -> list[dict[str, Any]]:
-        return self.post(
-            "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}
-        )
+        """Every log of the run, oldest first (the API returns at most 200 per page)."""
+        out: list[dict[str, Any]] = []
+        while True:
+            page = self.post(
+                "/logs/filter",
+                {
+                    "logs": {"flow_run_id": {"any_": [run_id]}},
+                    "sort": "TIMESTAMP_ASC",
+                    "limit": 200,
+                    "offset": len(out),
+                },
+            )
+            out += page
+            if len(page) < 200:
+                return out
 
     def task_runs(self, run_id: str) -> list[dict[str, Any]]:
         return self.post("/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})

@@ -180,10 +180,19 @@ def test_build_deployment_runs_on_worker(
         assert "| accepted samples | 5 |" in summary
         assert "| filter | refusal | 1 |" in summary
         assert "](data:image/png;base64," in summary
-        # Per-stage logs, and the failed item names its reason.
-        messages = [entry["message"] for entry in stack.logs(run["id"])]
-        assert any("planned 4, written 4, accepted 3" in m or "batch #" in m for m in messages)
-        assert any("rejected at filter: refusal" in m for m in messages), messages
+
+        # Per-stage logs, and the failed item names its reason. The flow process ships its
+        # logs in batches, so the last ones may land after the run is marked completed.
+        def messages() -> list[str]:
+            return [entry["message"] for entry in stack.logs(run["id"])]
+
+        stack.wait(
+            lambda: any("rejected at filter: refusal" in m for m in messages()),
+            30,
+            "the refusal's log line",
+            worker.log,
+        )
+        assert any("planned 4, written 4, accepted 3" in m or "batch #" in m for m in messages())
         stack.wait(
             lambda: (
                 {"plan", "write", "filter", "ingest", "export"}
