@@ -1,6 +1,7 @@
 # longwriter-factory: every target installs what it needs, from a fresh machine.
-#   make demo   build a small real dataset with the embedded SmolLM2 model (first run ~15 min:
-#               it compiles llama.cpp; later runs reuse the venv and resume from the store)
+#   make demo   build a small real dataset with the embedded SmolLM2 model (on 2 cores: ~5 min
+#               install the first time, llama.cpp compiles once; ~6-7 min build; a rerun
+#               reuses the venv and resumes from the store in seconds)
 #   make test   the test suite (what CI runs)
 #   make bench  the benchmarks (tests/benchmarks), prints ratios, writes results.{json,md}
 #   make lint   ruff
