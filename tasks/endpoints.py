@@ -81,18 +81,11 @@ async def open_endpoints(
             context_window=context_window or REMOTE_CONTEXT_WINDOW,
         )
         return
-    from tasks.llama_server import LlamaServer, embedded_layout
+    from tasks.llama_server import embedded_layout
 
     layout = embedded_layout()
     replicas = layout.replicas if embedded_replicas is None else max(1, embedded_replicas)
-    servers = [
-        LlamaServer(
-            n_ctx=context_window or EMBEDDED_CONTEXT_WINDOW,
-            n_threads=layout.n_threads,
-            n_threads_batch=layout.n_threads_batch,
-        )
-        for _ in range(replicas)
-    ]
+    servers = [layout.server(context_window or EMBEDDED_CONTEXT_WINDOW) for _ in range(replicas)]
     try:
         # Starting and waiting block for seconds: keep the event loop free meanwhile.
         for server in servers:

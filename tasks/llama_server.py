@@ -100,7 +100,7 @@ def cpu_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def default_threads() -> int:
+def default_threads(cores: int | None = None) -> int:
     """Threads for token-by-token generation: half the cores (at least one).
 
     Generating one token of a small model is a few tiny matrix products, so threads spend more
@@ -110,13 +110,13 @@ def default_threads() -> int:
     Spinning OpenMP waits help 2 threads only on an idle box (81 tok/s) and collapse them on a
     busy one (20-25 tok/s), so waits stay passive and generation gets one thread per two cores.
     """
-    return max(1, cpu_cores() // 2)
+    return max(1, (cores if cores is not None else cpu_cores()) // 2)
 
 
-def default_batch_threads() -> int:
+def default_batch_threads(cores: int | None = None) -> int:
     """Threads for prompt processing: every core. A prompt is one large batched product that
     does scale (1,400 tokens: 9.6 s on 1 thread, 5.1 s on 2)."""
-    return cpu_cores()
+    return max(1, cores if cores is not None else cpu_cores())
 
 
 MAX_EMBEDDED_REPLICAS = 4
@@ -131,9 +131,16 @@ class EmbeddedLayout:
     n_threads: int
     n_threads_batch: int
 
+    def server(self, n_ctx: int) -> LlamaServer:
+        """One replica (not started) of the embedded model with this layout's threads."""
+        return LlamaServer(
+            n_ctx=n_ctx, n_threads=self.n_threads, n_threads_batch=self.n_threads_batch
+        )
+
 
 def embedded_layout(cores: int | None = None) -> EmbeddedLayout:
-    """One server per core (up to 4), generation threads for the cores left over.
+    """One server per core (up to 4), each threaded by the single-server rule over its share
+    of the cores.
 
     llama-cpp-python's server answers one request at a time, and one generation thread is
     where a small model is fastest (default_threads), so a single server leaves the other
@@ -146,7 +153,9 @@ def embedded_layout(cores: int | None = None) -> EmbeddedLayout:
     cores = cores if cores is not None else cpu_cores()
     replicas = max(1, min(MAX_EMBEDDED_REPLICAS, cores))
     per_replica = max(1, cores // replicas)
-    return EmbeddedLayout(replicas, max(1, per_replica // 2), per_replica)
+    return EmbeddedLayout(
+        replicas, default_threads(per_replica), default_batch_threads(per_replica)
+    )
 
 
 # llama-cpp-python's RAM prompt cache: the server keeps the KV state of recent requests and

@@ -105,7 +105,6 @@ def run(instructions: int = 3, paragraph_tokens: int = 160) -> BenchResult:
         res.skipped = "llama_cpp (llama-cpp-python) is not installed: pip install '.[embedded]'"
         return res
     from tasks.llama_server import (
-        LlamaServer,
         LlamaServerError,
         embedded_layout,
         find_embedded_gguf,
@@ -171,9 +170,7 @@ def run(instructions: int = 3, paragraph_tokens: int = 160) -> BenchResult:
     load = load_average()
     runs = []
     for _ in range(2):
-        with LlamaServer(
-            n_ctx=N_CTX, n_threads=layout.n_threads, n_threads_batch=layout.n_threads_batch
-        ) as server:
+        with layout.server(N_CTX) as server:
             for rec in records:
                 rec["url"] = server.base_url + "/chat/completions"
             runs.append(replay(records, server.pid))

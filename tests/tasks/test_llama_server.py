@@ -566,3 +566,10 @@ def test_port_in_use_fails_fast(runtime_dir: Path) -> None:
         with pytest.raises(LlamaServerError, match="(?i)address already in use"):
             server.start().wait_ready(READY_S)
         assert not server.is_running()
+
+
+@needs_model
+def test_layout_server_carries_the_layouts_threads() -> None:
+    layout = EmbeddedLayout(replicas=2, n_threads=1, n_threads_batch=3)
+    server = layout.server(4096)
+    assert (server.n_ctx, server.n_threads, server.n_threads_batch) == (4096, 1, 3)
