@@ -100,6 +100,13 @@ class BuildSettings(BaseModel):
         0.5, ge=0, le=1, description="continue a paragraph under this share of its planned words"
     )
     progress: bool = False  # terminal progress bar (the CLI turns it on for a tty)
+    # Real endpoints (tasks/llm_client.py): fields sent with every request, part of each key.
+    reasoning_effort: str | None = Field(
+        None, description="reasoning_effort sent with every call (OpenAI reasoning models)"
+    )
+    extra_body: dict[str, Any] = Field(
+        default_factory=dict, description="extra request fields, e.g. chat_template_kwargs"
+    )
     # Scale-out: several flow runs (workers, machines) share one store and each builds the
     # instruction ids with id % partitions == partition. Ingest and export happen once, in the
     # parent flow (flows/partition.py), so a partition run does neither.
@@ -292,7 +299,13 @@ async def build_flow(settings: BuildSettings) -> dict[str, Any]:
                     initial_backoff_s=settings.initial_backoff_s,
                     max_backoff_s=settings.max_backoff_s,
                 )
-                async with LLMClient(resolved.endpoints, resolved.model, policy) as client:
+                async with LLMClient(
+                    resolved.endpoints,
+                    resolved.model,
+                    policy,
+                    reasoning_effort=settings.reasoning_effort,
+                    extra_body=settings.extra_body,
+                ) as client:
                     rt = BuildRuntime(
                         store=store,
                         client=client,

@@ -102,6 +102,19 @@ def add_build_parser(sub: Any) -> None:
     p.add_argument("--no-decontaminate", action="store_true")
     p.add_argument("--no-export", action="store_true")
     p.add_argument("--request-timeout", type=float, default=600.0)
+    p.add_argument(
+        "--reasoning-effort",
+        default=None,
+        help="reasoning_effort sent with every call (OpenAI reasoning models: low/medium/high)",
+    )
+    p.add_argument(
+        "--extra-body",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help='extra request fields sent with every call, e.g. \'{"chat_template_kwargs": '
+        '{"enable_thinking": false}}\' (vLLM/SGLang Qwen3)',
+    )
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument(
         "--partition",
@@ -158,6 +171,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         decontaminate=not args.no_decontaminate,
         export=not args.no_export,
         request_timeout_s=args.request_timeout,
+        reasoning_effort=args.reasoning_effort,
+        extra_body=args.extra_body or {},
         progress=sys.stderr.isatty() if args.progress is None else args.progress,
         partition=args.partition,
         partitions=args.partitions,
@@ -173,6 +188,17 @@ def cmd_build(args: argparse.Namespace) -> int:
         return _fail("interrupted; rerun the same command to resume", code=130)
     print(_summary_table(summary))
     return 0
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """argparse type of --extra-body: a JSON object, or a one-line usage error."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def _summary_table(summary: dict[str, Any]) -> str:

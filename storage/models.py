@@ -80,6 +80,11 @@ class LLMCall(SQLModel, table=True):
     attempts: int = 1
     endpoint: str = ""
     created_at: datetime = Field(default_factory=utcnow)
+    # Reasoning split off the answer at the client (think blocks, reasoning fields): kept for
+    # audit and cost, never exported, parsed or judged; `content` is the answer alone.
+    reasoning: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    cached_tokens: int = 0  # prompt tokens the endpoint served from its prefix cache
+    reasoning_tokens: int = 0  # completion tokens spent on reasoning (in completion_tokens)
 
 
 class Plan(SQLModel, table=True):

@@ -308,10 +308,12 @@ from storage.models import Instruction, LLMCall  # noqa: E402
 from storage.models import Plan as PlanRow  # noqa: E402
 from tasks.llm_client import (  # noqa: E402
     BadOutputError,
+    ContentPolicyError,
     ContextLengthError,
     EndpointDownError,
     FatalLLMError,
     LLMError,
+    ReasoningBudgetError,
 )
 from tasks.runtime import (  # noqa: E402
     BuildRuntime,
@@ -363,6 +365,11 @@ async def _request_plan(
                     cfg.json_plan = False
                 continue
             raise
+        except (ContentPolicyError, ReasoningBudgetError) as exc:
+            # About this instruction only (a refused prompt, a budget spent thinking): its
+            # rejection is stored with that reason and the build goes on.
+            rt.store.reject(inst.id, "plan", exc.reason, str(exc))
+            return None
         except BadOutputError as exc:
             rt.store.reject(inst.id, "plan", "bad_output", str(exc))
             return None

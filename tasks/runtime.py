@@ -153,7 +153,7 @@ async def generate(
 ) -> LLMCall:
     """The call's stored output if a previous run paid for it, else call and store it before
     anyone uses it (invariant 1)."""
-    key = request.key(client.model)
+    key = client.key_for(request)
     cached = store.get_call(key)
     if cached is not None:
         if progress is not None:
@@ -172,6 +172,9 @@ async def generate(
         latency_ms=result.latency_ms,
         attempts=result.attempts,
         endpoint=result.endpoint,
+        reasoning=result.reasoning,
+        cached_tokens=result.cached_tokens,
+        reasoning_tokens=result.reasoning_tokens,
     )
     store.insert(call)
     if progress is not None:

@@ -242,7 +242,13 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from storage.models import Instruction, Paragraph  # noqa: E402
 from storage.store import InstructionState, Store  # noqa: E402
 from tasks.filters import repetition_share  # noqa: E402
-from tasks.llm_client import BadOutputError, ContextLengthError, LLMClient  # noqa: E402
+from tasks.llm_client import (  # noqa: E402
+    BadOutputError,
+    ContentPolicyError,
+    ContextLengthError,
+    LLMClient,
+    ReasoningBudgetError,
+)
 from tasks.plan import steps_from_json  # noqa: E402
 from tasks.runtime import (  # noqa: E402
     BuildRuntime,
@@ -408,6 +414,9 @@ async def draft_paragraph(
             if rt.budget.context_window >= budget.context_window:
                 smaller = int(budget.context_window * 0.75)
                 rt.budget = ContextBudget(smaller, budget.reserve_tokens)
+        except (ContentPolicyError, ReasoningBudgetError) as exc:
+            # About this instruction only: stored as its rejection, the build goes on.
+            raise DraftFailed(exc.reason, f"paragraph {step}: {exc}") from exc
         except BadOutputError as exc:
             raise DraftFailed("bad_output", f"paragraph {step}: {exc}") from exc
     if call is None:
@@ -436,7 +445,7 @@ async def draft_paragraph(
         creq = dataclasses.replace(creq, affinity=affinity)
         try:
             more = await generate(rt.store, rt.client, creq, progress)
-        except (BadOutputError, ContextLengthError):
+        except (BadOutputError, ContextLengthError, ContentPolicyError):
             break  # stays marked truncated; the filter stage rejects it with that reason
         continuation_keys.append(more.key)
         text = join_continuation(text, clean_paragraph(more.content))

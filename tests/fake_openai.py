@@ -12,6 +12,24 @@ plan repeats one main point unless the request carries a `seed`), `[[refuse]]`,
 `[[repeat]]`, `[[short]]`, `[[terse]]` (paragraphs a quarter of the asked length),
 `[[error-text]]`, `[[markers]]` (paragraphs labelled "Paragraph N:").
 
+Real endpoints' behaviours (issue 16), each off by default:
+  reasoning_mode      think blocks in `content` ("think", "think_open": the template opened the
+                      block, so the content holds a lone closing tag), or the reasoning in a
+                      field ("reasoning_content": DeepSeek/SGLang, "reasoning": vLLM, Ollama);
+                      reasoning_tokens of thinking count against max_tokens as they do for real
+  openai_reasoning    400s of OpenAI's reasoning models for `max_tokens` and non-default
+                      `temperature`/`top_p`/penalties (the exact bodies OpenAI sends)
+  [[policy]] / [[azure-policy]] / [[filtered]] markers: OpenAI invalid_prompt 400, Azure
+                      content_filter 400, finish_reason=content_filter with a cut answer
+  quota_exhausted     429 insufficient_quota (never clears)
+  rpm / tpm           OpenAI-style limits with x-ratelimit-* headers and no Retry-After
+                      (tokens counted as prompt estimate + max_tokens, as OpenAI does)
+  streaming           `stream: true` answers as SSE chunks, usage last with include_usage
+  proxy_timeout_s     a gateway that cuts a silent (non-streamed) response with a 524
+  ollama_num_ctx      drops the front of prompts over this many tokens and answers 200
+  context_error_style the context-length wording of vllm, tgi, sglang, llamacpp, openai
+  prompt_cache        usage.prompt_tokens_details.cached_tokens for a shared prefix
+
 Counts every request by `X-Longwriter-Request-Id`, so tests can prove no stored call was paid
 twice. Run standalone (for subprocess builds and benchmarks):
     python -m tests.fake_openai --port 0 --latency 0.05   (prints the port on stdout)
@@ -34,6 +52,34 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FAULT_KINDS = ("429", "500", "503", "drop", "hang", "bad_json", "empty", "length")
+# Not in the default mix (tests that count the default kinds stay as they are): Cloudflare's
+# 520/524 and vLLM's finish_reason=abort with a partial answer.
+EXTRA_FAULT_KINDS = ("520", "524", "abort")
+
+# Context-length errors as each server words them (status, message).
+CONTEXT_ERRORS = {
+    "default": (400, "Requested tokens exceed context window of {n}"),
+    "openai": (
+        400,
+        "This model's maximum context length is {n} tokens. However, your messages resulted "
+        "in {p} tokens. Please reduce the length of the messages.",
+    ),
+    "vllm": (
+        400,
+        "The decoder prompt (length {p}) is longer than the maximum model length of {n}. Make "
+        "sure that `max_model_len` is no smaller than the number of text tokens.",
+    ),
+    "tgi": (
+        422,
+        "Input validation error: `inputs` tokens + `max_new_tokens` must be <= {n}. Given: {p} "
+        "`inputs` tokens and 2048 `max_new_tokens`",
+    ),
+    "sglang": (
+        400,
+        "The input ({p} tokens) is longer than the model's context length ({n} tokens).",
+    ),
+    "llamacpp": (400, "request ({p} tokens) exceeds the available context size ({n} tokens)"),
+}
 
 _SYLLABLES = (
     "ka lo mi ra ten sol vir den pra qui mon tal ser bel dor fin gal hes jun lur nav pel rom sta "
@@ -60,6 +106,21 @@ class FakeConfig:
     api_key: str | None = None  # when set, requests without this bearer key get 401
     # Behave like llama-cpp-python's server: 500 for the OpenAI json_schema response_format.
     llama_cpp_json: bool = False
+    context_error_style: str = "default"  # a key of CONTEXT_ERRORS
+    # Reasoning models (see the module docstring).
+    reasoning_mode: str | None = None
+    reasoning_tokens: int = 40
+    openai_reasoning: bool = False
+    quota_exhausted: bool = False
+    # OpenAI-style rate limits, per minute; a bucket holding rate_window_s of the limit (the
+    # limit is enforced over short windows, not as one burst per minute).
+    rpm: int | None = None
+    tpm: int | None = None
+    rate_window_s: float = 10.0
+    stream_chunks: int = 8  # content chunks of a streamed answer, latency spread over them
+    proxy_timeout_s: float | None = None
+    ollama_num_ctx: int | None = None  # tokens (4 characters each, as the fake counts)
+    prompt_cache: bool = False
 
 
 @dataclass
@@ -72,6 +133,13 @@ class FakeStats:
     missing_headers: int = 0
     prompts: list[tuple[str, str]] = field(default_factory=list)  # (stage, last user message)
     auth_headers: set[str] = field(default_factory=set)
+    bodies: list[dict[str, Any]] = field(default_factory=list)  # every request body, in order
+    throttled: int = 0  # 429s for rpm/tpm
+    streamed: int = 0
+    truncated_prompts: int = 0  # ollama_num_ctx cut the front of a prompt
+    reasoning_texts: list[str] = field(default_factory=list)  # every reasoning text sent
+    by_status: Counter[int] = field(default_factory=Counter)
+    admitted_at: list[float] = field(default_factory=list)  # monotonic times of 200s
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -81,7 +149,50 @@ class FakeStats:
             "missing_headers": self.missing_headers,
             "unique_request_ids": len(self.by_request_id),
             "successes_by_request_id": dict(self.successes_by_request_id),
+            "throttled": self.throttled,
+            "by_status": dict(self.by_status),
         }
+
+
+def format_duration(seconds: float) -> str:
+    """OpenAI's x-ratelimit-reset-* format: "6m0s", "1.5s", "20ms"."""
+    if seconds < 1:
+        return f"{max(1, int(seconds * 1000))}ms"
+    minutes, rest = divmod(seconds, 60)
+    if minutes:
+        return f"{int(minutes)}m{int(rest)}s"
+    return f"{rest:.3g}s"
+
+
+class _Bucket:
+    """One rate limit as a token bucket: `limit` per minute, holding `window_s` of it."""
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self.limit = limit
+        self.rate = limit / 60.0
+        self.capacity = max(1.0, self.rate * window_s)
+        self.level = self.capacity
+        self.at = time.monotonic()
+
+    def refill(self, now: float) -> None:
+        self.level = min(self.capacity, self.level + (now - self.at) * self.rate)
+        self.at = now
+
+    def reset_s(self, cost: float) -> float:
+        """Seconds until `cost` fits."""
+        return max(0.0, (min(cost, self.capacity) - self.level) / self.rate)
+
+
+def _reasoning_text(stage: str, words: int) -> str:
+    """Thinking that looks like an answer, so a client that read it as one is caught: a plan
+    in the line format and in JSON, a score, prose."""
+    plan_like = (
+        "Paragraph 1 - Main Point: LEAKED-THOUGHT outline - Word Count: 9999 words\n"
+        '{"paragraphs": [{"main_point": "LEAKED-THOUGHT", "word_count": 9999}]}\n'
+        "Score: 1/10 LEAKED-THOUGHT\n"
+    )
+    filler = " ".join(f"hmm{i}" for i in range(max(0, words - 30)))
+    return f"Let me think about the {stage} step. {plan_like}LEAKED-THOUGHT {filler}".strip()
 
 
 def _rng_for(text: str) -> random.Random:
@@ -119,10 +230,12 @@ def default_answer(stage: str, body: dict[str, Any], cfg: FakeConfig) -> str:
         lang_zh = _is_cjk(instruction)
         steps = [
             {
+                # Distinct main points (the plan checks reject repeated ones), fixed per
+                # instruction and step.
                 "main_point": (
-                    f"第{i}部分：围绕主题展开论述"
+                    f"第{i}部分：" + prose(f"{instruction}#{i}", 8, chinese=True)
                     if lang_zh
-                    else f"Part {i}: develop the theme, aspect {i}"
+                    else f"Part {i}: " + prose(f"{instruction}#{i}", 5).rstrip(".")
                 )
                 + f" ({hashlib.sha1(instruction.encode()).hexdigest()[:6]})"
                 if "[[flaky-plan]]" not in instruction or body.get("seed") is not None
@@ -218,10 +331,15 @@ class FakeOpenAIServer:
             400: "Bad Request",
             401: "Unauthorized",
             404: "Not Found",
+            422: "Unprocessable Entity",
             429: "Too Many Requests",
             500: "Internal Server Error",
             503: "Service Unavailable",
+            520: "Unknown Error",
+            524: "A Timeout Occurred",
         }.get(status, "Status")
+        with self._lock:
+            self.stats.by_status[status] += 1
         head = [
             f"HTTP/1.1 {status} {reason}",
             "Content-Type: application/json",
@@ -231,6 +349,108 @@ class FakeOpenAIServer:
             head.append(f"{k}: {v}")
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
         await writer.drain()
+
+    async def _send_error(
+        self,
+        writer: asyncio.StreamWriter,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """An error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+        err = {"message": message, "type": type_, "param": param, "code": code}
+        await self._send(writer, status, json.dumps({"error": err}).encode(), headers)
+
+    def _rate_limit(self, body: dict[str, Any], prompt_chars: int) -> dict[str, str] | None:
+        """None when the request is admitted; else the 429's headers (OpenAI sends the
+        x-ratelimit-* family and, on these, no Retry-After)."""
+        cfg = self.config
+        if cfg.rpm is None and cfg.tpm is None:
+            return None
+        now = time.monotonic()
+        max_out = body.get("max_completion_tokens") or body.get("max_tokens") or 0
+        cost = prompt_chars // 4 + int(max_out)  # OpenAI counts max_tokens up front
+        with self._lock:
+            if not hasattr(self, "_buckets"):
+                self._buckets = {
+                    "requests": _Bucket(cfg.rpm, cfg.rate_window_s) if cfg.rpm else None,
+                    "tokens": _Bucket(cfg.tpm, cfg.rate_window_s) if cfg.tpm else None,
+                }
+            req, tok = self._buckets["requests"], self._buckets["tokens"]
+            for b in (req, tok):
+                if b is not None:
+                    b.refill(now)
+            ok = (req is None or req.level >= 1) and (tok is None or tok.level >= min(cost, tok.capacity))
+            if ok:
+                if req is not None:
+                    req.level -= 1
+                if tok is not None:
+                    tok.level -= cost
+            headers: dict[str, str] = {}
+            for name, b, need in (("requests", req, 1), ("tokens", tok, cost)):
+                if b is None:
+                    continue
+                headers[f"x-ratelimit-limit-{name}"] = str(b.limit)
+                headers[f"x-ratelimit-remaining-{name}"] = str(max(0, int(b.level)))
+                headers[f"x-ratelimit-reset-{name}"] = format_duration(
+                    b.reset_s(need) if not ok else (b.capacity - b.level) / b.rate
+                )
+            if ok:
+                return None
+            self.stats.throttled += 1
+            return headers
+
+    def _dialect_error(self, body: dict[str, Any]) -> tuple[str, str, str] | None:
+        """OpenAI's reasoning models: (message, code, param) of the 400 for a parameter they
+        refuse (texts as the API sends them: teilomillet/gollm #33, johny-b/llmcomp #69)."""
+        if not self.config.openai_reasoning:
+            return None
+        if "max_tokens" in body:
+            return (
+                "Unsupported parameter: 'max_tokens' is not supported with this model. "
+                "Use 'max_completion_tokens' instead.",
+                "unsupported_parameter",
+                "max_tokens",
+            )
+        t = body.get("temperature")
+        if t is not None and t != 1:
+            return (
+                f"Unsupported value: 'temperature' does not support {t} with this model. "
+                "Only the default (1) value is supported.",
+                "unsupported_value",
+                "temperature",
+            )
+        for name in ("top_p", "presence_penalty", "frequency_penalty"):
+            if name in body:
+                return (
+                    f"Unsupported parameter: '{name}' is not supported with this model.",
+                    "unsupported_parameter",
+                    name,
+                )
+        return None
+
+    def _cached_tokens(self, prompt: str) -> int:
+        """Prefix caching as OpenAI reports it: the prefix shared with an earlier prompt,
+        counted when it is 1,024 tokens or more, in steps of 128."""
+        if not self.config.prompt_cache:
+            return 0
+        with self._lock:
+            seen: list[str] = getattr(self, "_seen_prompts", [])
+            self._seen_prompts = seen
+            best = 0
+            for old in seen[-64:]:
+                n = 0
+                for a, b in zip(old, prompt, strict=False):
+                    if a != b:
+                        break
+                    n += 1
+                best = max(best, n)
+            seen.append(prompt)
+        tokens = best // 4
+        return (tokens // 128) * 128 if tokens >= 1024 else 0
 
     async def _respond(
         self,
@@ -257,6 +477,7 @@ class FakeOpenAIServer:
             self.stats.requests += 1
             self.stats.by_stage[stage] += 1
             self.stats.by_request_id[rid] += 1
+            self.stats.bodies.append(body)
             if not stage or not rid:
                 self.stats.missing_headers += 1
             if "authorization" in headers:
@@ -280,6 +501,41 @@ class FakeOpenAIServer:
                 {"Retry-After": str(cfg.retry_after_s)} if cfg.fail_status in (429, 503) else None,
             )
             return True
+        if cfg.quota_exhausted:  # OpenAI's body (BerriAI/litellm #32785)
+            await self._send_error(
+                writer,
+                429,
+                "You exceeded your current quota, please check your plan and billing details.",
+                type_="insufficient_quota",
+                code="insufficient_quota",
+            )
+            return True
+        dialect = self._dialect_error(body)
+        if dialect is not None:
+            message, code, param = dialect
+            await self._send_error(writer, 400, message, code=code, param=param)
+            return True
+        prompt_text = msgs[-1].get("content", "") if msgs else ""
+        instruction = _instruction_of(prompt_text)
+        if "[[policy]]" in instruction:  # OpenAI (alan-turing-institute/t0-1 #69)
+            await self._send_error(
+                writer,
+                400,
+                "Invalid prompt: your prompt was flagged as potentially violating our usage "
+                "policy. Please try again with a different prompt.",
+                code="invalid_prompt",
+            )
+            return True
+        if "[[azure-policy]]" in instruction:  # Azure OpenAI (tatsu-lab/alpaca_eval #430)
+            await self._send_error(
+                writer,
+                400,
+                "The response was filtered due to the prompt triggering Azure OpenAI's content "
+                "management policy. Please modify your prompt and retry.",
+                type_="invalid_request_error",
+                code="content_filter",
+            )
+            return True
         rf = body.get("response_format") or {}
         if cfg.llama_cpp_json and rf.get("type") == "json_schema":
             await self._send(
@@ -290,66 +546,177 @@ class FakeOpenAIServer:
             return True
         prompt_chars = sum(len(m.get("content", "")) for m in body.get("messages") or [])
         if cfg.context_limit_chars and prompt_chars > cfg.context_limit_chars:
-            await self._send(
+            status, template = CONTEXT_ERRORS[cfg.context_error_style]
+            message = template.format(n=cfg.context_limit_chars, p=prompt_chars // 4)
+            await self._send_error(writer, status, message, code="context_length_exceeded")
+            return True
+        throttle = self._rate_limit(body, prompt_chars)
+        if throttle is not None:
+            await self._send_error(
                 writer,
-                400,
-                json.dumps(
-                    {
-                        "error": {
-                            "message": f"Requested tokens exceed context window of {cfg.context_limit_chars}"
-                        }
-                    }
-                ).encode(),
+                429,
+                "Rate limit reached for requests. Please try again later.",
+                type_="requests",
+                code="rate_limit_exceeded",
+                headers=throttle,
             )
             return True
-        if cfg.latency_s:
+        answer_body = body
+        prompt_tokens = prompt_chars // 4
+        if cfg.ollama_num_ctx and prompt_tokens > cfg.ollama_num_ctx:
+            # Ollama's /v1 keeps the end of the prompt that fits its context and says nothing
+            # (ollama/ollama #17889): the model never sees the instruction and plan.
+            keep = cfg.ollama_num_ctx * 4
+            cut = (msgs[-1].get("content", "") if msgs else "")[-keep:]
+            answer_body = {**body, "messages": [{"role": "user", "content": cut}]}
+            prompt_tokens = cfg.ollama_num_ctx
+            with self._lock:
+                self.stats.truncated_prompts += 1
+        streaming = bool(body.get("stream"))
+        if (
+            cfg.proxy_timeout_s is not None
+            and not streaming
+            and cfg.latency_s > cfg.proxy_timeout_s
+        ):
+            # A gateway (Cloudflare: ~100 s) gives up on a response that sends nothing.
+            await asyncio.sleep(cfg.proxy_timeout_s)
+            await self._send(writer, 524, b"error code: 524")
+            return True
+        if cfg.latency_s and not streaming:
             await asyncio.sleep(cfg.latency_s)
         if fault == "drop":
             return False  # close without a response
         if fault == "hang":
             await asyncio.sleep(cfg.hang_s)
             return False
-        if fault in ("429", "500", "503"):
+        if fault in ("429", "500", "503", "520", "524"):
             extra = {"Retry-After": str(cfg.retry_after_s)} if fault == "429" else None
             await self._send(writer, int(fault), b'{"error": {"message": "injected fault"}}', extra)
             return True
         if fault == "bad_json":
             await self._send(writer, 200, b'{"choices": [ {"message": ')
             return True
-        content = self.answer(stage, body, cfg)
+        content = self.answer(stage, answer_body, cfg)
         finish = "stop"
         if fault == "empty":
             content = ""
-        elif fault == "length":
+        elif fault in ("length", "abort"):
             words = content.split(" ")
             content = " ".join(words[: max(1, len(words) // 2)])
-            finish = "length"
-        prompt_tokens = prompt_chars // 4
-        completion_tokens = max(1, len(content) // 4)
+            finish = fault
+        if "[[filtered]]" in instruction and stage == "write":
+            content = " ".join(content.split(" ")[:12])  # cut mid-sentence by the filter
+            finish = "content_filter"
+        reasoning = None
+        reasoning_tokens = 0
+        if cfg.reasoning_mode:
+            reasoning = _reasoning_text(stage, cfg.reasoning_tokens)
+            reasoning_tokens = cfg.reasoning_tokens
+            budget = body.get("max_completion_tokens") or body.get("max_tokens")
+            if budget is not None and int(budget) <= cfg.reasoning_tokens:
+                # Thinking counts against max_tokens: the budget ran out inside it.
+                reasoning = " ".join(reasoning.split(" ")[: int(budget)])
+                reasoning_tokens = int(budget)
+                content, finish = "", "length"
+            with self._lock:
+                self.stats.reasoning_texts.append(reasoning)
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if reasoning is not None:
+            if cfg.reasoning_mode == "think":
+                message["content"] = f"<think>\n{reasoning}\n" + (
+                    f"</think>\n\n{content}" if content else ""
+                )
+            elif cfg.reasoning_mode == "think_open":
+                message["content"] = f"{reasoning}\n" + (
+                    f"</think>\n\n{content}" if content else ""
+                )
+            else:  # "reasoning_content" or "reasoning"
+                message[cfg.reasoning_mode] = reasoning
+                message["content"] = content or None
+        completion_tokens = max(1, len(content) // 4) + reasoning_tokens
+        usage: dict[str, Any] = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        cached = self._cached_tokens(prompt_text)
+        if cfg.prompt_cache or cfg.reasoning_mode:
+            usage["prompt_tokens_details"] = {"cached_tokens": cached}
+            usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+        # A cut answer (finish_reason=length) is still a paid answer the client stores.
+        if content and fault in (None, "length"):
+            with self._lock:
+                self.stats.successes_by_request_id[rid] += 1
+                self.stats.admitted_at.append(time.monotonic())
+        if streaming:
+            with self._lock:
+                self.stats.streamed += 1
+            await self._stream(writer, body, rid, message, finish, usage)
+            return False
         payload = {
             "id": f"chatcmpl-{rid[:12]}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body.get("model", "fake-model"),
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": content},
-                    "finish_reason": finish,
-                }
-            ],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+            "usage": usage,
         }
-        # A cut answer (finish_reason=length) is still a paid answer the client stores.
-        if content and fault in (None, "length"):
-            with self._lock:
-                self.stats.successes_by_request_id[rid] += 1
         await self._send(writer, 200, json.dumps(payload, ensure_ascii=False).encode("utf-8"))
         return True
+
+    async def _stream(
+        self,
+        writer: asyncio.StreamWriter,
+        body: dict[str, Any],
+        rid: str,
+        message: dict[str, Any],
+        finish: str,
+        usage: dict[str, Any],
+    ) -> None:
+        """The answer as OpenAI streams it: SSE `data:` chunks of deltas, the finish reason
+        on the last choice chunk, then (with stream_options.include_usage) a chunk with empty
+        choices and the usage, then `data: [DONE]`. The connection closes after it."""
+        cfg = self.config
+        with self._lock:
+            self.stats.by_status[200] += 1
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            b"Cache-Control: no-cache\r\nConnection: close\r\n\r\n"
+        )
+        base = {
+            "id": f"chatcmpl-{rid[:12]}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": body.get("model", "fake-model"),
+        }
+
+        async def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> None:
+            data = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+            writer.write(b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n")
+            await writer.drain()
+
+        def pieces(text: str, n: int) -> list[str]:
+            step = max(1, -(-len(text) // n))
+            return [text[i : i + step] for i in range(0, len(text), step)]
+
+        await chunk({"role": "assistant", "content": ""})
+        n = max(1, cfg.stream_chunks)
+        for field_name in ("reasoning_content", "reasoning"):
+            if isinstance(message.get(field_name), str):
+                for piece in pieces(message[field_name], 2):
+                    await chunk({field_name: piece})
+        content = message.get("content") or ""
+        parts = pieces(content, n) if content else []
+        for piece in parts:
+            if cfg.latency_s:
+                await asyncio.sleep(cfg.latency_s / n)
+            await chunk({"content": piece})
+        await chunk({}, finish)
+        if (body.get("stream_options") or {}).get("include_usage"):
+            data = {**base, "choices": [], "usage": usage}
+            writer.write(b"data: " + json.dumps(data).encode() + b"\n\n")
+        writer.write(b"data: [DONE]\n\n")
+        await writer.drain()
 
     # -- lifecycle ----------------------------------------------------------------------
 
