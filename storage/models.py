@@ -9,6 +9,7 @@ Tables:
   plan         parsed AgentWrite plans (steps as JSON)
   paragraph    written paragraphs, one per (instruction, step)
   sample       accepted, assembled samples ready for export
+  draft_check  the quality checks' verdict on every plan and paragraph draft
 """
 
 from __future__ import annotations
@@ -110,6 +111,30 @@ class Paragraph(SQLModel, table=True):
     truncated: bool = False  # still cut by max_tokens after continuing: never passed as complete
     trimmed: bool = False  # cut by max_tokens with its planned words: ended at its last sentence
     prompt_version: str
+    # What the quality checks cut from the accepted draft (tasks.quality.Cleaning as JSON).
+    # A plain column with a default (also on the server side, for rows written by an older
+    # release), so an older store gains it with that default.
+    cleanings_json: str = Field(default="[]", sa_column_kwargs={"server_default": "[]"})
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class DraftCheck(SQLModel, table=True):
+    """The quality checks' verdict on one draft of a plan (step 0) or a paragraph: every
+    draft, kept or failed, with its reason and cleanings, so why a sample was redrafted or
+    rejected is a query. The draft's text is its stored call (`call_key`)."""
+
+    __tablename__ = "draft_check"
+    instruction_id: int = Field(primary_key=True, foreign_key="instruction.id")
+    stage: str = Field(primary_key=True)  # plan | write
+    step: int = Field(primary_key=True)  # 0 for the plan
+    attempt: int = Field(primary_key=True)  # 0 = first draft, then one per resample
+    call_key: str = ""
+    keep: bool = False
+    reason: str | None = None
+    detail: str = Field(default="", sa_column=Column(Text, nullable=False))
+    cleanings_json: str = Field(default="[]", sa_column=Column(Text, nullable=False))
+    # Think-block text cut out of the draft: stored apart, never content.
+    reasoning: str | None = Field(default=None, sa_column=Column(Text))
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -121,6 +146,13 @@ class Sample(SQLModel, table=True):
     n_paragraphs: int
     model: str
     prompt_version: str
+    # S_l against the instruction's required length (LongBench-Write's formula); None when
+    # the instruction gives none.
+    length_score: float | None = None
+    # Share of paragraphs whose written words are within the band of their planned words.
+    plan_fidelity: float | None = None
+    # Judge scores on the six LongBench-Write dimensions when the build had a judge gate.
+    quality_json: str | None = Field(default=None, sa_column=Column(Text))
     created_at: datetime = Field(default_factory=utcnow)
 
 

@@ -23,6 +23,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlmodel import Session, SQLModel, col, create_engine, select
 
 from storage.models import (
+    DraftCheck,
     Instruction,
     LLMCall,
     Paragraph,
@@ -302,6 +303,9 @@ class Store:
                     .join(Instruction, col(Instruction.id) == col(Sample.instruction_id))
                     .join(Plan, col(Plan.instruction_id) == col(Sample.instruction_id))
                     .where(col(Sample.instruction_id) > last_id)
+                    # a sample rejected after acceptance (a near-duplicate at export) stays
+                    # in the store with its reason, but is not exported
+                    .where(col(Instruction.status) == "accepted")
                     .order_by(col(Sample.instruction_id))
                     .limit(batch_size)
                 ).all()
@@ -309,6 +313,41 @@ class Store:
                 return
             yield from rows
             last_id = rows[-1][0].instruction_id
+
+    def quality_stats(self) -> dict[str, Any]:
+        """What the quality checks did: drafts that failed a check (and were redrafted or
+        sank their sample) by stage and reason, cleanings on accepted paragraphs by check, and
+        the accepted samples' mean length score and plan fidelity."""
+        with self.session() as s:
+            failed = s.exec(
+                select(DraftCheck.stage, DraftCheck.reason, func.count())
+                .where(col(DraftCheck.keep).is_(False))
+                .group_by(DraftCheck.stage, DraftCheck.reason)
+            ).all()
+            cleaned = s.exec(
+                select(Paragraph.cleanings_json)
+                .join(Instruction, col(Instruction.id) == col(Paragraph.instruction_id))
+                .where(col(Paragraph.cleanings_json) != "[]")
+                .where(col(Instruction.status) == "accepted")
+            ).all()
+            means = s.exec(
+                select(func.avg(Sample.length_score), func.avg(Sample.plan_fidelity))
+                .join(Instruction, col(Instruction.id) == col(Sample.instruction_id))
+                .where(col(Instruction.status) == "accepted")
+            ).one()
+        failed_drafts: dict[str, dict[str, int]] = {}
+        for stage, reason, n in failed:
+            failed_drafts.setdefault(stage, {})[reason or "rejected"] = n
+        cleanings: Counter[str] = Counter()
+        for blob in cleaned:
+            for c in json.loads(blob or "[]"):
+                cleanings[c.get("check", "?")] += 1
+        return {
+            "failed_drafts": failed_drafts,
+            "cleanings": dict(sorted(cleanings.items())),
+            "length_score_mean": round(means[0], 1) if means[0] is not None else None,
+            "plan_fidelity_mean": round(means[1], 3) if means[1] is not None else None,
+        }
 
     def stats(self) -> dict[str, Any]:
         """Where every input record ended: instructions by status, rejections by stage and
@@ -331,7 +370,11 @@ class Store:
                     func.coalesce(func.sum(LLMCall.attempts), 0),
                 ).group_by(LLMCall.stage)
             ).all()
-            samples = s.exec(select(func.count(), func.coalesce(func.sum(Sample.words), 0))).one()
+            samples = s.exec(
+                select(func.count(), func.coalesce(func.sum(Sample.words), 0))
+                .join(Instruction, col(Instruction.id) == col(Sample.instruction_id))
+                .where(col(Instruction.status) == "accepted")
+            ).one()
             sources = s.exec(select(SourceFile)).all()
             ingest_rej = Counter(
                 dict(
@@ -367,6 +410,7 @@ class Store:
                 for sf in sources
             ],
             "samples": {"accepted": samples[0], "words": int(samples[1])},
+            "quality": self.quality_stats(),
             "llm_calls": {
                 stage: {
                     "calls": n,

@@ -6,22 +6,14 @@ rejection table.
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from tasks.wordcount import count_words
+from tasks.quality import KEEP, REFUSAL_RE, ParagraphContext, Verdict
+from tasks.quality import check_language as check_text_language
+from tasks.scoring import length_score
+from tasks.wordcount import count_words, repetition_share
 
-_TOKEN_RE = re.compile(r"[a-zA-Z]+|[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-
-# Opening phrases of refusals and assistant boilerplate, English and Chinese.
-_REFUSAL_RE = re.compile(
-    r"^\W*(?:i(?:'m| am) (?:sorry|unable|not able)"
-    r"|i can(?:no|')t (?:help|write|assist|fulfil|comply|provide)"
-    r"|as an ai(?: language model)?|i apologi[sz]e, but|sorry, (?:but )?i can"
-    r"|抱歉|对不起|很抱歉|作为一个?(?:ai|人工智能)|我无法|我不能)",
-    re.IGNORECASE,
-)
 # Text that only ever comes from a failed call or a crashed script, never from writing.
 _ERROR_TEXT_RE = re.compile(
     r"max tries\.? failed|traceback \(most recent call last\)|internal server error"
@@ -33,16 +25,6 @@ _ERROR_TEXT_RE = re.compile(
 
 
 @dataclass(frozen=True)
-class Verdict:
-    keep: bool
-    reason: str | None = None
-    detail: str = ""
-
-
-KEEP = Verdict(True)
-
-
-@dataclass(frozen=True)
 class SampleCandidate:
     """An assembled sample before filtering."""
 
@@ -50,6 +32,10 @@ class SampleCandidate:
     paragraphs: list[str]
     planned_steps: int
     truncated_steps: list[int]
+    planned_words: list[int] = field(default_factory=list)  # per step, from the plan
+    required_words: int | None = None  # the instruction's required length, when given
+    instruction: str = ""
+    lang: str | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +43,9 @@ class FilterConfig:
     min_words: int = 2000
     max_repetition: float = 0.3  # share of 13-gram occurrences that repeat an earlier one
     ngram: int = 13
+    # Reject samples whose length score S_l (LongBench-Write's formula, against the
+    # instruction's required length) is below this; 0 keeps every length.
+    min_length_score: float = 0.0
 
 
 def check_empty(c: SampleCandidate, _cfg: FilterConfig) -> Verdict:
@@ -75,7 +64,7 @@ def check_error_text(c: SampleCandidate, _cfg: FilterConfig) -> Verdict:
 
 def check_refusal(c: SampleCandidate, _cfg: FilterConfig) -> Verdict:
     for i, p in enumerate(c.paragraphs, start=1):
-        if _REFUSAL_RE.match(p.strip()[:200]):
+        if REFUSAL_RE.match(p.strip()[:200]):
             return Verdict(False, "refusal", f"paragraph {i} opens with {p.strip()[:60]!r}")
     return KEEP
 
@@ -105,18 +94,6 @@ def check_min_words(c: SampleCandidate, cfg: FilterConfig) -> Verdict:
     return KEEP
 
 
-def repetition_share(text: str, n: int = 13) -> float:
-    """Share of n-gram occurrences (over words and CJK characters) that repeat an n-gram seen
-    earlier in the text: 0 for fresh prose, near 1 for a model stuck in a loop."""
-    tokens = [t.lower() for t in _TOKEN_RE.findall(text)]
-    if len(tokens) < n + 1:
-        return 0.0
-    counts = Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
-    total = sum(counts.values())
-    repeated = sum(c - 1 for c in counts.values() if c > 1)
-    return repeated / total
-
-
 def check_repetition(c: SampleCandidate, cfg: FilterConfig) -> Verdict:
     share = repetition_share(c.text, cfg.ngram)
     if share > cfg.max_repetition:
@@ -128,6 +105,49 @@ def check_repetition(c: SampleCandidate, cfg: FilterConfig) -> Verdict:
     return KEEP
 
 
+def sample_length_score(c: SampleCandidate) -> float | None:
+    """S_l of the sample against the instruction's required length (None when none)."""
+    if not c.required_words:
+        return None
+    return length_score(c.required_words, count_words(c.text))
+
+
+def check_length_score(c: SampleCandidate, cfg: FilterConfig) -> Verdict:
+    score = sample_length_score(c)
+    if score is not None and cfg.min_length_score and score < cfg.min_length_score:
+        return Verdict(
+            False,
+            "length_score",
+            f"S_l {score:.1f} for {count_words(c.text)} words against a required "
+            f"{c.required_words} (minimum {cfg.min_length_score:g})",
+        )
+    return KEEP
+
+
+# Written words over planned words of one paragraph inside this band count as following the
+# plan; the share of such paragraphs is reported per sample (plan_fidelity), not filtered on.
+PLAN_FIDELITY_BAND = (0.5, 2.0)
+
+
+def plan_fidelity(c: SampleCandidate) -> float | None:
+    if not c.planned_words or len(c.planned_words) != len(c.paragraphs):
+        return None
+    lo, hi = PLAN_FIDELITY_BAND
+    inside = sum(
+        lo <= count_words(p) / max(1, planned) <= hi
+        for p, planned in zip(c.paragraphs, c.planned_words, strict=True)
+    )
+    return inside / len(c.paragraphs)
+
+
+def check_language(c: SampleCandidate, _cfg: FilterConfig) -> Verdict:
+    """The whole text's language against the instruction's (each paragraph was checked as it
+    was drafted; this catches a sample assembled from a store built without the checks)."""
+    if not c.instruction:
+        return KEEP
+    return check_text_language(c.text, ParagraphContext(c.instruction, lang=c.lang))
+
+
 FILTERS: tuple[Callable[[SampleCandidate, FilterConfig], Verdict], ...] = (
     check_empty,
     check_error_text,
@@ -136,6 +156,8 @@ FILTERS: tuple[Callable[[SampleCandidate, FilterConfig], Verdict], ...] = (
     check_paragraph_count,
     check_min_words,
     check_repetition,
+    check_language,
+    check_length_score,
 )
 
 
@@ -159,15 +181,21 @@ from tasks.runtime import BuildRuntime, get_runtime  # noqa: E402
 
 
 def build_candidate(state: InstructionState) -> SampleCandidate:
+    from tasks.plan import steps_from_json
     from tasks.write import join_paragraphs
 
     assert state.plan is not None
     paragraphs = [p.text for p in state.paragraphs]
+    steps = steps_from_json(state.plan.steps_json)
     return SampleCandidate(
         text=join_paragraphs(paragraphs),
         paragraphs=paragraphs,
         planned_steps=state.plan.n_steps,
         truncated_steps=[p.step for p in state.paragraphs if p.truncated],
+        planned_words=[s.word_count for s in steps],
+        required_words=state.instruction.length,
+        instruction=state.instruction.prompt,
+        lang=state.instruction.lang,
     )
 
 
@@ -189,6 +217,8 @@ def filter_instruction(rt: BuildRuntime, state: InstructionState) -> bool:
             words=count_words(candidate.text),
             n_paragraphs=len(candidate.paragraphs),
             model=rt.client.model,
+            length_score=sample_length_score(candidate),
+            plan_fidelity=plan_fidelity(candidate),
             prompt_version=f"{prompt_version('plan')},{prompt_version('write')}",
         ),
         status=(inst.id, "accepted"),

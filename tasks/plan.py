@@ -18,6 +18,8 @@ from typing import Any
 
 from prompts import prompt_version, render
 from tasks.llm_client import ChatRequest
+from tasks.quality import expected_language, review_plan
+from tasks.wordcount import cjk_share, count_words
 
 MAX_STEPS = 50
 MIN_STEP_WORDS = 20  # the paper asks for 200-1000; anything below this is not a paragraph
@@ -247,10 +249,14 @@ def validate_plan(
     required_words: int | None,
     max_steps: int = MAX_STEPS,
     min_words: int | None = None,
+    instruction: str | None = None,
+    lang: str | None = None,
 ) -> None:
     """Raise PlanError when the plan cannot drive the write stage. With no required length,
     the plan prompt asked for at least `min_words` in total: a plan under that cannot give
-    a sample the length filter accepts."""
+    a sample the length filter accepts. Given the instruction, the plan quality checks run
+    too (tasks.quality: repeated or content-free main points, the instruction pasted back,
+    main points in the wrong language)."""
     if not steps:
         raise PlanError("no_steps", "the plan has no paragraphs")
     if len(steps) > max_steps:
@@ -270,6 +276,23 @@ def validate_plan(
         raise PlanError(
             "degenerate_plan", f"only {len(set(points))} distinct main points in {len(points)}"
         )
+    if instruction is not None:
+        verdict = review_plan([s.main_point for s in steps], instruction)
+        if not verdict.keep:
+            raise PlanError(verdict.reason or "degenerate_plan", verdict.detail)
+        expected = lang if lang in ("en", "zh") else expected_language(instruction)
+        joined = " ".join(s.main_point for s in steps)
+        share = cjk_share(joined)
+        if count_words(joined) >= 10 and (
+            (expected == "zh" and share < 0.5) or (expected == "en" and share > 0.3)
+        ):
+            # The main points are the writer's brief: a plan in the wrong language is written
+            # in the wrong language, so it is asked for again before any paragraph is paid.
+            raise PlanError(
+                "plan_wrong_language",
+                f"instruction is {'Chinese' if expected == 'zh' else 'English'}; "
+                f"main points are {share:.0%} Chinese",
+            )
     total = sum(s.word_count for s in steps)
     if not required_words and min_words and total < min_words:
         raise PlanError(
@@ -397,7 +420,14 @@ async def plan_instruction(rt: BuildRuntime, inst: Instruction) -> bool:
         request, call = got
         try:
             steps = parse_plan(call.content)
-            validate_plan(steps, inst.length, cfg.max_plan_steps, cfg.min_words)
+            validate_plan(
+                steps,
+                inst.length,
+                cfg.max_plan_steps,
+                cfg.min_words,
+                instruction=inst.prompt if cfg.quality_checks else None,
+                lang=inst.lang,
+            )
         except PlanError as exc:
             failures.append(exc.detail)
             if attempt < resamples:
@@ -418,6 +448,8 @@ async def plan_instruction(rt: BuildRuntime, inst: Instruction) -> bool:
             ),
             status=(inst.id, "planned"),
         )
+        rt.progress.plans += 1
+        rt.progress.paragraphs_planned += len(steps)
         return True
     return False
 

@@ -35,3 +35,28 @@ def cjk_share(text: str) -> float:
 def detect_lang(text: str) -> str:
     """'zh' when most counted units are CJK characters, else 'en'."""
     return "zh" if cjk_share(text) > 0.5 else "en"
+
+
+# Counted units as a token list (lower-cased words and single CJK characters): the unit every
+# n-gram measure (repetition, restated paragraphs, near-duplicate samples) works over, so a
+# Chinese and an English text are measured alike.
+_UNIT_RE = re.compile(f"[a-zA-Z]+|[{_CJK}]")
+
+
+def units(text: str) -> list[str]:
+    """Lower-cased English words and CJK characters of `text`, in order."""
+    return [t.lower() for t in _UNIT_RE.findall(text)]
+
+
+def ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def repetition_share(text: str, n: int = 13) -> float:
+    """Share of n-gram occurrences (over words and CJK characters) that repeat an n-gram seen
+    earlier in the text: 0 for fresh prose, near 1 for a model stuck in a loop."""
+    tokens = units(text)
+    if len(tokens) < n + 1:
+        return 0.0
+    grams = ngrams(tokens, n)
+    return (len(grams) - len(set(grams))) / len(grams)

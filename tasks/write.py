@@ -10,6 +10,7 @@ what it left out), the marker cleaner, and the continuation request for a paragr
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -239,9 +240,8 @@ def join_paragraphs(paragraphs: list[str]) -> str:
 from prefect import task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from storage.models import Instruction, Paragraph  # noqa: E402
+from storage.models import DraftCheck, Instruction, Paragraph  # noqa: E402
 from storage.store import InstructionState, Store  # noqa: E402
-from tasks.filters import repetition_share  # noqa: E402
 from tasks.llm_client import (  # noqa: E402
     BadOutputError,
     ContentPolicyError,
@@ -250,6 +250,14 @@ from tasks.llm_client import (  # noqa: E402
     ReasoningBudgetError,
 )
 from tasks.plan import steps_from_json  # noqa: E402
+from tasks.quality import (  # noqa: E402
+    KEEP,
+    Cleaning,
+    ParagraphContext,
+    ParagraphReview,
+    Verdict,
+    review_paragraph,
+)
 from tasks.runtime import (  # noqa: E402
     BuildRuntime,
     Progress,
@@ -259,6 +267,7 @@ from tasks.runtime import (  # noqa: E402
     in_chain_slot,
     retry_unless_llm_error,
 )
+from tasks.wordcount import repetition_share  # noqa: E402
 
 _ENDS_CJK = re.compile(r"[\u3400-\u9fff\uff00-\uffef\u3000-\u303f]$")
 
@@ -320,15 +329,35 @@ def instruction_affinity(inst: Instruction) -> str:
     return f"instruction:{inst.id}"
 
 
+def paragraph_context(
+    inst: Instruction, steps: list[PlanStep], written: list[str], step: int
+) -> ParagraphContext:
+    """What paragraph `step` is checked against: its instruction, plan and the text so far."""
+    return ParagraphContext(
+        instruction=inst.prompt,
+        lang=inst.lang,
+        main_points=tuple(s.main_point for s in steps),
+        previous=tuple(written),
+        step=step,
+    )
+
+
+def _cleanings_json(cleanings: tuple[Cleaning, ...] | list[Cleaning]) -> str:
+    return json.dumps([c.as_dict() for c in cleanings], ensure_ascii=False)
+
+
 async def write_step(
     rt: BuildRuntime, state: InstructionState, steps: list[PlanStep], written: list[str], step: int
 ) -> Paragraph | None:
     """Write paragraph `step`; store it and return it, or store a rejection and return None.
 
-    A draft that loops (its own n-gram repetition over the sample filter's limit) is written
-    again with another sampling seed, up to `max_resamples` times, and the least repetitive
-    draft is kept: small models fall into loops often enough that one bad paragraph would
-    otherwise sink a whole sample."""
+    Every draft passes the paragraph checks (tasks.quality) before it is stored as accepted
+    text: local defects at its edges are cleaned and the cleaning recorded; a draft that fails
+    a check (wrong language, prompt text, markup, restating an earlier paragraph) or loops
+    (n-gram repetition over the sample filter's limit) is written again with another seed, up
+    to `max_resamples` times. Every draft's verdict is stored (draft_check). When every draft
+    fails a check, the sample is rejected with the reasons of all of them; when they only
+    loop, the least repetitive is kept and the sample filter judges the whole text."""
     cfg = rt.config
     inst = state.instruction
     assert inst.id is not None
@@ -339,8 +368,11 @@ async def write_step(
         min_paragraph_share=cfg.min_paragraph_share,
         extra_params=cfg.extra_params,
     )
-    best: Draft | None = None
+    ctx = paragraph_context(inst, steps, written, step)
+    best: tuple[Draft, ParagraphReview] | None = None
     best_share = 2.0
+    failures: list[str] = []
+    checks: list[DraftCheck] = []
     # Greedy decoding ignores the seed: another draft would repeat the same paragraph.
     resamples = cfg.max_resamples if cfg.write_temperature > 0 else 0
     for resample in range(resamples + 1):
@@ -349,26 +381,69 @@ async def write_step(
                 rt, inst, steps, written, step, settings, rt.progress, seed=resample or None
             )
         except DraftFailed as exc:
-            rt.store.reject(inst.id, "write", exc.reason, exc.detail, raw=exc.raw)
+            rt.store.reject(
+                inst.id, "write", exc.reason, exc.detail, raw=exc.raw, extra_rows=checks
+            )
             return None
-        share = repetition_share(draft.text, cfg.filters.ngram)
-        if share < best_share:
-            best, best_share = draft, share
-        if share <= cfg.filters.max_repetition:
+        review = review_paragraph(draft.text, ctx) if cfg.quality_checks else None
+        verdict = review.verdict if review is not None else KEEP
+        text = review.text if review is not None else draft.text
+        share = repetition_share(text, cfg.filters.ngram)
+        # A draft that loops is kept as the least bad when every draft loops (the sample
+        # filter then judges the whole text). A loop also restates what came before it, so
+        # that failure counts as the loop; any other failed check stands.
+        if share > cfg.filters.max_repetition and verdict.reason in (None, "restated_paragraph"):
+            verdict = Verdict(
+                False, "repetition", f"{share:.0%} of {cfg.filters.ngram}-grams repeat"
+            )
+        checks.append(
+            DraftCheck(
+                instruction_id=inst.id,
+                stage="write",
+                step=step,
+                attempt=resample,
+                call_key=draft.call_key,
+                keep=verdict.keep,
+                reason=verdict.reason,
+                detail=verdict.detail,
+                cleanings_json=_cleanings_json(review.cleanings if review else ()),
+                reasoning=(review.reasoning or None) if review else None,
+            )
+        )
+        final = review or ParagraphReview(text, (), "", verdict)
+        if verdict.keep:
+            best = (draft, final)
             break
+        failures.append(f"draft {resample + 1}: {verdict.reason} ({verdict.detail})")
+        if verdict.reason == "repetition" and share < best_share:
+            best, best_share = (draft, final), share
+    if best is None:  # every draft failed a quality check
+        reasons = [c.reason for c in checks if c.reason]
+        reason = max(set(reasons), key=reasons.count) if reasons else "rejected"
+        rt.store.reject(
+            inst.id,
+            "write",
+            reason,
+            f"paragraph {step}: every draft failed: " + "; ".join(failures),
+            extra_rows=checks,
+        )
+        return None
     assert best is not None
+    draft, review = best
     para = Paragraph(
         instruction_id=inst.id,
         step=step,
-        call_key=best.call_key,
-        continuation_keys=",".join(best.continuation_keys),
-        text=best.text,
-        words=best.words,
-        truncated=best.truncated,
-        trimmed=best.trimmed,
-        prompt_version=best.prompt_version,
+        call_key=draft.call_key,
+        continuation_keys=",".join(draft.continuation_keys),
+        text=review.text,
+        words=count_words(review.text),
+        truncated=draft.truncated,
+        trimmed=draft.trimmed,
+        prompt_version=draft.prompt_version,
+        cleanings_json=_cleanings_json(review.cleanings),
     )
-    rt.store.insert(para)  # committed as it finishes: a crash loses at most calls in flight
+    # Committed as it finishes: a crash loses at most calls in flight.
+    rt.store.insert(para, *checks)
     rt.progress.paragraphs += 1
     rt.progress.words += para.words
     return para

@@ -71,7 +71,10 @@ def test_full_build_against_fake_server(tmp_path, db_url):
     assert summary["accepted"] == 10  # 8 English, the Chinese one, the one with markers
     rej = summary["rejections"]
     assert rej["plan"] == {"unparseable": 1}
-    assert rej["filter"] == {"refusal": 1, "too_short": 1, "repetition": 1, "error_text": 1}
+    assert rej["filter"] == {"too_short": 1, "repetition": 1, "error_text": 1}
+    # A refusal is caught as it is drafted (tasks.quality), redrafted with new seeds, and the
+    # sample rejected at write when every draft refuses.
+    assert rej["write"] == {"refusal": 1}
     assert rej["ingest"] == {
         "invalid_json": 1,
         "not_an_object": 1,

@@ -6,6 +6,7 @@ from storage.models import Instruction, LLMCall, Plan, Sample
 from storage.store import Store
 from tasks.export import export_store, verify_manifest
 from tasks.plan import PlanStep, steps_to_json
+from tests.fake_openai import prose
 
 
 def fill(store: Store, n: int) -> None:
@@ -32,7 +33,8 @@ def fill(store: Store, n: int) -> None:
             ),
             Sample(
                 instruction_id=i,
-                text=f"text {i} " * 10,
+                # distinct prose: identical texts are near-duplicates, dropped at export
+                text=prose(f"sample {i}", 60),
                 words=2000 + 1000 * i,
                 n_paragraphs=1,
                 model="m",

@@ -1,0 +1,833 @@
+"""Quality checks over plans, paragraphs and samples: what a careful reader would reject.
+
+Pure functions over text, English and Chinese; no stage, store or Prefect import, so the build
+(plan, write, filter), `longwriter audit` and the tests all run the very same checks.
+
+Two kinds of outcome, both with a named reason that is stored:
+* a *cleaning*: a local defect at a paragraph's edge (a chatter line such as "Sure! Here's
+  paragraph 3:", a trailing `</div>`, a think block, a scaffolding line the model echoed) is
+  cut out, and the cut is recorded (`Cleaning(check, detail)`);
+* a *failure* (`Verdict(False, reason, detail)`): the text itself is wrong (wrong language,
+  prompt text inside the prose, a paragraph restating an earlier one); the write stage
+  redrafts it with a new seed and only rejects the sample when every draft fails.
+
+Reason codes: reasoning, chatter, prompt_echo, markup, wrong_language, restated_paragraph
+(paragraph level); plan_duplicate_points, plan_meta_points, plan_echoes_instruction (plans).
+Each check errs on the side of passing real prose: dialogue, quoted speech, a letter that asks
+for a reply, an essay about HTML, a poem with a refrain, Chinese quoting English terms.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from difflib import SequenceMatcher
+from pathlib import Path
+
+from tasks.wordcount import cjk_share, count_words, ngrams, units
+
+# -- records --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    keep: bool
+    reason: str | None = None
+    detail: str = ""
+
+
+KEEP = Verdict(True)
+
+
+@dataclass(frozen=True)
+class Cleaning:
+    """One cut made to a text: which check made it and what was removed."""
+
+    check: str
+    detail: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"check": self.check, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class ParagraphContext:
+    """What a paragraph is checked against: the instruction (its language, whether it asks
+    for markup or verse or a letter), the plan's main points and the paragraphs before it."""
+
+    instruction: str
+    lang: str | None = None  # expected language; None: read from the instruction
+    main_points: tuple[str, ...] = ()
+    previous: tuple[str, ...] = ()
+    step: int = 1
+
+    @functools.cached_property
+    def expected_lang(self) -> str:
+        return self.lang if self.lang in ("en", "zh") else expected_language(self.instruction)
+
+    @functools.cached_property
+    def form(self) -> InstructionForm:
+        return instruction_form(self.instruction)
+
+
+@dataclass(frozen=True)
+class ParagraphReview:
+    text: str  # after cleaning
+    cleanings: tuple[Cleaning, ...]
+    reasoning: str  # think-block text cut out (stored apart, never content)
+    verdict: Verdict
+
+    @property
+    def keep(self) -> bool:
+        return self.verdict.keep
+
+
+@dataclass
+class SampleReview:
+    keep: bool
+    reasons: list[str]
+    details: list[str]
+    cleanings: list[Cleaning]
+    paragraphs: list[str]  # cleaned
+    reasoning: str = ""
+    paragraph_verdicts: list[Verdict] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "\n\n".join(p for p in self.paragraphs if p.strip())
+
+
+# -- what the instruction asks for ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InstructionForm:
+    markup: bool  # asks for code, HTML, markdown tables...: tags are content
+    verse: bool  # poem, song, lyrics: refrains repeat by design
+    address: bool  # letter, email, speech: addressing the reader is the form
+
+
+_MARKUP_ASK_RE = re.compile(
+    r"\b(?:html|xml|css|javascript|js|typescript|python|java|sql|json|yaml|latex|markdown|"
+    r"code|coding|program(?:ming)?|script|function|tags?|api|regex|shell|bash|svg|jinja|"
+    r"template|web ?page|website)\b|代码|编程|程序|标签|网页|脚本|函数",
+    re.IGNORECASE,
+)
+_VERSE_ASK_RE = re.compile(
+    r"\b(?:poems?|poetry|song|lyrics|ballad|verses?|sonnet|chant|hymn|rap|limerick|haiku|"
+    r"ode|nursery rhyme)\b|诗|歌词|歌曲|童谣|词牌|顺口溜",
+    re.IGNORECASE,
+)
+_ADDRESS_ASK_RE = re.compile(
+    r"\b(?:letter|e-?mail|memo|message|note to|speech|toast|eulogy|address|cover letter|"
+    r"newsletter|invitation|reply|customer|dialogue|conversation|interview|script|q&a)\b"
+    r"|信|邮件|致辞|演讲|讲话|发言|通知|倡议书|对话|采访|剧本|回复",
+    re.IGNORECASE,
+)
+
+
+def instruction_form(instruction: str) -> InstructionForm:
+    return InstructionForm(
+        markup=bool(_MARKUP_ASK_RE.search(instruction)),
+        verse=bool(_VERSE_ASK_RE.search(instruction)),
+        address=bool(_ADDRESS_ASK_RE.search(instruction)),
+    )
+
+
+_ASK_EN_RE = re.compile(
+    r"\bin english\b|用英[文语語]|英[文语語](?:写|撰写|创作|回答|作答)|翻译成英",
+    re.IGNORECASE,
+)
+_ASK_ZH_RE = re.compile(
+    r"\bin (?:chinese|mandarin)\b|用中文|用汉语|用漢語|中文(?:写|撰写|回答|作答)|翻译成中",
+    re.IGNORECASE,
+)
+
+
+def expected_language(instruction: str) -> str:
+    """'zh' or 'en': what the answer should be written in. An explicit request ("用英文写",
+    "in Chinese") wins over the instruction's own language."""
+    if _ASK_EN_RE.search(instruction):
+        return "en"
+    if _ASK_ZH_RE.search(instruction):
+        return "zh"
+    return "zh" if cjk_share(instruction) > 0.3 else "en"
+
+
+# -- reasoning blocks -----------------------------------------------------------------------
+
+_THINK_TAGS = r"(?:think|thinking|thought|reasoning|reflection)"
+_THINK_BLOCK_RE = re.compile(rf"<{_THINK_TAGS}>.*?</{_THINK_TAGS}>\s*", re.IGNORECASE | re.DOTALL)
+_THINK_OPEN_RE = re.compile(rf"^\s*<{_THINK_TAGS}>", re.IGNORECASE)
+_THINK_CLOSE_RE = re.compile(rf"</{_THINK_TAGS}>\s*", re.IGNORECASE)
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """(answer, reasoning): think blocks cut out of `text`. An unclosed leading block is all
+    reasoning (the answer never started); a lone closing tag (DeepSeek-R1's template opens the
+    block inside the prompt) makes everything before it reasoning."""
+    parts: list[str] = []
+
+    def take(m: re.Match[str]) -> str:
+        parts.append(m.group(0))
+        return ""
+
+    answer = _THINK_BLOCK_RE.sub(take, text)
+    close = _THINK_CLOSE_RE.search(answer)
+    if close and not _THINK_OPEN_RE.match(answer[: close.start()]):
+        parts.insert(0, answer[: close.end()])
+        answer = answer[close.end() :]
+    if _THINK_OPEN_RE.match(answer):
+        parts.append(answer)
+        answer = ""
+    return answer.strip(), "\n".join(p.strip() for p in parts).strip()
+
+
+# -- chatter addressed to the requester -------------------------------------------------------
+
+# Quotation marks that open dialogue: a line that starts with one is speech, never chatter.
+_QUOTE_OPEN = "\"'“‘「『«《"
+_META_NOUNS = (
+    r"(?:paragraph|section|part|piece|essay|story|article|text|draft|version|continuation|"
+    r"response|answer|rewrite|chapter|passage|poem|report|content|introduction|conclusion|"
+    r"opening|outline|plan|narrative|composition|blog post|post|letter|speech|script)"
+)
+_CHATTER_START_EN = re.compile(
+    r"^(?:"
+    # an interjection that answers the request: "Sure!", "Certainly, here is"
+    r"(?:sure|certainly|of course|absolutely|okay|ok|alright|all right|great|gladly|"
+    r"no problem|with pleasure)(?:\s*[!.]+|\s*,\s*(?=here|below|i\b|i'|let|this is|the following))"
+    # "Here is the next paragraph:", "Below is a revised version of the essay."
+    rf"|(?:here(?:'s| is| are)|below (?:is|are)|the following is|this is)\b[^.!?:\n]*?"
+    rf"(?:\b{_META_NOUNS}s?\b[^.!?:\n]*?(?:[:：]|\.(?=\s|$)|!)|[^.!?\n]*[:：](?=\s|$))"
+    # "I'm glad to see you've...", "I'd be happy to write...", "Thank you for your request."
+    r"|(?:i'?m|i am) (?:glad|happy|delighted|excited|pleased) (?:to|that|you)[^.!?\n]*[.!?]+"
+    r"|i(?:'d| would) (?:be )?(?:happy|glad|love) to[^.!?\n]*[.!?:]+"
+    r"|(?:thank you|thanks) for (?:your|the|this|sharing|asking|providing)[^.!?\n]*[.!?]+"
+    r"|as (?:requested|you requested|you asked)[^.!?:\n]*[.!?:,]+"
+    r"|(?:let me|i will|i'll|allow me to) (?:write|continue|draft|provide|start|begin|"
+    r"present|expand|rewrite|revise)[^.!?:\n]*[.!?:]+"
+    r")\s*",
+    re.IGNORECASE,
+)
+_CHATTER_START_ZH = re.compile(
+    r"^(?:"
+    r"(?:好的|好|当然(?:可以)?|没问题|可以|行|明白了?|收到)\s*[！!，,。.~～]+"
+    r"|(?:以下是|下面是|这是|如下是)[^。！？\n]{0,40}?(?:[：:]|。)"
+    r"|(?:很高兴|非常乐意|我很乐意|乐意)[^。！？\n]{0,40}[。！!，,]"
+    r"|(?:感谢|谢谢)(?:你|您)的[^。！？\n]{0,30}[。！!，,]"
+    r"|(?:根据|按照)(?:你|您)的要求[^。！？\n]{0,40}?[：:，,。]"
+    r")\s*"
+)
+# Phrases that address the reader: chatter in an essay or story, the form itself in a letter,
+# an email or a speech (the instruction says which).
+_CHATTER_END_EN_ADDRESS = re.compile(
+    r"(?:^|(?<=[.!?]\s)|(?<=\n))(?:"
+    r"i hope (?:this|these|that|it|the above|my)\b[^\n]*"
+    r"|i hope you (?:find|like|enjoy(?:ed)?|found) (?:this|the|these|my|it)\b[^\n]*"
+    r"|(?:please )?(?:let me know|feel free)\b[^\n]*"
+    r"|if (?:you|there(?:'s| is)) (?:have|need|would|'d|want|wish|like|anything|require|"
+    r"are interested)\b[^\n]*"
+    r")\s*$",
+    re.IGNORECASE,
+)
+# Phrases only an assistant says about its own answer: chatter in every form.
+_CHATTER_END_EN = re.compile(
+    r"(?:^|(?<=[.!?]\s)|(?<=\n))(?:"
+    r"i hope (?:this|these|that|it) (?:helps|meets|is helpful|was helpful|works|gives you|"
+    r"provides|serves|captures|changes)\b[^\n]*"
+    r"|(?:would|do|shall) you (?:like|want) me to\b[^\n]*"
+    r"|is there anything else\b[^\n]*"
+    r"|(?:happy writing|happy reading|enjoy)!*"
+    r"|i can (?:also )?(?:expand|adjust|revise|rewrite|continue|add|provide|help)\b[^\n]*"
+    r"|(?:thank you|thanks) for (?:reading|your (?:request|patience|time))\b[^\n]*"
+    r"|(?:note|notes|word count|total words)\s*[:：][^\n]*"
+    r"|\((?:word count|words|note)\s*[:：][^\n)]*\)\.?"
+    r")\s*$",
+    re.IGNORECASE,
+)
+_CHATTER_END_ZH = re.compile(
+    r"(?:^|(?<=[。！？!?])|(?<=\n))(?:"
+    r"希望(?:这|以上|本文|这篇|这段|我的|上述)?[^。！？\n]{0,15}(?:对(?:你|您)|能够?|可以)"
+    r"[^。！？\n]{0,15}(?:帮助|有用|满意|喜欢|启发)[^\n]*"
+    r"|如(?:果|需)(?:你|您)?(?:还)?(?:需要|有任何|想要|希望|要)[^。！？\n]{0,30}"
+    r"(?:告诉|联系|提出|告知|随时|修改|调整)[^\n]*"
+    r"|(?:请|欢迎)(?:随时)?(?:告诉我|告知|提出|联系)[^\n]*"
+    r"|(?:祝(?:你|您)(?:写作|阅读)?(?:愉快|顺利))[^\n]*"
+    r"|[(（]?(?:字数|注|备注)\s*[:：][^\n]*"
+    r")\s*$"
+)
+
+
+def _speech(line: str) -> bool:
+    return line.lstrip()[:1] in _QUOTE_OPEN
+
+
+def _strip_start_chatter(text: str) -> tuple[str, list[str]]:
+    removed: list[str] = []
+    while True:
+        lead = text.lstrip()
+        if not lead or _speech(lead):
+            return lead, removed
+        m = _CHATTER_START_EN.match(lead) or _CHATTER_START_ZH.match(lead)
+        if not m or not m.group(0).strip():
+            return lead, removed
+        removed.append(m.group(0).strip())
+        text = lead[m.end() :]
+
+
+def _strip_end_chatter(text: str, address: bool = False) -> tuple[str, list[str]]:
+    removed: list[str] = []
+    while True:
+        body = text.rstrip()
+        # Only the last sentence(s) can be chatter: look at the final line's tail.
+        line_start = body.rfind("\n") + 1
+        last_line = body[line_start:]
+        m = _CHATTER_END_EN.search(last_line)
+        if m is None and not address:
+            m = _CHATTER_END_EN_ADDRESS.search(last_line) or _CHATTER_END_ZH.search(last_line)
+        if not m or not m.group(0).strip() or _speech(m.group(0)):
+            return body, removed
+        removed.insert(0, m.group(0).strip())
+        text = body[: line_start + m.start()]
+
+
+# -- prompt echo ----------------------------------------------------------------------------
+
+_PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+# Lines that can only come from the factory's prompts (or a model imitating their format).
+_ECHO_LINE_RES = (
+    re.compile(
+        r"</?(?:instruction|plan|written|partial|request|response|writing_instruction"
+        r"|text_so_far|main_point|current_paragraph|paragraph_so_far)>",
+        re.I,
+    ),
+    re.compile(r"<<\s*[a-z_ ]+\s*>>", re.I),
+    re.compile(r"\baim for (?:about |around |roughly |approximately )?\d[\d,]* words\b", re.I),
+    re.compile(r"\bword count\s*[:：]\s*\d", re.I),
+    re.compile(r"\bparagraph \d+\s*[-–—:]\s*main point\s*[:：]", re.I),
+    re.compile(r"\bmain point\s*[:：]", re.I),
+    re.compile(r"\bnow write paragraph \d+", re.I),
+    re.compile(r"\bwrite (?:the )?(?:next|opening|first) paragraph only\b", re.I),
+    re.compile(
+        r"^\W*(?:your|my|the) (?:opening|next|first|final|last|new) paragraph\s*[:：]", re.I
+    ),
+    re.compile(r"\bthe writing instruction\s*[:：]?", re.I),
+    re.compile(r"\bthe text written so far\b", re.I),
+    re.compile(r"\boutput only the (?:new paragraph|continuation)\b", re.I),
+    re.compile(r"\((?:to be (?:completed|continued)|continued|end of paragraph \d+)\)", re.I),
+    re.compile(r"\bdo not repeat (?:any of )?(?:the )?(?:earlier|previous|above) text\b", re.I),
+    re.compile(r"\bparagraph \d+ of \d+\b", re.I),
+    re.compile(r"写作指令\s*[:：]|(?:主要内容|字数)\s*[:：]\s*\S|段落\s*\d+\s*[-–—]\s*主要内容"),
+    re.compile(r"(?:你的|我的)?(?:开头|下一|第一)段\s*[:：]"),
+    re.compile(r"(?:目前|到目前为止)已(?:经)?写(?:好|完)?的(?:内容|文字|文本)\s*[:：]"),
+)
+_JINJA_RE = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}", re.DOTALL)
+
+
+@functools.lru_cache(maxsize=1)
+def template_sentences() -> tuple[str, ...]:
+    """Normalised sentences (8+ words) of the factory's own prompt templates: a paragraph that
+    holds one is an echo of the prompt, whatever the model's wording around it."""
+    found: set[str] = set()
+    for path in sorted(_PROMPTS_DIR.glob("*.j2")):
+        source = _JINJA_RE.sub("\n", path.read_text(encoding="utf-8"))
+        for sentence in re.split(r"(?<=[.:!?])\s+|\n+", source):
+            words = units(sentence)
+            if len(words) >= 8:
+                found.add(" ".join(words))
+    return tuple(sorted(found))
+
+
+def _normal(text: str) -> str:
+    return " ".join(units(unicodedata.normalize("NFKC", text)))
+
+
+_STEER_VERB_RE = re.compile(
+    r"^\W*(?:introduce|describe|discuss|explain|explore|present|outline|conclude|summari[sz]e|"
+    r"highlight|analy[sz]e|examine|provide|detail|illustrate|show|reflect|establish|begin|"
+    r"open|close|end|wrap|transition|compare|contrast|list|recount|narrate|set up|tell|"
+    r"介绍|描述|讨论|阐述|说明|总结|分析|探讨|概述|描写|叙述|回顾|展望|强调|引出|交代|点明|"
+    r"列举|讲述|比较|阐明|引入)",
+    re.IGNORECASE,
+)
+
+
+def _pasted_main_point(first_line: str, main_points: Sequence[str]) -> str | None:
+    """The plan main point that opens the paragraph verbatim, when it reads as a plan step
+    (an instruction to the writer, or a long description) rather than a natural heading."""
+    line = _normal(first_line)
+    if not line:
+        return None
+    for point in main_points:
+        p = _normal(point)
+        if not p or not line.startswith(p):
+            continue
+        long_point = len(p.split()) >= 8
+        if (
+            long_point
+            or _STEER_VERB_RE.match(point)
+            or re.search(
+                r"\b(?:this|the) (?:paragraph|piece|essay|section)\b|本段|这一段|本文", point, re.I
+            )
+        ):
+            return point
+    return None
+
+
+def _first_line(text: str) -> str:
+    stripped = text.strip()
+    end = stripped.find("\n")
+    return stripped if end < 0 else stripped[:end]
+
+
+_ECHO_EDGE_LINE_MAX_WORDS = 25
+
+
+def _echo_lines(text: str) -> list[tuple[int, str]]:
+    """(line index, matched text) of every line that holds the prompt's scaffolding."""
+    hits: list[tuple[int, str]] = []
+    sentences = template_sentences()
+    for i, line in enumerate(text.splitlines()):
+        m = next((r.search(line) for r in _ECHO_LINE_RES if r.search(line)), None)
+        if m:
+            hits.append((i, m.group(0)))
+            continue
+        norm = _normal(line)
+        if len(norm.split()) >= 8:
+            hit = next((s for s in sentences if s in norm), None)
+            if hit:
+                hits.append((i, hit))
+    return hits
+
+
+def _strip_echo_edges(text: str, ctx: ParagraphContext) -> tuple[str, list[str]]:
+    """Drop whole scaffolding lines at the paragraph's start and end (a short line that is
+    only "Your next paragraph:" or "Aim for about 400 words (to be completed)"), and a plan
+    main point pasted as the opening line when prose follows it."""
+    removed: list[str] = []
+    lines = text.strip().splitlines()
+
+    def is_scaffold(line: str) -> bool:
+        if not line.strip():
+            return True
+        hits = _echo_lines(line)
+        return bool(hits) and count_words(line) <= _ECHO_EDGE_LINE_MAX_WORDS
+
+    while lines and is_scaffold(lines[0]):
+        if lines[0].strip():
+            removed.append(lines[0].strip())
+        lines.pop(0)
+    while lines and is_scaffold(lines[-1]):
+        if lines[-1].strip():
+            removed.append(lines[-1].strip())
+        lines.pop()
+    if len(lines) > 1 and ctx.main_points:
+        point = _pasted_main_point(lines[0], ctx.main_points)
+        if point is not None and _normal(lines[0]) == _normal(point):
+            removed.append(lines[0].strip())
+            lines.pop(0)
+    return "\n".join(lines).strip(), removed
+
+
+def check_prompt_echo(text: str, ctx: ParagraphContext) -> Verdict:
+    hits = _echo_lines(text)
+    if hits:
+        i, what = hits[0]
+        return Verdict(False, "prompt_echo", f"line {i + 1} holds prompt text {what[:60]!r}")
+    point = _pasted_main_point(_first_line(text), ctx.main_points)
+    if point is not None:
+        return Verdict(False, "prompt_echo", f"opens with plan main point {point[:60]!r}")
+    return KEEP
+
+
+# -- markup residue -------------------------------------------------------------------------
+
+# Chat-template and tokenizer tokens: never content, whatever was asked.
+_SPECIAL_TOKEN_RE = re.compile(
+    r"<\|[a-z_]{2,30}\|>|\[/?INST\]|<</?SYS>>|</?s>(?=\s|$)|<(?:bos|eos|pad|unk|"
+    r"start_of_turn|end_of_turn)>",
+    re.IGNORECASE,
+)
+_TAG_RE = re.compile(r"</?[a-zA-Z][\w:-]*(?:\s+[^<>\n]*?)?\s*/?>|<[a-zA-Z][\w-]*=\"[^\"]*\"\s*/?>")
+_FENCE_LINE_RE = re.compile(r"^\s*(?:```|~~~)[\w+-]*\s*$", re.MULTILINE)
+_PLACEHOLDER_RE = re.compile(r"\{\{[^{}\n]{1,80}\}\}|\{%[^{}\n]{1,80}%\}")
+
+
+def _strip_markup(text: str, ctx: ParagraphContext) -> tuple[str, list[str]]:
+    removed: list[str] = []
+
+    def take(m: re.Match[str]) -> str:
+        removed.append(m.group(0))
+        return ""
+
+    text = _SPECIAL_TOKEN_RE.sub(take, text)
+    if not ctx.form.markup:
+        text = _TAG_RE.sub(take, text)
+        text = _FENCE_LINE_RE.sub(take, text)
+    if removed:
+        text = re.sub(r"[ \t]{2,}", " ", text)
+        text = re.sub(r" +([,.;:!?，。；：！？])", r"\1", text)
+        text = re.sub(r"\n{3,}", "\n\n", text).strip()
+    return text, removed
+
+
+def check_markup(text: str, ctx: ParagraphContext) -> Verdict:
+    m = _PLACEHOLDER_RE.search(text)
+    if m:
+        return Verdict(False, "markup", f"unfilled template placeholder {m.group(0)[:40]!r}")
+    m = _SPECIAL_TOKEN_RE.search(text)
+    if m:
+        return Verdict(False, "markup", f"chat-template token {m.group(0)!r}")
+    if not ctx.form.markup:
+        m = _TAG_RE.search(text) or _FENCE_LINE_RE.search(text)
+        if m:
+            return Verdict(False, "markup", f"markup {m.group(0).strip()[:40]!r} in prose")
+    return KEEP
+
+
+# -- language -------------------------------------------------------------------------------
+
+# Share of counted units that are CJK characters: a Chinese text quoting English terms stays
+# far above the first, an English text quoting a Chinese poem far below the second.
+ZH_MIN_CJK_SHARE = 0.6
+EN_MAX_CJK_SHARE = 0.25
+MIN_UNITS_FOR_LANGUAGE = 20
+
+
+def check_language(text: str, ctx: ParagraphContext) -> Verdict:
+    if count_words(text) < MIN_UNITS_FOR_LANGUAGE:
+        return KEEP
+    share = cjk_share(text)
+    if ctx.expected_lang == "zh" and share < ZH_MIN_CJK_SHARE:
+        return Verdict(
+            False, "wrong_language", f"instruction is Chinese; text is {share:.0%} Chinese"
+        )
+    if ctx.expected_lang == "en" and share > EN_MAX_CJK_SHARE:
+        return Verdict(
+            False, "wrong_language", f"instruction is English; text is {share:.0%} Chinese"
+        )
+    return KEEP
+
+
+# -- restating an earlier paragraph ---------------------------------------------------------
+
+# n-gram length per language (words for English, characters for Chinese) and the share of a
+# paragraph's n-grams found in one earlier paragraph above which it restates that paragraph.
+RESTATE_N = {"en": 6, "zh": 10}
+RESTATE_MIN_SHARE = 0.3
+# Verse repeats its refrain by design: only a near copy counts as restating there.
+RESTATE_MIN_SHARE_VERSE = 0.8
+RESTATE_MIN_GRAMS = 8
+
+
+def restated_share(text: str, earlier: str, lang: str) -> float:
+    n = RESTATE_N.get(lang, 6)
+    grams = ngrams(units(text), n)
+    if len(grams) < RESTATE_MIN_GRAMS:
+        return 0.0
+    seen = set(ngrams(units(earlier), n))
+    return sum(g in seen for g in grams) / len(grams)
+
+
+def check_restated(text: str, ctx: ParagraphContext) -> Verdict:
+    limit = RESTATE_MIN_SHARE_VERSE if ctx.form.verse else RESTATE_MIN_SHARE
+    lang = ctx.expected_lang if cjk_share(text) > 0.5 or ctx.expected_lang == "en" else "zh"
+    for j, earlier in enumerate(ctx.previous, start=1):
+        share = restated_share(text, earlier, lang)
+        if share >= limit:
+            return Verdict(
+                False,
+                "restated_paragraph",
+                f"{share:.0%} of its {RESTATE_N.get(lang, 6)}-grams restate paragraph {j}",
+            )
+    return KEEP
+
+
+# Opening phrases of refusals and assistant boilerplate, English and Chinese.
+REFUSAL_RE = re.compile(
+    r"^\W*(?:i(?:'m| am) (?:sorry|unable|not able)"
+    r"|i can(?:no|')t (?:help|write|assist|fulfil|comply|provide)"
+    r"|as an ai(?: language model)?|i apologi[sz]e, but|sorry, (?:but )?i can"
+    r"|抱歉|对不起|很抱歉|作为一个?(?:ai|人工智能)|我无法|我不能)",
+    re.IGNORECASE,
+)
+
+
+def check_refusal(text: str, _ctx: ParagraphContext) -> Verdict:
+    if REFUSAL_RE.match(text.strip()[:200]):
+        return Verdict(False, "refusal", f"opens with {text.strip()[:60]!r}")
+    return KEEP
+
+
+# -- paragraph review -----------------------------------------------------------------------
+
+PARAGRAPH_CHECKS = (
+    check_refusal,
+    check_prompt_echo,
+    check_markup,
+    check_language,
+    check_restated,
+)
+
+
+def clean_paragraph_text(text: str, ctx: ParagraphContext) -> tuple[str, list[Cleaning], str]:
+    """(cleaned text, cleanings, reasoning): cut the local defects at a paragraph's edges."""
+    cleanings: list[Cleaning] = []
+    answer, reasoning = split_reasoning(text)
+    if reasoning:
+        cleanings.append(Cleaning("reasoning", f"removed {len(reasoning)} characters of reasoning"))
+    answer, tags = _strip_markup(answer, ctx)
+    if tags:
+        shown = ", ".join(repr(t) for t in tags[:3])
+        cleanings.append(Cleaning("markup", f"removed {len(tags)} tag(s): {shown}"))
+    for _ in range(3):  # edges can nest: chatter, then an echoed line, then chatter again
+        answer, start = _strip_start_chatter(answer)
+        answer, end = _strip_end_chatter(answer, ctx.form.address)
+        answer, echoes = _strip_echo_edges(answer, ctx)
+        for cut in start + end:
+            cleanings.append(Cleaning("chatter", f"removed {cut[:80]!r}"))
+        for cut in echoes:
+            cleanings.append(Cleaning("prompt_echo", f"removed {cut[:80]!r}"))
+        if not (start or end or echoes):
+            break
+    return answer, cleanings, reasoning
+
+
+def review_paragraph(text: str, ctx: ParagraphContext) -> ParagraphReview:
+    """Clean a paragraph's edges, then run every check on what is left."""
+    cleaned, cleanings, reasoning = clean_paragraph_text(text, ctx)
+    if not cleaned.strip():
+        what = cleanings[0].check if cleanings else "empty"
+        verdict = Verdict(False, what, "nothing left after cleaning")
+        return ParagraphReview(cleaned, tuple(cleanings), reasoning, verdict)
+    verdict = KEEP
+    for check in PARAGRAPH_CHECKS:
+        verdict = check(cleaned, ctx)
+        if not verdict.keep:
+            break
+    return ParagraphReview(cleaned, tuple(cleanings), reasoning, verdict)
+
+
+# -- plans ----------------------------------------------------------------------------------
+
+_EN_STOP = frozenset(
+    "a an the of in on at to for and or but with by from as is are was were be been this that "
+    "these those it its into about how what why when where which who their his her our your "
+    "my we they he she i you".split()
+)
+# Words that talk about the piece rather than its content.
+_META_WORDS = frozenset(
+    "paragraph paragraphs section sections part parts piece essay article story text main "
+    "point points introduction intro conclusion conclude concluding summary summarize "
+    "summarise overview body opening closing ending final first second third next last "
+    "more details detail further continue continued continuation addition additionally "
+    "also furthermore moreover content contents topic here writing write describe discuss "
+    "elaborate expand other another some thing things related aspects aspect overall "
+    "general".split()
+)
+_ZH_META = re.compile(
+    r"段落|本段|这一段|第[一二三四五六七八九十\d]+段|本文|文章|引言|开头|结尾|结论|总结|概述|"
+    r"主要内容|要点|内容|部分|继续|补充|其他|更多|细节|详细|介绍|描述|展开|进一步|此外|另外|"
+    r"首先|其次|最后|然后|方面|相关|问题|以及|和|的|与|及|一|个|这|那|是|在|了"
+)
+
+
+def _content_words(point: str) -> list[str]:
+    words = [w for w in units(point) if not re.match(r"[\u3400-\u9fff]", w)]
+    return [w for w in words if w not in _EN_STOP and w not in _META_WORDS]
+
+
+def _content_cjk(point: str) -> str:
+    return re.sub(r"[^\u3400-\u4dbf\u4e00-\u9fff]", "", _ZH_META.sub("", point))
+
+
+def _stem(word: str) -> str:
+    for suffix in ("ies", "es", "s", "ing", "ed"):
+        if len(word) > len(suffix) + 3 and word.endswith(suffix):
+            return word[: -len(suffix)]
+    return word
+
+
+def point_similarity(a: str, b: str) -> float:
+    """How alike two main points are, 0..1: character-bigram overlap for Chinese, content-word
+    overlap for English (stems, any order), and plain edit similarity for long ones."""
+    na, nb = _normal(a), _normal(b)
+    if na == nb:
+        return 1.0
+    scores = [SequenceMatcher(None, na, nb).ratio() if min(len(na), len(nb)) > 40 else 0.0]
+    chinese = cjk_share(a) > 0.5 and cjk_share(b) > 0.5
+    wa = {_stem(w) for w in _content_words(a) if len(w) > 2}
+    wb = {_stem(w) for w in _content_words(b) if len(w) > 2}
+    if wa and wb and not chinese:
+        scores.append(len(wa & wb) / len(wa | wb))
+    ca, cb = _content_cjk(a), _content_cjk(b)
+    if chinese and len(ca) >= 4 and len(cb) >= 4:
+        ba = {ca[i : i + 2] for i in range(len(ca) - 1)}
+        bb = {cb[i : i + 2] for i in range(len(cb) - 1)}
+        scores.append(len(ba & bb) / len(ba | bb))
+    return max(scores)
+
+
+DUPLICATE_POINT_SIMILARITY = 0.75
+
+
+def check_plan_duplicates(points: Sequence[str], _instruction: str) -> Verdict:
+    for i in range(len(points)):
+        for j in range(i):
+            sim = point_similarity(points[i], points[j])
+            if sim >= DUPLICATE_POINT_SIMILARITY:
+                return Verdict(
+                    False,
+                    "plan_duplicate_points",
+                    f"main points {j + 1} and {i + 1} are {sim:.0%} alike: {points[i][:60]!r}",
+                )
+    return KEEP
+
+
+def _is_meta_point(point: str) -> bool:
+    """Nothing left once the words about the piece itself are taken out ("Introduction",
+    "More details", "This is the main point of this piece"); one real word ("Winter") is a
+    main point."""
+    if cjk_share(point) > 0.5:
+        return not _content_cjk(point)
+    return not _content_words(point)
+
+
+def check_plan_meta(points: Sequence[str], _instruction: str) -> Verdict:
+    meta = [i for i, p in enumerate(points, start=1) if _is_meta_point(p)]
+    if meta:
+        return Verdict(
+            False,
+            "plan_meta_points",
+            f"main point(s) {meta} say nothing about the content: {points[meta[0] - 1][:60]!r}",
+        )
+    return KEEP
+
+
+def _longest_shared_run(a: list[str], b: list[str]) -> int:
+    if not a or not b:
+        return 0
+    m = SequenceMatcher(None, a, b, autojunk=False).find_longest_match(0, len(a), 0, len(b))
+    return m.size
+
+
+# A main point that reproduces this share of the instruction (one contiguous run of its
+# words or characters) pastes the instruction back instead of planning it.
+ECHO_INSTRUCTION_SHARE = 0.6
+ECHO_MIN_RUN = {"en": 8, "zh": 14}
+
+
+def check_plan_echo(points: Sequence[str], instruction: str) -> Verdict:
+    inst = units(instruction)
+    lang = "zh" if cjk_share(instruction) > 0.5 else "en"
+    if len(inst) < ECHO_MIN_RUN[lang]:
+        return KEEP
+    for i, point in enumerate(points, start=1):
+        run = _longest_shared_run(units(point), inst)
+        if run >= ECHO_MIN_RUN[lang] and run >= ECHO_INSTRUCTION_SHARE * len(inst):
+            return Verdict(
+                False,
+                "plan_echoes_instruction",
+                f"main point {i} repeats {run} of the instruction's {len(inst)} words",
+            )
+    # Or the instruction cut into pieces, one per point.
+    runs = [_longest_shared_run(units(p), inst) for p in points]
+    copied = [r for r, p in zip(runs, points, strict=True) if r >= 0.8 * max(1, len(units(p)))]
+    if len(points) > 1 and len(copied) * 2 > len(points) and sum(copied) >= 0.7 * len(inst):
+        return Verdict(
+            False,
+            "plan_echoes_instruction",
+            f"{len(copied)} of {len(points)} main points are pieces of the instruction",
+        )
+    return KEEP
+
+
+PLAN_CHECKS = (check_plan_echo, check_plan_meta, check_plan_duplicates)
+
+
+def review_plan(main_points: Sequence[str], instruction: str) -> Verdict:
+    """First failing plan check, or KEEP."""
+    for check in PLAN_CHECKS:
+        verdict = check(main_points, instruction)
+        if not verdict.keep:
+            return verdict
+    return KEEP
+
+
+# -- samples --------------------------------------------------------------------------------
+
+
+def split_paragraphs(text: str) -> list[str]:
+    return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+
+def review_sample(
+    instruction: str,
+    text: str,
+    *,
+    lang: str | None = None,
+    plan: Sequence[str] | None = None,
+    min_words: int = 0,
+    paragraphs: Sequence[str] | None = None,
+) -> SampleReview:
+    """Every paragraph check over a finished text (paragraphs split on blank lines unless
+    given), each paragraph against those before it; then the whole text's language and
+    length. Used by `longwriter audit`; the build runs the same paragraph review per draft."""
+    answer, reasoning = split_reasoning(text)
+    parts = list(paragraphs) if paragraphs is not None else split_paragraphs(answer)
+    if paragraphs is not None:
+        parts = [split_reasoning(p)[0] for p in parts]
+    cleanings: list[Cleaning] = []
+    if reasoning:
+        cleanings.append(Cleaning("reasoning", f"removed {len(reasoning)} characters of reasoning"))
+    reasons: list[str] = []
+    details: list[str] = []
+    kept: list[str] = []
+    verdicts: list[Verdict] = []
+    base = ParagraphContext(instruction=instruction, lang=lang, main_points=tuple(plan or ()))
+    for i, part in enumerate(parts, start=1):
+        ctx = ParagraphContext(
+            instruction=instruction,
+            lang=base.expected_lang,
+            main_points=base.main_points,
+            previous=tuple(kept),
+            step=i,
+        )
+        review = review_paragraph(part, ctx)
+        cleanings.extend(review.cleanings)
+        verdicts.append(review.verdict)
+        if not review.text.strip() and review.cleanings:
+            continue  # a paragraph that was only chatter or scaffolding: cut whole
+        if not review.keep and review.verdict.reason:
+            if review.verdict.reason not in reasons:
+                reasons.append(review.verdict.reason)
+            details.append(f"paragraph {i}: {review.verdict.detail}")
+        if review.text.strip():
+            kept.append(review.text)
+    whole = "\n\n".join(kept)
+    if not whole.strip():
+        reasons.append("empty")
+        details.append("no text")
+    else:
+        ctx = ParagraphContext(instruction=instruction, lang=base.expected_lang)
+        verdict = check_language(whole, ctx)
+        if not verdict.keep and "wrong_language" not in reasons:
+            reasons.append("wrong_language")
+            details.append(verdict.detail)
+    words = count_words(whole)
+    if min_words and words < min_words:
+        reasons.append("too_short")
+        details.append(f"{words} words; minimum {min_words}")
+    return SampleReview(
+        keep=not reasons,
+        reasons=reasons,
+        details=details,
+        cleanings=cleanings,
+        paragraphs=kept,
+        reasoning=reasoning,
+        paragraph_verdicts=verdicts,
+    )
