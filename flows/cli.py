@@ -22,7 +22,7 @@ from typing import Any
 
 # Modules that add their own subcommands through `add_cli(subparsers)`. Missing ones (an
 # optional extra not installed) just do not appear.
-CLI_MODULES = ("flows.serve", "flows.eval", "flows.train", "flows.pairs")
+CLI_MODULES = ("flows.serve", "flows.eval", "flows.train", "flows.pairs", "flows.audit")
 
 
 def _db_default() -> str:
