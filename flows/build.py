@@ -19,19 +19,20 @@ import base64
 import contextlib
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from flows import monitoring
 from storage.store import Store, redact_db_url
 from tasks.endpoints import open_endpoints, sampling_extras
 from tasks.export import export_task
 from tasks.filters import FilterConfig, filter_batch
 from tasks.ingest import ingest_task
-from tasks.llm_client import LLMClient, RetryPolicy
+from tasks.llm_client import ClientStats, LLMClient, RetryPolicy
 from tasks.plan import plan_batch
 from tasks.report import build_summary, length_histogram_png, summary_markdown
 from tasks.runtime import (
@@ -107,6 +108,15 @@ class BuildSettings(BaseModel):
     extra_body: dict[str, Any] = Field(
         default_factory=dict, description="extra request fields, e.g. chat_template_kwargs"
     )
+    api_dialect: str = Field(
+        "auto", description="auto (learned from the 400s), chat or openai-reasoning"
+    )
+    rpm: float | None = Field(None, gt=0, description="requests per minute the account allows")
+    tpm: float | None = Field(None, gt=0, description="tokens per minute (prompt + max_tokens)")
+    max_throttle_wait_min: float = Field(
+        10.0, ge=0, description="minutes one call may wait out 429s before the build stops"
+    )
+    stream: bool = Field(False, description="stream answers (SSE): no proxy cuts long calls")
     # Scale-out: several flow runs (workers, machines) share one store and each builds the
     # instruction ids with id % partitions == partition. Ingest and export happen once, in the
     # parent flow (flows/partition.py), so a partition run does neither.
@@ -144,14 +154,36 @@ def _chunks(ids: list[int], size: int) -> list[list[int]]:
 
 @contextlib.asynccontextmanager
 async def _progress_reporters(
-    progress: Progress, show_bar: bool, interval_s: float = 2.0
+    progress: Progress,
+    show_bar: bool,
+    interval_s: float | None = None,
+    stats: ClientStats | None = None,
 ) -> AsyncIterator[None]:
-    """Terminal bar (rich) and a Prefect progress artifact, refreshed every few seconds."""
-    from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
-
-    artifact_id = await acreate_progress_artifact(
-        progress=0.0, key="build-progress", description="instructions finished"
+    """Terminal bar (rich), a Prefect progress artifact (share of the work: plans and
+    paragraphs, so it moves with every paragraph) and a live table artifact
+    (`build-live`: paragraphs of planned, words, accepted, retries), refreshed every few
+    seconds; and the client's retries logged as they happen (flows.monitoring.RetryWatch)."""
+    from prefect import get_client
+    from prefect.artifacts import (
+        TableArtifact,
+        acreate_progress_artifact,
+        acreate_table_artifact,
+        aupdate_progress_artifact,
     )
+    from prefect.client.schemas.actions import ArtifactUpdate
+
+    interval_s = monitoring.REFRESH_S if interval_s is None else interval_s
+    logger = get_run_logger()
+    watch = monitoring.RetryWatch(stats) if stats is not None else None
+    artifact_id = await acreate_progress_artifact(
+        progress=0.0, key="build-progress", description=monitoring.progress_line(progress)
+    )
+    table_id = await acreate_table_artifact(
+        monitoring.progress_table(progress, stats, progress.started),
+        key="build-live",
+        description="build progress, refreshed every few seconds",
+    )
+    shown = 0.0  # the bar never moves back (an estimate of paragraphs to come can shrink)
     bar: Any = None
     task_id: Any = None
     if show_bar:
@@ -180,26 +212,44 @@ async def _progress_reporters(
                 ),
             )
 
-    async def loop() -> None:
+    def log_retries(final: bool = False) -> None:
+        for level, message in watch.check(final=final) if watch is not None else []:
+            logger.log(level, message)
+
+    async def publish(client: Any, pct: float) -> None:
+        """One refresh of both artifacts; the table is updated in place (one artifact, not a
+        new version every few seconds)."""
+        nonlocal shown
+        shown = max(shown, pct)
+        with contextlib.suppress(Exception):  # the UI is a view; never fail the build on it
+            await aupdate_progress_artifact(
+                artifact_id, shown, description=monitoring.progress_line(progress), client=client
+            )
+            table = TableArtifact(
+                table=monitoring.progress_table(progress, stats, progress.started)
+            )
+            await client.update_artifact(table_id, ArtifactUpdate(data=await table.aformat()))
+
+    async def loop(client: Any) -> None:
         while True:
             await asyncio.sleep(interval_s)
             refresh()
-            pct = 100.0 * progress.instructions_done / max(1, progress.instructions_total)
-            with contextlib.suppress(Exception):  # the UI is a view; never fail the build on it
-                await aupdate_progress_artifact(artifact_id, pct)
+            log_retries()
+            await publish(client, min(99.9, monitoring.percent_done(progress)))
 
-    ticker = asyncio.create_task(loop())
-    try:
-        yield
-    finally:
-        ticker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await ticker
-        refresh()
-        if bar is not None:
-            bar.stop()
-        with contextlib.suppress(Exception):
-            await aupdate_progress_artifact(artifact_id, 100.0)
+    async with get_client() as client:
+        ticker = asyncio.create_task(loop(client))
+        try:
+            yield
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            refresh()
+            if bar is not None:
+                bar.stop()
+            log_retries(final=True)
+            await publish(client, 100.0)
 
 
 async def run_agentwrite(rt: BuildRuntime, ids: list[int], batch_size: int) -> None:
@@ -207,9 +257,13 @@ async def run_agentwrite(rt: BuildRuntime, ids: list[int], batch_size: int) -> N
     runtime_id = register(rt)
 
     async def batch(chunk: list[int]) -> None:
-        planned = await plan_batch(runtime_id, chunk)
-        written = await write_batch(runtime_id, chunk)
-        accepted = await filter_batch(runtime_id, chunk)
+        # Task runs named after their batch (`write-#1-#50`), as the batch's log line is.
+        label = monitoring.batch_label(chunk)
+        planned = await plan_batch.with_options(task_run_name=f"plan-{label}")(runtime_id, chunk)
+        written = await write_batch.with_options(task_run_name=f"write-{label}")(runtime_id, chunk)
+        accepted = await filter_batch.with_options(task_run_name=f"filter-{label}")(
+            runtime_id, chunk
+        )
         _log_batch(rt.store, chunk, planned, written, accepted)
 
     try:
@@ -219,52 +273,45 @@ async def run_agentwrite(rt: BuildRuntime, ids: list[int], batch_size: int) -> N
         unregister(runtime_id)
 
 
-MAX_LOGGED_REJECTIONS = 20  # per batch: the store and `longwriter stats` have them all
+MAX_LOGGED_REJECTIONS = monitoring.MAX_LOGGED_REJECTIONS  # per batch: the store has them all
 
 
 def _log_batch(store: Store, chunk: list[int], planned: int, written: int, accepted: int) -> None:
-    """One log line per batch and one per rejected instruction with its stage and reason, so a
-    run's log in the UI says what each stage did and why an item stopped."""
-    from sqlmodel import col, select
-
-    from storage.models import Rejection
-
+    """One log line per batch (with the input ids it holds) and one per rejected instruction
+    with the input's own id or file and line, its stage and reason, so a run's log in the UI
+    says what each stage did and why an item stopped."""
     logger = get_run_logger()
-    with store.session() as s:
-        rejected = s.exec(
-            select(Rejection)
-            .where(col(Rejection.instruction_id).in_(chunk))
-            .order_by(col(Rejection.instruction_id))
-        ).all()
+    inputs, n_rejected, lines = monitoring.batch_rejections(store, chunk)
     logger.info(
-        "batch #%d-#%d (%d instructions): planned %d, written %d, accepted %d, rejected %d",
-        chunk[0],
-        chunk[-1],
+        "batch %s (%d instructions, %s): planned %d, written %d, accepted %d, rejected %d",
+        monitoring.batch_label(chunk),
         len(chunk),
+        inputs,
         planned,
         written,
         accepted,
-        len(rejected),
+        n_rejected,
     )
-    for r in rejected[:MAX_LOGGED_REJECTIONS]:
-        detail = f": {r.detail[:200]}" if r.detail else ""
-        logger.warning(
-            "instruction %s rejected at %s: %s%s", r.instruction_id, r.stage, r.reason, detail
-        )
-    if len(rejected) > MAX_LOGGED_REJECTIONS:
-        logger.warning("... and %d more (longwriter stats)", len(rejected) - MAX_LOGGED_REJECTIONS)
+    for line in lines:
+        logger.warning(line)
 
 
-@flow(name="longwriter-build", log_prints=True)
+# flow_run_name: runs are named after the build (input file and date) unless the CLI's
+# --run-name, a parent flow or the UI named them (flows.monitoring.build_run_name).
+@flow(name="longwriter-build", log_prints=True, flow_run_name=monitoring.build_run_name)
 async def build_flow(settings: BuildSettings) -> dict[str, Any]:
+    monitoring.install_log_filters()  # this process may be a worker's: filters set up here
     logger = get_run_logger()
     started = time.monotonic()
     store = Store(settings.db_url)
     run_id = store.start_run("build", settings.public())
     try:
         if settings.instructions and settings.partition is None:
+            seen = monitoring.last_rejection_id(store)
             counts = ingest_task(settings.db_url, settings.instructions, settings.decontaminate)
             logger.info("ingest %s: %s", settings.instructions, counts)
+            for line in monitoring.ingest_rejection_lines(store, seen):
+                logger.warning(line)
         first = store.instruction_ids(
             ["pending", "planned", "written", "accepted", "rejected"], settings.limit
         )
@@ -275,6 +322,7 @@ async def build_flow(settings: BuildSettings) -> dict[str, Any]:
             logger.info("partition %d of %d", settings.partition, settings.partitions)
         logger.info("%d instructions to build (%d in scope)", len(ids), len(first))
         progress = Progress(instructions_total=len(ids))
+        monitoring.seed_progress(store, ids, progress)  # a resumed build starts where it was
         if ids:
             async with open_endpoints(
                 settings.base_urls,
@@ -286,7 +334,7 @@ async def build_flow(settings: BuildSettings) -> dict[str, Any]:
             ) as resolved:
                 logger.info(
                     "endpoints: %s (model %s%s)",
-                    [e.base_url for e in resolved.endpoints],
+                    [monitoring.redact_url(e.base_url) for e in resolved.endpoints],
                     resolved.model,
                     ", embedded" if resolved.embedded else "",
                 )
@@ -298,6 +346,7 @@ async def build_flow(settings: BuildSettings) -> dict[str, Any]:
                     read_timeout_s=settings.request_timeout_s,
                     initial_backoff_s=settings.initial_backoff_s,
                     max_backoff_s=settings.max_backoff_s,
+                    max_throttle_wait_s=settings.max_throttle_wait_min * 60.0,
                 )
                 async with LLMClient(
                     resolved.endpoints,
@@ -305,6 +354,10 @@ async def build_flow(settings: BuildSettings) -> dict[str, Any]:
                     policy,
                     reasoning_effort=settings.reasoning_effort,
                     extra_body=settings.extra_body,
+                    api_dialect=settings.api_dialect,
+                    rpm=settings.rpm,
+                    tpm=settings.tpm,
+                    stream=settings.stream,
                 ) as client:
                     rt = BuildRuntime(
                         store=store,
@@ -332,7 +385,7 @@ async def build_flow(settings: BuildSettings) -> dict[str, Any]:
                         chain_slots=asyncio.Semaphore(settings.concurrency),
                         budget=ContextBudget(resolved.context_window),
                     )
-                    async with _progress_reporters(progress, settings.progress):
+                    async with _progress_reporters(progress, settings.progress, stats=client.stats):
                         await run_agentwrite(rt, ids, settings.batch_size)
                     logger.info(
                         "LLM: %d calls made, %d reused from the store, %d HTTP requests, "
@@ -362,9 +415,12 @@ async def build_flow(settings: BuildSettings) -> dict[str, Any]:
 
 
 async def _publish(store: Store, settings: BuildSettings, summary: dict[str, Any]) -> None:
-    """End-of-run artifacts: the summary table and a length histogram."""
+    """End-of-run artifacts: the summary table and a length histogram. The summary gains the
+    run's facts first (models, endpoints redacted, the build report's path), so the returned
+    and stored summary says what the artifact says."""
     from prefect.artifacts import acreate_markdown_artifact
 
+    summary.update(monitoring.run_facts(store, settings.out_dir if settings.exports else None))
     md = summary_markdown(summary)
     out = Path(settings.out_dir)
     if settings.exports:
@@ -378,10 +434,18 @@ async def _publish(store: Store, settings: BuildSettings, summary: dict[str, Any
 
 
 def run_build(
-    settings: BuildSettings, on_summary: Callable[[dict[str, Any]], None] | None = None
+    settings: BuildSettings,
+    on_summary: Callable[[dict[str, Any]], None] | None = None,
+    run_name: str | None = None,
+    tags: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Run the flow to completion in this process (the CLI's entry)."""
-    summary = asyncio.run(build_flow(settings=settings))
+    """Run the flow to completion in this process (the CLI's entry). `run_name` names the
+    flow run (default: flows.monitoring.build_run_name); `tags` tag it and its task runs."""
+    from prefect import tags as prefect_tags
+
+    flow_ = build_flow.with_options(flow_run_name=run_name) if run_name else build_flow
+    with prefect_tags(*tags):
+        summary = asyncio.run(flow_(settings=settings))
     if on_summary:
         on_summary(summary)
     return summary

@@ -30,12 +30,18 @@ def _db_default() -> str:
 
 
 def _quiet_prefect_defaults() -> None:
-    """Prefect settings for a CLI run, unless the user set them: no telemetry noise, and a
-    startup timeout that suits a 2-core machine. Prefect reads its settings once, when it is
-    first imported, so this runs first thing in `main()`."""
+    """Prefect settings for a CLI run, unless the user set them: no telemetry noise, a
+    startup timeout that suits a 2-core machine, and a terminal that shows warnings and
+    errors only. The terminal is quietened at Prefect's console handler, not with
+    PREFECT_LOGGING_LEVEL: that level also gates what the API handler ships, so the UI got
+    none of a CLI run's INFO lines (batches, endpoints, retries) while a worker's run had them.
+    Prefect reads its settings once, when it is first imported, so this runs first thing in
+    `main()`."""
+    from flows.monitoring import quiet_console
+
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    quiet_console(os.environ)
 
 
 def add_build_parser(sub: Any) -> None:
@@ -124,6 +130,17 @@ def add_build_parser(sub: Any) -> None:
         "of a build over a shared PostgreSQL store; ingest and export run separately)",
     )
     p.add_argument("--partitions", type=int, default=1)
+    p.add_argument(
+        "--run-name",
+        default=None,
+        help="Prefect flow-run name (default: the input file's name and the UTC date and time)",
+    )
+    p.add_argument(
+        "--tag",
+        action="append",
+        default=None,
+        help="Prefect tag on the flow run and its task runs; repeat for several",
+    )
     from tasks.forecast import add_dry_run_arguments
 
     add_dry_run_arguments(p)
@@ -181,7 +198,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     _console_logs_without_tracebacks_for(expected)
     try:
         start_prefect_api()
-        summary = run_build(settings)
+        summary = run_build(settings, run_name=args.run_name, tags=args.tag or ())
     except expected as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:

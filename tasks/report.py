@@ -51,6 +51,7 @@ def summary_markdown(summary: dict[str, Any], title: str = "longwriter build") -
         f"| words total | {summary['words']['total']} |",
         f"| tokens in / out | {summary['tokens']['prompt']} / {summary['tokens']['completion']} |",
         f"| LLM calls (stored) | {sum(summary['llm_calls'].values())} |",
+        *_run_rows(summary),
         "",
     ]
     if summary["rejections"]:
@@ -64,6 +65,29 @@ def summary_markdown(summary: dict[str, Any], title: str = "longwriter build") -
             for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
                 lines.append(f"| {stage} | {reason} | {n} |")
     return "\n".join(lines) + "\n"
+
+
+def _run_rows(summary: dict[str, Any]) -> list[str]:
+    """Rows for the run's facts when the flow added them (flows.monitoring.run_facts): wall
+    time, models and endpoints with their stored calls (URLs already redacted), output."""
+
+    def counted(d: dict[str, int]) -> str:
+        items = sorted(d.items(), key=lambda kv: -kv[1])
+        shown = ", ".join(f"`{k}` ({n} calls)" for k, n in items[:5])
+        return shown + (f", and {len(items) - 5} more" if len(items) > 5 else "")
+
+    rows = []
+    if summary.get("wall_s") is not None:
+        rows.append(f"| wall time | {summary['wall_s']} s |")
+    if summary.get("models"):
+        rows.append(f"| model(s) | {counted(summary['models'])} |")
+    if summary.get("endpoints"):
+        rows.append(f"| endpoint(s) | {counted(summary['endpoints'])} |")
+    if summary.get("out_dir"):
+        rows.append(f"| output folder | `{summary['out_dir']}` |")
+    if summary.get("report_html"):
+        rows.append(f"| build report | `{summary['report_html']}` |")
+    return rows
 
 
 def length_histogram_png(store: Store, path: Path) -> Path | None:

@@ -44,6 +44,12 @@ class Progress:
     rejected: int = 0
     paragraphs: int = 0
     words: int = 0
+    # Plans stored and the paragraphs they hold (this run's plus, via
+    # flows.monitoring.seed_progress, a resumed build's earlier ones), and paragraphs an
+    # earlier run wrote: the UI shows paragraphs written of planned.
+    plans: int = 0
+    paragraphs_planned: int = 0
+    paragraphs_resumed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
     calls: int = 0
@@ -61,6 +67,7 @@ class Progress:
             "accepted": self.accepted,
             "rejected": self.rejected,
             "paragraphs": self.paragraphs,
+            "paragraphs_planned": self.paragraphs_planned,
             "words": self.words,
             "calls": self.calls,
             "cached_calls": self.cached_calls,
