@@ -121,6 +121,30 @@ def add_build_parser(sub: Any) -> None:
         help='extra request fields sent with every call, e.g. \'{"chat_template_kwargs": '
         '{"enable_thinking": false}}\' (vLLM/SGLang Qwen3)',
     )
+    p.add_argument(
+        "--api-dialect",
+        choices=("auto", "chat", "openai-reasoning"),
+        default="auto",
+        help="parameter names: auto learns max_completion_tokens / no temperature from the "
+        "endpoint's 400s; chat never switches; openai-reasoning starts switched",
+    )
+    p.add_argument("--rpm", type=float, default=None, help="requests per minute to stay under")
+    p.add_argument(
+        "--tpm", type=float, default=None, help="tokens per minute (prompt + max_tokens)"
+    )
+    p.add_argument(
+        "--max-throttle-wait",
+        type=float,
+        default=10.0,
+        metavar="MIN",
+        help="minutes one call may wait out 429s before the build stops (rerun resumes)",
+    )
+    p.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="stream answers (SSE); proxies that cut silent long calls (524/504) pass them",
+    )
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument(
         "--partition",
@@ -190,6 +214,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         request_timeout_s=args.request_timeout,
         reasoning_effort=args.reasoning_effort,
         extra_body=args.extra_body or {},
+        api_dialect=args.api_dialect,
+        rpm=args.rpm,
+        tpm=args.tpm,
+        max_throttle_wait_min=args.max_throttle_wait,
+        stream=args.stream,
         progress=sys.stderr.isatty() if args.progress is None else args.progress,
         partition=args.partition,
         partitions=args.partitions,

@@ -72,3 +72,24 @@ def test_reasoning_never_reaches_plans_or_shards(tmp_path, mode):
     assert all(c.reasoning and "LEAKED-THOUGHT" in c.reasoning for c in calls)
     assert all("LEAKED-THOUGHT" not in c.content for c in calls)
     assert all(c.reasoning_tokens == 60 for c in calls)
+
+
+def test_content_policy_rejects_one_instruction_and_the_build_goes_on(tmp_path):
+    src = write_jsonl(
+        tmp_path / "in.jsonl",
+        [{"id": f"ok{i}", "prompt": f"Write a long essay about lighthouse {i}"} for i in range(3)]
+        + [
+            {"id": "refused", "prompt": "Write about this [[policy]] topic"},
+            {"id": "azure", "prompt": "Write about that [[azure-policy]] topic"},
+            {"id": "filtered", "prompt": "Write about another [[filtered]] topic"},
+        ],
+    )
+    with FakeOpenAIServer(FakeConfig(**SMALL, openai_reasoning=True)).running() as fake:
+        s = settings(tmp_path, fake, src)
+        summary = asyncio.run(build_flow(settings=s))
+        # the dialect was learned for the run, not per call: the two policy 400s plus at
+        # most two switches for each of the first calls in flight together
+        assert fake.stats.by_status[400] <= 2 + 2 * s.concurrency
+    assert summary["accepted"] == 3
+    assert summary["rejections"]["plan"] == {"content_policy": 2}
+    assert summary["rejections"]["write"] == {"content_policy": 1}

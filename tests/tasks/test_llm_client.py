@@ -63,9 +63,9 @@ def test_backoff_is_capped_full_jitter():
         assert all(0 <= w <= ceiling for w in waits)
     # Retry-After wins over the exponential schedule, capped, with at most 10% jitter.
     assert 3.0 <= p.backoff(1, 3.0) <= 3.3
+    # A longer ask than the cap waits the cap, jitter included: never more.
     capped = RetryPolicy(max_retry_after_s=5.0)
-    assert 5.0 <= capped.backoff(1, 3600.0) <= 5.0 + 360.0 * 1.0001  # cap + jitter of the ask
-    assert capped.backoff(1, 3600.0) - 5.0 <= 0.1 * 3600.0
+    assert all(4.99 <= capped.backoff(1, 3600.0) <= 5.0 for _ in range(200))
 
 
 def test_parse_retry_after():

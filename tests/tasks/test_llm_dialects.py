@@ -12,14 +12,21 @@ import pytest
 import respx
 
 from tasks.llm_client import (
+    BadOutputError,
     ChatRequest,
+    ContentPolicyError,
+    ContextLengthError,
     Endpoint,
+    FatalLLMError,
     LLMClient,
+    QuotaExceededError,
     ReasoningBudgetError,
     RetryPolicy,
+    parse_duration,
+    retry_hint,
     split_reasoning,
 )
-from tests.fake_openai import FakeConfig, FakeOpenAIServer
+from tests.fake_openai import CONTEXT_ERRORS, FakeConfig, FakeOpenAIServer
 
 FAST = RetryPolicy(max_attempts=4, initial_backoff_s=0.001, max_backoff_s=0.01)
 
@@ -123,3 +130,156 @@ async def test_reasoning_effort_and_extra_body_reach_the_endpoint_and_the_key():
     assert tuned.key_for(request()) != plain.key_for(request())
 
 
+
+
+# -- 2. dialects learned --------------------------------------------------------------------
+
+
+async def test_openai_reasoning_400s_switch_the_dialect_and_it_is_remembered():
+    with FakeOpenAIServer(FakeConfig(openai_reasoning=True)).running() as fake:
+        async with fake_client(fake) as c:
+            req = request(temperature=0.7, top_p=0.9)
+            first = await c.chat(req)
+            second = await c.chat(request("another", temperature=0.7, top_p=0.9))
+            dialect = c.dialect(fake.base_url)
+        bodies = fake.stats.bodies
+        ids = [rid for rid in fake.stats.by_request_id]
+    assert first.content and second.content
+    # max_tokens -> max_completion_tokens, then temperature, then top_p dropped: 4 requests
+    assert "max_tokens" in bodies[0] and "max_completion_tokens" in bodies[1]
+    assert [("temperature" in b, "top_p" in b) for b in bodies[:4]] == [
+        (True, True),
+        (True, True),
+        (False, True),
+        (False, False),
+    ]
+    assert len(bodies) == 5  # the second call went out in the learned dialect at once
+    assert bodies[4]["max_completion_tokens"] == 64 and "temperature" not in bodies[4]
+    assert dialect.max_tokens_field == "max_completion_tokens"
+    assert dialect.dropped == {"temperature", "top_p"}
+    assert ids[0] == c.key_for(req) == req.key("fake")  # the key does not see the dialect
+
+
+async def test_forced_dialects():
+    with FakeOpenAIServer(FakeConfig(openai_reasoning=True)).running() as fake:
+        async with fake_client(fake, api_dialect="chat") as c:
+            with pytest.raises(FatalLLMError, match="max_completion_tokens"):
+                await c.chat(request())
+        assert fake.stats.requests == 1
+        async with fake_client(fake, api_dialect="openai-reasoning") as c:
+            await c.chat(request(temperature=0.3))
+        assert fake.stats.requests == 2  # right the first time
+    assert "max_completion_tokens" in fake.stats.bodies[-1]
+    with pytest.raises(ValueError, match="unknown API dialect"):
+        LLMClient([Endpoint("http://x.test/v1")], "m", api_dialect="gpt")
+
+
+# -- 3. errors classified from the body -----------------------------------------------------
+
+
+@pytest.mark.parametrize("marker", ["[[policy]]", "[[azure-policy]]"])
+async def test_content_policy_400_is_about_the_prompt(marker):
+    with FakeOpenAIServer(FakeConfig()).running() as fake:
+        async with fake_client(fake) as c:
+            with pytest.raises(ContentPolicyError) as info:
+                await c.chat(request(f"<instruction>Write {marker}</instruction>"))
+            ok = await c.chat(request("<instruction>Write calmly</instruction>"))
+    assert fake.stats.requests == 2 and ok.content  # not retried; the endpoint is fine
+    assert info.value.reason == "content_policy" and "\n" not in str(info.value)
+
+
+async def test_finish_reason_content_filter_is_not_a_complete_answer():
+    with FakeOpenAIServer(FakeConfig()).running() as fake:
+        async with fake_client(fake) as c:
+            with pytest.raises(ContentPolicyError, match="content filter"):
+                await c.chat(request("<instruction>Write [[filtered]]</instruction>"))
+    assert fake.stats.requests == 1
+
+
+async def test_vllm_abort_is_retried_not_accepted():
+    cfg = FakeConfig(fault_rate=1.0, fault_kinds=("abort",))
+    with FakeOpenAIServer(cfg).running() as fake:
+        async with fake_client(fake) as c:
+            with pytest.raises(BadOutputError, match="finish_reason=abort"):
+                await c.chat(request())
+    assert fake.stats.requests == FAST.max_attempts
+
+
+async def test_insufficient_quota_stops_at_once():
+    with FakeOpenAIServer(FakeConfig(quota_exhausted=True)).running() as fake:
+        async with fake_client(fake) as c:
+            with pytest.raises(QuotaExceededError, match="quota") as info:
+                await c.chat(request())
+    assert fake.stats.requests == 1  # a 429, but one that never clears
+    assert isinstance(info.value, FatalLLMError) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("style", sorted(CONTEXT_ERRORS))
+async def test_context_errors_in_each_servers_wording(style):
+    cfg = FakeConfig(context_limit_chars=100, context_error_style=style)
+    with FakeOpenAIServer(cfg).running() as fake:
+        async with fake_client(fake) as c:
+            with pytest.raises(ContextLengthError):
+                await c.chat(request("x" * 200))
+    assert fake.stats.requests == 1
+
+
+@pytest.mark.parametrize("status", [520, 521, 522, 523, 524])
+async def test_cloudflare_statuses_are_transient(status):
+    answers = [httpx.Response(status, text=f"error code: {status}")]
+    answers.append(
+        httpx.Response(
+            200, json={"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}]}
+        )
+    )
+    with respx.mock() as mock:
+        route = mock.post("http://x.test/v1/chat/completions").mock(side_effect=answers)
+        async with LLMClient([Endpoint("http://x.test/v1")], "m", FAST) as c:
+            assert (await c.chat(request())).content == "ok"
+    assert route.call_count == 2
+
+
+# -- 4. Retry-After capped, every server hint read ------------------------------------------
+
+
+def test_backoff_never_exceeds_the_cap():
+    p = RetryPolicy(max_retry_after_s=120.0)
+    waits = [p.backoff(1, 86400.0) for _ in range(500)]
+    assert max(waits) <= 120.0 and min(waits) >= 119.0
+    small = [p.backoff(1, 2.0) for _ in range(500)]
+    assert all(2.0 <= w <= 2.2 for w in small)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("6m0s", 360.0), ("1.5s", 1.5), ("20ms", 0.02), ("1h2m3s", 3723.0), ("2", 2.0)],
+)
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("bad", ["", None, "soon", "5x", "1s junk"])
+def test_parse_duration_rejects(bad):
+    assert parse_duration(bad) is None
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        ({"retry-after-ms": "250", "retry-after": "9"}, 0.25),
+        ({"retry-after": "3"}, 3.0),
+        (
+            {
+                "x-ratelimit-remaining-requests": "0",
+                "x-ratelimit-reset-requests": "1.5s",
+                "x-ratelimit-remaining-tokens": "900",
+                "x-ratelimit-reset-tokens": "6m0s",
+            },
+            1.5,
+        ),
+        ({"x-ratelimit-reset-requests": "20ms", "x-ratelimit-reset-tokens": "2s"}, 2.0),
+        ({}, None),
+    ],
+)
+def test_retry_hint(headers, seconds):
+    assert retry_hint(httpx.Headers(headers)) == seconds
