@@ -3,7 +3,8 @@
     longwriter audit --data PATH --out DIR [--min-words N] [--json] [--workers N]
 
 Not a Prefect flow: an audit is one pass over a file, with nothing to schedule, retry or
-resume, so it starts in well under a second of its own (tasks.audit holds the work).
+resume (tasks.audit holds the work). It imports no Prefect of its own; the sample filters and
+the shard writer it reuses (tasks.filters, tasks.export) still pull Prefect in at import.
 """
 
 from __future__ import annotations
