@@ -32,8 +32,10 @@ from tasks.endpoints import open_endpoints, sampling_extras
 from tasks.export import export_task
 from tasks.filters import FilterConfig, filter_batch
 from tasks.ingest import ingest_task
+from tasks.judge import judge_format_for
 from tasks.llm_client import ClientStats, LLMClient, RetryPolicy
 from tasks.plan import plan_batch
+from tasks.quality_gate import JudgeGate, judge_batch
 from tasks.report import build_summary, length_histogram_png, summary_markdown
 from tasks.runtime import (
     BuildRuntime,
@@ -80,6 +82,9 @@ class BuildSettings(BaseModel):
     decontaminate: bool = True
     export: bool = True
     shard_size: int = 1000
+    # Written into the dataset card (OUT/README.md). No default can be right: it depends on the
+    # generator's terms and the instructions' source; "unknown" says so on the Hub.
+    license: str = Field("unknown", description="dataset card licence (a Hub id: apache-2.0...)")
     request_timeout_s: float = 600.0
     max_attempts: int = 6
     # Client backoff between attempts (capped full jitter; Retry-After wins when given).
@@ -99,6 +104,31 @@ class BuildSettings(BaseModel):
     )
     min_paragraph_share: float = Field(
         0.5, ge=0, le=1, description="continue a paragraph under this share of its planned words"
+    )
+    quality_checks: bool = Field(
+        True, description="plan and paragraph quality checks on every draft (tasks.quality)"
+    )
+    # The judge gate: every accepted sample scored on LongBench-Write's six dimensions.
+    judge_base_urls: list[str] = Field(
+        default_factory=list, description="judge /v1 URLs (none: the writer's endpoint)"
+    )
+    judge_model: str | None = Field(None, description="judge model (default: the writer's)")
+    judge_api_key_env: str = Field(
+        "LONGWRITER_JUDGE_API_KEY", description="env variable holding the judge's API key"
+    )
+    judge_format: str = Field("auto", description="auto | json_schema | json_object | none")
+    judge_context_window: int | None = Field(None, description="judge model context")
+    min_quality: float | None = Field(
+        None,
+        ge=0,
+        le=100,
+        description="judge every accepted sample; reject those with S_q (0-100) under this",
+    )
+    min_length_score: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="reject samples whose length score S_l against the required length is lower",
     )
     progress: bool = False  # terminal progress bar (the CLI turns it on for a tty)
     # Real endpoints (tasks/llm_client.py): fields sent with every request, part of each key.
@@ -252,6 +282,50 @@ async def _progress_reporters(
             await publish(client, 100.0)
 
 
+@contextlib.asynccontextmanager
+async def _judge_gate(
+    settings: BuildSettings, rt: BuildRuntime, embedded: bool, policy: RetryPolicy
+) -> AsyncIterator[None]:
+    """Open the judge gate's client when the build has one (--min-quality or a judge URL):
+    its own endpoint, or the writer's when no --judge-base-url is given."""
+    if settings.min_quality is None and not settings.judge_base_urls:
+        yield
+        return
+    async with contextlib.AsyncExitStack() as stack:
+        window = rt.config.context_window
+        judge_embedded = embedded
+        if settings.judge_base_urls:
+            resolved = await stack.enter_async_context(
+                open_endpoints(
+                    settings.judge_base_urls,
+                    settings.judge_model,
+                    settings.judge_api_key_env,
+                    settings.concurrency,
+                    settings.judge_context_window,
+                )
+            )
+            window, judge_embedded = resolved.context_window, resolved.embedded
+            rt.judge_client = await stack.enter_async_context(
+                LLMClient(resolved.endpoints, resolved.model, policy)
+            )
+        elif settings.judge_model not in (None, rt.client.model):
+            rt.judge_client = await stack.enter_async_context(
+                LLMClient(rt.client.endpoints, str(settings.judge_model), policy)
+            )
+        rt.judge_gate = JudgeGate(
+            min_quality=settings.min_quality or 0.0,
+            judge_format=judge_format_for(settings.judge_format, judge_embedded),
+            context_window=window,
+        )
+        rt.judge_slots = asyncio.Semaphore(settings.concurrency)
+        get_run_logger().info(
+            "judge gate: %s, samples under S_q %s rejected",
+            (rt.judge_client or rt.client).model,
+            settings.min_quality or 0,
+        )
+        yield
+
+
 async def run_agentwrite(rt: BuildRuntime, ids: list[int], batch_size: int) -> None:
     """Fan out: every batch runs plan -> write -> filter; batches run concurrently."""
     runtime_id = register(rt)
@@ -264,6 +338,10 @@ async def run_agentwrite(rt: BuildRuntime, ids: list[int], batch_size: int) -> N
         accepted = await filter_batch.with_options(task_run_name=f"filter-{label}")(
             runtime_id, chunk
         )
+        if rt.judge_gate is not None:
+            accepted = await judge_batch.with_options(task_run_name=f"judge-{label}")(
+                runtime_id, chunk
+            )
         _log_batch(rt.store, chunk, planned, written, accepted)
 
     try:
@@ -375,17 +453,22 @@ async def build_flow(settings: BuildSettings) -> dict[str, Any]:
                             max_plan_resamples=settings.max_plan_resamples,
                             max_plan_steps=settings.max_paragraphs,
                             context_window=resolved.context_window,
+                            quality_checks=settings.quality_checks,
                             extra_params=extra,
                             filters=FilterConfig(
                                 min_words=settings.min_words,
                                 max_repetition=settings.max_repetition,
+                                min_length_score=settings.min_length_score,
                             ),
                         ),
                         progress=progress,
                         chain_slots=asyncio.Semaphore(settings.concurrency),
                         budget=ContextBudget(resolved.context_window),
                     )
-                    async with _progress_reporters(progress, settings.progress, stats=client.stats):
+                    async with (
+                        _judge_gate(settings, rt, resolved.embedded, policy),
+                        _progress_reporters(progress, settings.progress, stats=client.stats),
+                    ):
                         await run_agentwrite(rt, ids, settings.batch_size)
                     logger.info(
                         "LLM: %d calls made, %d reused from the store, %d HTTP requests, "
@@ -430,6 +513,10 @@ async def _publish(store: Store, settings: BuildSettings, summary: dict[str, Any
             # artifact so it shows on any server without a file host.
             data = base64.b64encode(png.read_bytes()).decode("ascii")
             md += f"\n![length histogram](data:image/png;base64,{data})\n"
+        report = out / "report.html"
+        if report.is_file():
+            # Every sample, rejection examples and charts: too big for an artifact, so a link.
+            md += f"\n[Build report: every sample, plan beside text]({report.resolve().as_uri()})\n"
     await acreate_markdown_artifact(markdown=md, key="build-summary", description="build summary")
 
 

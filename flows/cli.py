@@ -22,7 +22,14 @@ from typing import Any
 
 # Modules that add their own subcommands through `add_cli(subparsers)`. Missing ones (an
 # optional extra not installed) just do not appear.
-CLI_MODULES = ("flows.serve", "flows.eval", "flows.train", "flows.pairs", "flows.audit")
+CLI_MODULES = (
+    "flows.serve",
+    "flows.eval",
+    "flows.train",
+    "flows.pairs",
+    "flows.publish",
+    "flows.audit",
+)
 
 
 def _db_default() -> str:
@@ -105,8 +112,46 @@ def add_build_parser(sub: Any) -> None:
         help="new plans (new seed) asked for when a plan fails validation",
     )
     p.add_argument("--no-json-plan", action="store_true", help="ask for line-format plans")
+    p.add_argument(
+        "--no-quality-checks",
+        action="store_true",
+        help="skip the plan and paragraph quality checks (echo, chatter, markup, language, "
+        "restated paragraphs); the sample filters still run",
+    )
+    p.add_argument(
+        "--min-quality",
+        type=float,
+        default=None,
+        help="judge gate: score every accepted sample on LongBench-Write's six dimensions and "
+        "reject those with S_q (0-100) under this (judge: --judge-base-url, else the writer)",
+    )
+    p.add_argument(
+        "--judge-base-url",
+        action="append",
+        default=None,
+        help="judge /v1 URL for the judge gate; repeat or comma-separate for several",
+    )
+    p.add_argument("--judge-model", default=None, help="judge model (default: the writer's)")
+    p.add_argument(
+        "--judge-api-key-env",
+        default="LONGWRITER_JUDGE_API_KEY",
+        help="name of the environment variable holding the judge's API key",
+    )
+    p.add_argument(
+        "--judge-format",
+        default="auto",
+        help="judge structured output: auto, json_schema, json_object or none",
+    )
+    p.add_argument(
+        "--min-length-score",
+        type=float,
+        default=0.0,
+        help="reject samples whose length score S_l (0-100, LongBench-Write's formula) against "
+        "the instruction's required length is below this",
+    )
     p.add_argument("--no-decontaminate", action="store_true")
     p.add_argument("--no-export", action="store_true")
+    _add_license_argument(p)
     p.add_argument("--request-timeout", type=float, default=600.0)
     p.add_argument(
         "--reasoning-effort",
@@ -209,8 +254,16 @@ def cmd_build(args: argparse.Namespace) -> int:
         max_continuations=args.max_continuations,
         embedded_replicas=args.embedded_replicas,
         json_plan=not args.no_json_plan,
+        quality_checks=not args.no_quality_checks,
+        min_quality=args.min_quality,
+        judge_base_urls=args.judge_base_url or [],
+        judge_model=args.judge_model,
+        judge_api_key_env=args.judge_api_key_env,
+        judge_format=args.judge_format,
+        min_length_score=args.min_length_score,
         decontaminate=not args.no_decontaminate,
         export=not args.no_export,
+        license=args.license,
         request_timeout_s=args.request_timeout,
         reasoning_effort=args.reasoning_effort,
         extra_body=args.extra_body or {},
@@ -269,7 +322,17 @@ def add_export_parser(sub: Any) -> None:
     p.add_argument("--db", default=None)
     p.add_argument("--out", required=True)
     p.add_argument("--shard-size", type=int, default=1000)
+    _add_license_argument(p)
     p.set_defaults(handler=cmd_export)
+
+
+def _add_license_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--license",
+        default="unknown",
+        help="licence for the dataset card, a Hub licence id (apache-2.0, cc-by-4.0, ...); "
+        "default unknown: check the generator model's terms and the instructions' source",
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -278,7 +341,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     store = Store(args.db or _db_default())
     try:
-        manifest = export_store(store, Path(args.out), {"command": "export"}, args.shard_size)
+        settings = {"command": "export", "license": args.license}
+        manifest = export_store(store, Path(args.out), settings, args.shard_size)
     finally:
         store.close()
     print(
@@ -292,12 +356,26 @@ def add_stats_parser(sub: Any) -> None:
     p = sub.add_parser("stats", help="where every instruction ended, words and tokens")
     p.add_argument("--db", default=None)
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--lineage",
+        metavar="PATH",
+        default=None,
+        help="print shards -> model -> scores for a model folder (or an eval folder), "
+        "re-checking every sha256; no store needed",
+    )
     p.set_defaults(handler=cmd_stats)
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from storage.store import Store
 
+    if args.lineage:
+        from tasks.lineage import lineage_chain
+
+        if not Path(args.lineage).exists():
+            return _fail(f"no such model or eval folder: {args.lineage}")
+        print("\n".join(lineage_chain(Path(args.lineage))))
+        return 0
     url = args.db or _db_default()
     store = Store(url)
     try:
@@ -325,6 +403,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print(
             f"llm {stage}: {c['calls']} calls, {c['prompt_tokens']} tokens in, "
             f"{c['completion_tokens']} out, {c['http_attempts']} HTTP attempts"
+            + (f", {c['cached_tokens']} cached in" if c.get("cached_tokens") else "")
+            + (f", {c['reasoning_tokens']} reasoning" if c.get("reasoning_tokens") else "")
         )
     return 0
 

@@ -314,6 +314,20 @@ class Store:
             yield from rows
             last_id = rows[-1][0].instruction_id
 
+    def unjudged_samples(self, ids: list[int]) -> list[tuple[Sample, str]]:
+        """(sample, instruction prompt) of the accepted samples among `ids` that hold no judge
+        scores yet: what the build's judge gate still has to score (a rerun resumes here)."""
+        with self.session() as s:
+            rows = s.exec(
+                select(Sample, Instruction.prompt)
+                .join(Instruction, col(Instruction.id) == col(Sample.instruction_id))
+                .where(col(Sample.instruction_id).in_(ids))
+                .where(col(Instruction.status) == "accepted")
+                .where(col(Sample.quality_json).is_(None))
+                .order_by(col(Sample.instruction_id))
+            ).all()
+        return [(sample, prompt) for sample, prompt in rows]
+
     def quality_stats(self) -> dict[str, Any]:
         """What the quality checks did: drafts that failed a check (and were redrafted or
         sank their sample) by stage and reason, cleanings on accepted paragraphs by check, and
@@ -368,6 +382,8 @@ class Store:
                     func.coalesce(func.sum(LLMCall.prompt_tokens), 0),
                     func.coalesce(func.sum(LLMCall.completion_tokens), 0),
                     func.coalesce(func.sum(LLMCall.attempts), 0),
+                    func.coalesce(func.sum(LLMCall.cached_tokens), 0),
+                    func.coalesce(func.sum(LLMCall.reasoning_tokens), 0),
                 ).group_by(LLMCall.stage)
             ).all()
             samples = s.exec(
@@ -417,7 +433,11 @@ class Store:
                     "prompt_tokens": int(pt),
                     "completion_tokens": int(ct),
                     "http_attempts": int(att),
+                    # served from the endpoint's prefix cache / spent on reasoning (of the
+                    # completion tokens): what the cost of a build really was
+                    "cached_tokens": int(cached),
+                    "reasoning_tokens": int(reasoning),
                 }
-                for stage, n, pt, ct, att in calls
+                for stage, n, pt, ct, att, cached, reasoning in calls
             },
         }

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from storage.models import Instruction, Plan, Sample
 from tasks.files import atomic_write_text, sha256_file
 from tasks.plan import steps_from_json
+from tasks.scoring import DIMENSIONS
 
 SCHEMA = pa.schema(
     [
@@ -46,6 +47,15 @@ SCHEMA = pa.schema(
         pa.field("model", pa.string()),
         pa.field("prompt_version", pa.string()),
         pa.field("source", pa.string()),
+        # Judge scores when the build had a judge gate (six 1-5 ratings and S_q, 0-100);
+        # null otherwise.
+        pa.field(
+            "quality",
+            pa.struct([pa.field(d, pa.float64()) for d in (*DIMENSIONS, "S_q")]),
+            nullable=True,
+        ),
+        # S_l against the instruction's required length; null when it gives none.
+        pa.field("length_score", pa.float64(), nullable=True),
     ]
 )
 HISTOGRAM_EDGES = (0, 2000, 4000, 8000, 16000, 32000)
@@ -69,6 +79,8 @@ def to_record(sample: Sample, inst: Instruction, plan: Plan) -> dict[str, Any]:
         "model": sample.model,
         "prompt_version": sample.prompt_version,
         "source": inst.source,
+        "quality": json.loads(sample.quality_json) if sample.quality_json else None,
+        "length_score": sample.length_score,
     }
 
 
@@ -240,15 +252,41 @@ from prefect import task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from storage.store import Store  # noqa: E402
+from tasks.near_duplicates import THRESHOLD, find_near_duplicates  # noqa: E402
+
+
+def drop_near_duplicates(store: Store, threshold: float = THRESHOLD) -> int:
+    """Reject (stage export, reason near_duplicate) every accepted sample whose text repeats
+    an earlier accepted one; the earliest instruction keeps its sample. Returns how many."""
+    uids: dict[int, str] = {}
+
+    def texts() -> Iterator[tuple[int, str]]:
+        for sample, inst, _plan in store.iter_samples():
+            uids[sample.instruction_id] = inst.uid
+            yield sample.instruction_id, sample.text
+
+    found = find_near_duplicates(texts(), threshold)
+    for dup in found:
+        store.reject(
+            dup.key,
+            "export",
+            "near_duplicate",
+            f"{dup.similarity:.0%} alike (MinHash, 5-grams) the sample of instruction "
+            f"{uids.get(dup.of, dup.of)}, which is kept",
+        )
+    return len(found)
 
 
 def export_store(
     store: Store, out_dir: Path, settings: dict[str, Any] | None = None, shard_size: int = 1000
 ) -> dict[str, Any]:
-    """Stream every accepted sample from the store into shards + manifest."""
+    """Stream every accepted sample from the store into shards + manifest. Near-duplicate
+    samples (MinHash) are rejected first, so two instructions that produced the same text do
+    not both ship."""
+    drop_near_duplicates(store)
     total = store.stats()["samples"]["accepted"]
     records = (to_record(s, i, p) for s, i, p in store.iter_samples())
-    return export_shards(
+    manifest = export_shards(
         records,
         total,
         out_dir,
@@ -256,6 +294,11 @@ def export_store(
         settings=settings,
         extra={"store": store.redacted_url},
     )
+    # After the manifest: the Hub card (README.md) and report.html describe the shards it lists.
+    from tasks.card import write_card_and_report
+
+    write_card_and_report(store, out_dir, manifest)
+    return manifest
 
 
 @task(name="export", cache_policy=NO_CACHE, persist_result=False)

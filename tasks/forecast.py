@@ -110,6 +110,23 @@ class ForecastConfig:
     max_steps: int = MAX_STEPS  # the build's --max-paragraphs
     price_in: float | None = None  # USD per million input (prompt) tokens
     price_out: float | None = None  # USD per million output (completion) tokens
+    # USD per million cached input tokens (OpenAI: a prefix of 1,024+ tokens seen recently);
+    # None: cached tokens are priced as input.
+    price_cached_in: float | None = None
+
+
+# OpenAI caches a prompt prefix of at least this many tokens, in steps of 128 (openai-cookbook
+# Prompt_Caching_201): AgentWrite's write calls of one instruction share the instruction, the
+# plan and the text so far, so most of their input is such a prefix.
+CACHE_MIN_TOKENS = 1024
+CACHE_STEP_TOKENS = 128
+
+
+def cached_tokens(shared_tokens: int) -> int:
+    """Tokens of a shared prefix that an OpenAI-style prefix cache serves."""
+    if shared_tokens < CACHE_MIN_TOKENS:
+        return 0
+    return shared_tokens // CACHE_STEP_TOKENS * CACHE_STEP_TOKENS
 
 
 @dataclass(frozen=True)
@@ -144,6 +161,10 @@ class Forecast:
     write: StageTotals = field(default_factory=StageTotals)
     price_in: float | None = None
     price_out: float | None = None
+    price_cached_in: float | None = None
+    # Input tokens a prefix cache would serve: each write prompt's prefix shared with the
+    # instruction's previous write prompt (the plan call shares too little to count).
+    cached_prompt_tokens: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -160,7 +181,12 @@ class Forecast:
 
     @property
     def cost_in(self) -> float | None:
-        return None if self.price_in is None else self.prompt_tokens * self.price_in / 1e6
+        if self.price_in is None:
+            return None
+        if self.price_cached_in is None:
+            return self.prompt_tokens * self.price_in / 1e6
+        fresh = self.prompt_tokens - self.cached_prompt_tokens
+        return (fresh * self.price_in + self.cached_prompt_tokens * self.price_cached_in) / 1e6
 
     @property
     def cost_out(self) -> float | None:
@@ -234,13 +260,15 @@ def _write_calls(
     written: Sequence[str],
     lang: str,
     cfg: ForecastConfig,
-) -> list[tuple[int, int, int, int]]:
+) -> list[tuple[int, int, int, int, int]]:
     """Per remaining paragraph: (prompt chars, prompt CJK, completion tokens, tokens of room
-    left before the context budget would trim the text so far), from the real write prompts
-    with placeholder paragraphs."""
+    left before the context budget would trim the text so far, tokens of the prefix shared
+    with the previous write prompt), from the real write prompts with placeholder
+    paragraphs."""
     budget = ContextBudget(cfg.context_window)
     text = list(written)
     out = []
+    previous = ""
     for step in range(len(text) + 1, len(steps) + 1):
         req = build_write_request(
             instruction,
@@ -257,7 +285,9 @@ def _write_calls(
         completion = min(estimate_tokens(paragraph), req.max_tokens or 1 << 30)
         asked = paragraph_max_tokens(steps[step - 1].word_count, lang, cfg.max_paragraph_tokens)
         room = budget.prompt_budget(asked) - _tokens(chars, cjk)
-        out.append((chars, cjk, completion, room))
+        shared = os.path.commonprefix([previous, content]) if previous else ""
+        out.append((chars, cjk, completion, room, _tokens(*_counts(shared)) if shared else 0))
+        previous = content
         text.append(paragraph)
     return out
 
@@ -271,7 +301,9 @@ def _write_shape(words: tuple[int, ...], lang: str, cfg: ForecastConfig) -> tupl
 def forecast(instructions: Iterable[PendingInstruction], cfg: ForecastConfig) -> Forecast:
     """Calls and tokens of building `instructions`: plan (unless stored) and every paragraph
     not yet written."""
-    fc = Forecast(price_in=cfg.price_in, price_out=cfg.price_out)
+    fc = Forecast(
+        price_in=cfg.price_in, price_out=cfg.price_out, price_cached_in=cfg.price_cached_in
+    )
     for inst in instructions:
         fc.instructions += 1
         i_chars, i_cjk = _counts(inst.prompt)
@@ -282,25 +314,33 @@ def forecast(instructions: Iterable[PendingInstruction], cfg: ForecastConfig) ->
             # The instruction adds its size to every prompt, unless a prompt is so long that
             # the context budget would start trimming the text so far: render those exactly.
             i_tokens = _tokens(i_chars, i_cjk)
-            if all(room - i_tokens > 4 for *_, room in shape):
-                calls = [(c + i_chars, k + i_cjk, out) for c, k, out, _ in shape]
+            if all(room - i_tokens > 4 for *_, room, _shared in shape):
+                # The instruction sits in the shared prefix of every write prompt after the
+                # first, so it adds to the shared part too.
+                calls = [
+                    (c + i_chars, k + i_cjk, out, shared + i_tokens if shared else 0)
+                    for c, k, out, _, shared in shape
+                ]
             else:
                 steps = [PlanStep(_main_point(i, inst.lang), w) for i, w in enumerate(words, 1)]
                 calls = [
-                    (c, k, out)
-                    for c, k, out, _ in _write_calls(inst.prompt, steps, (), inst.lang, cfg)
+                    (c, k, out, shared)
+                    for c, k, out, _, shared in _write_calls(inst.prompt, steps, (), inst.lang, cfg)
                 ]
             fc.words += sum(words)
         else:
             calls = [
-                (c, k, out)
-                for c, k, out, _ in _write_calls(
+                (c, k, out, shared)
+                for c, k, out, _, shared in _write_calls(
                     inst.prompt, inst.plan, inst.written, inst.lang, cfg
                 )
             ]
             fc.words += sum(s.word_count for s in inst.plan[len(inst.written) :])
         fc.paragraphs += len(calls)
-        fc.write.add(len(calls), sum(_tokens(c, k) for c, k, _ in calls), sum(o for *_, o in calls))
+        fc.write.add(
+            len(calls), sum(_tokens(c, k) for c, k, *_ in calls), sum(o for _, _, o, _ in calls)
+        )
+        fc.cached_prompt_tokens += sum(cached_tokens(shared) for *_, shared in calls)
     return fc
 
 
@@ -315,11 +355,17 @@ def format_forecast(fc: Forecast, cfg: ForecastConfig) -> str:
         f"tokens in / out        {m(fc.prompt_tokens)} / {m(fc.completion_tokens)}"
         f"  ({fc.prompt_tokens / max(fc.completion_tokens, 1):.1f} in per out)",
         f"expected words         {fc.words:,} in {fc.paragraphs:,} paragraphs",
+        f"cacheable input        {m(fc.cached_prompt_tokens)} "
+        f"({fc.cached_prompt_tokens / max(fc.prompt_tokens, 1):.0%} of input: prefixes of "
+        f"{CACHE_MIN_TOKENS}+ tokens shared with the previous write call)",
     ]
     if fc.cost is not None:
         parts = []
         if fc.cost_in is not None:
-            parts.append(f"${fc.cost_in:,.2f} in (at ${cfg.price_in}/M)")
+            cached = (
+                f", cached at ${cfg.price_cached_in}/M" if cfg.price_cached_in is not None else ""
+            )
+            parts.append(f"${fc.cost_in:,.2f} in (at ${cfg.price_in}/M{cached})")
         if fc.cost_out is not None:
             parts.append(f"${fc.cost_out:,.2f} out (at ${cfg.price_out}/M)")
         lines.append(f"cost                   ${fc.cost:,.2f} = " + " + ".join(parts))
@@ -408,6 +454,12 @@ def add_dry_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--price-in", type=float, default=None, help="USD per million input tokens")
     p.add_argument("--price-out", type=float, default=None, help="USD per million output tokens")
     p.add_argument(
+        "--price-cached-in",
+        type=float,
+        default=None,
+        help="USD per million cached input tokens (default: priced as input)",
+    )
+    p.add_argument(
         "--expect-words",
         type=int,
         default=None,
@@ -433,6 +485,7 @@ def config_from_args(args: argparse.Namespace) -> ForecastConfig:
         max_steps=getattr(args, "max_paragraphs", MAX_STEPS),
         price_in=getattr(args, "price_in", None),
         price_out=getattr(args, "price_out", None),
+        price_cached_in=getattr(args, "price_cached_in", None),
     )
 
 

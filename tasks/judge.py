@@ -42,6 +42,16 @@ STAGE = "judge"
 FORMATS = ("json_schema", "json_object", "none")
 
 
+def judge_format_for(setting: str, embedded: bool) -> str:
+    """auto: llama-cpp-python's server (the embedded one) answers json_schema with HTTP 500,
+    so it gets json_object; others json_schema (and fall back when refused)."""
+    if setting == "auto":
+        return "json_object" if embedded else "json_schema"
+    if setting not in FORMATS:
+        raise ValueError(f"judge format must be auto or one of {', '.join(FORMATS)}")
+    return setting
+
+
 class JudgeParseError(ValueError):
     """The judge's answer holds no complete, valid set of six ratings."""
 

@@ -46,9 +46,7 @@ _log = logging.getLogger(__name__)
 POOL_CONNECTIONS = 4  # connections per httpx pool (see LLMClient.__init__)
 MAX_AFFINITIES = 4096  # endpoint bindings remembered (chains in flight are far fewer)
 # 520-524: Cloudflare in front of an endpoint (unknown error, down, unreachable, timed out).
-RETRYABLE_STATUSES = frozenset(
-    {408, 409, 425, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524}
-)
+RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524})
 # Context-length errors as the servers word them: OpenAI/vLLM/OpenRouter "maximum context
 # length", vLLM V1 "(decoder) prompt ... longer than the maximum model length", TGI "`inputs`
 # tokens + `max_new_tokens` must be <= N", SGLang "longer than the model's context length",
@@ -450,25 +448,54 @@ class RateLimiter:
     """Client-side pacing under the account's limits (`--rpm`, `--tpm`): a token bucket per
     limit, charged before each request, counting the prompt estimate plus max_tokens for the
     tokens limit as OpenAI does. Reservations are made in arrival order on the event loop,
-    so callers queue fairly without a lock. The bucket holds one second of the limit: the
-    servers enforce limits over short windows, so a minute's burst would be refused."""
+    so callers queue fairly without a lock. The bucket holds half a second of the limit:
+    the servers enforce limits over short windows (a minute's burst would be refused), and a
+    bucket smaller than the server's keeps arrival jitter from tipping it over."""
 
-    def __init__(self, rpm: float | None, tpm: float | None, burst_s: float = 1.0) -> None:
-        self._limits: list[tuple[float, float]] = []  # (per-second rate, capacity)
-        self._tat: list[float] = []  # theoretical arrival time per limit (GCRA)
-        self.rpm, self.tpm = rpm, tpm
-        for per_minute in (rpm, tpm):
+    def __init__(self, rpm: float | None, tpm: float | None, burst_s: float = 0.5) -> None:
+        self.burst_s = burst_s
+        self._limits: list[tuple[float, float]] = [(0.0, 0.0), (0.0, 0.0)]  # (rate/s, capacity)
+        self._tat: list[float] = [0.0, 0.0]  # theoretical arrival time per limit (GCRA)
+        self._given = (bool(rpm), bool(tpm))
+        for i, per_minute in enumerate((rpm, tpm)):
             if per_minute:
-                rate = per_minute / 60.0
-                self._limits.append((rate, max(1.0, rate * burst_s)))
-                self._tat.append(0.0)
-            else:
-                self._limits.append((0.0, 0.0))
-                self._tat.append(0.0)
+                self._set(i, per_minute)
+        self.rpm, self.tpm = rpm, tpm
+
+    def _set(self, i: int, per_minute: float) -> None:
+        rate = per_minute / 60.0
+        self._limits[i] = (rate, max(1.0, rate * self.burst_s))
 
     @property
     def active(self) -> bool:
-        return bool(self.rpm or self.tpm)
+        return any(rate for rate, _ in self._limits)
+
+    def learn(self, headers: httpx.Headers) -> None:
+        """Adopt the limits the server announces (OpenAI's x-ratelimit-limit-requests and
+        -tokens, on every answer) for any limit the user did not give, as curator fills its
+        buckets from them: the client then paces itself instead of finding the limit by 429s.
+        """
+        for i, kind in enumerate(("requests", "tokens")):
+            if self._given[i]:
+                continue
+            value = headers.get(f"x-ratelimit-limit-{kind}")
+            try:
+                per_minute = float(value) if value else 0.0
+            except ValueError:
+                continue
+            if per_minute > 0 and abs(per_minute / 60.0 - self._limits[i][0]) > 1e-9:
+                self._set(i, per_minute)
+                if i == 0:
+                    self.rpm = per_minute
+                else:
+                    self.tpm = per_minute
+
+    def push_back(self, seconds: float) -> None:
+        """A 429 said the limits are spent for `seconds`: no reservation starts before."""
+        until = time.monotonic() + seconds
+        for i, (rate, capacity) in enumerate(self._limits):
+            if rate:
+                self._tat[i] = max(self._tat[i], until + capacity / rate)
 
     def reserve(self, tokens: int) -> float:
         """Charge one request of `tokens` and return how long to wait before sending it."""
@@ -739,9 +766,7 @@ class LLMClient:
             budget = request.max_tokens
             if budget is None or budget >= self.policy.max_reasoning_tokens:
                 raise
-            return await self._chat(
-                request, key, min(2 * budget, self.policy.max_reasoning_tokens)
-            )
+            return await self._chat(request, key, min(2 * budget, self.policy.max_reasoning_tokens))
 
     async def _chat(self, request: ChatRequest, key: str, max_tokens: int | None) -> ChatResult:
         attempts = 0
@@ -872,6 +897,7 @@ class LLMClient:
                     ) from None
                 status = response.status_code
                 self.stats.by_status[str(status)] = self.stats.by_status.get(str(status), 0) + 1
+                self.limiter.learn(response.headers)
                 if status == 400 and self._learn_dialect(state, body, response):
                     continue
                 break
@@ -923,6 +949,7 @@ class LLMClient:
             ) as response:
                 status = response.status_code
                 self.stats.by_status[str(status)] = self.stats.by_status.get(str(status), 0) + 1
+                self.limiter.learn(response.headers)
                 if status != 200:
                     await response.aread()
                     if status == 400 and self._learn_dialect(state, body, response):
@@ -1117,8 +1144,12 @@ class LLMClient:
             hint = retry_hint(response.headers)
             if status == 429:
                 self.stats.throttled += 1
-                pause = hint if hint is not None else self.policy.throttle_pause_s
-                state.throttled(sent_at, min(pause, self.policy.max_retry_after_s))
+                pause = min(
+                    hint if hint is not None else self.policy.throttle_pause_s,
+                    self.policy.max_retry_after_s,
+                )
+                state.throttled(sent_at, pause)
+                self.limiter.push_back(pause)
             # The body goes into the message (one line, redacted): when retries run out it is
             # the only clue to what the server disliked.
             raise TransientLLMError(

@@ -48,7 +48,6 @@ import pyarrow.parquet as pq
 from tasks.scoring import DIMENSIONS, dimension_score, length_score
 
 RejectedMode = Literal["random", "worst"]
-JUDGE_FORMATS_AUTO = "auto"
 
 # -- scores ---------------------------------------------------------------------------------
 
@@ -321,7 +320,7 @@ from storage.pair_models import (  # noqa: E402
 )
 from storage.store import Store  # noqa: E402
 from tasks.filters import FilterConfig, SampleCandidate, run_filters  # noqa: E402
-from tasks.judge import FORMATS, judge_answer  # noqa: E402
+from tasks.judge import FORMATS, judge_answer, judge_format_for  # noqa: E402, F401
 from tasks.llm_client import LLMClient  # noqa: E402
 from tasks.plan import PlanStep, steps_from_json  # noqa: E402
 from tasks.runtime import Progress, gather_all, retry_unless_llm_error  # noqa: E402
@@ -804,11 +803,3 @@ def skipped_details(store: Store, ids: Iterable[int]) -> list[tuple[int, str, st
     return [(r.instruction_id, r.reason, r.detail) for r in rows]
 
 
-def judge_format_for(setting: str, embedded: bool) -> str:
-    """auto: llama-cpp-python's server (the embedded one) answers json_schema with HTTP 500,
-    so it gets json_object; others json_schema (and fall back when refused)."""
-    if setting == JUDGE_FORMATS_AUTO:
-        return "json_object" if embedded else "json_schema"
-    if setting not in FORMATS:
-        raise ValueError(f"judge format must be auto or one of {', '.join(FORMATS)}")
-    return setting

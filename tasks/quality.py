@@ -129,6 +129,7 @@ _ADDRESS_ASK_RE = re.compile(
 )
 
 
+@functools.lru_cache(maxsize=1024)
 def instruction_form(instruction: str) -> InstructionForm:
     return InstructionForm(
         markup=bool(_MARKUP_ASK_RE.search(instruction)),
@@ -195,14 +196,23 @@ _META_NOUNS = (
     r"response|answer|rewrite|chapter|passage|poem|report|content|introduction|conclusion|"
     r"opening|outline|plan|narrative|composition|blog post|post|letter|speech|script)"
 )
+_HERE = r"(?:here(?:'s| is| are)|below (?:is|are)|the following is)"
+_ARTICLE = r"(?:the|a|an|my|your|this)"
 _CHATTER_START_EN = re.compile(
     r"^(?:"
     # an interjection that answers the request: "Sure!", "Certainly, here is"
     r"(?:sure|certainly|of course|absolutely|okay|ok|alright|all right|great|gladly|"
     r"no problem|with pleasure)(?:\s*[!.]+|\s*,\s*(?=here|below|i\b|i'|let|this is|the following))"
-    # "Here is the next paragraph:", "Below is a revised version of the essay."
-    rf"|(?:here(?:'s| is| are)|below (?:is|are)|the following is|this is)\b[^.!?:\n]*?"
-    rf"(?:\b{_META_NOUNS}s?\b[^.!?:\n]*?(?:[:：]|\.(?=\s|$)|!)|[^.!?\n]*[:：](?=\s|$))"
+    r"|(?:great|good|excellent|interesting|what a (?:great|good|wonderful|fascinating|lovely))"
+    r" (?:question|topic|idea|prompt|request|choice)[!.]+"
+    # "Here's paragraph 3:", "Here is the rewritten paragraph with a note:"
+    rf"|{_HERE}\s+(?:{_ARTICLE}\s+)?(?:[\w-]+\s+){{0,3}}?{_META_NOUNS}s?\b[^.!?:\n]{{0,60}}?[:：]"
+    # "Below is a revised version of the essay.", "Here is the next paragraph."
+    rf"|{_HERE}\s+(?:{_ARTICLE}\s+)?(?:[\w-]+\s+){{0,3}}?{_META_NOUNS}s?(?:\s+\d+)?"
+    rf"(?:\s+(?:of|for|on|about)\s+{_ARTICLE}\s+(?:[\w-]+\s+){{0,2}}?{_META_NOUNS}s?)?\s*[.!]"
+    # "Here is what you asked for:", "Here you go!"
+    rf"|{_HERE}\s+(?:what|the (?:text|one)) you (?:asked|requested|wanted)[^.!?:\n]{{0,40}}[.!:：]"
+    r"|here you (?:go|are)[!.:]+"
     # "I'm glad to see you've...", "I'd be happy to write...", "Thank you for your request."
     r"|(?:i'?m|i am) (?:glad|happy|delighted|excited|pleased) (?:to|that|you)[^.!?\n]*[.!?]+"
     r"|i(?:'d| would) (?:be )?(?:happy|glad|love) to[^.!?\n]*[.!?:]+"
@@ -213,57 +223,100 @@ _CHATTER_START_EN = re.compile(
     r")\s*",
     re.IGNORECASE,
 )
+_ZH_META_NOUNS = (
+    r"(?:第[一二三四五六七八九十\d]+段|段|文章|段落|内容|续写|故事|作文|部分|回答|回复|"
+    r"初稿|草稿|版本|散文|诗|稿)"
+)
 _CHATTER_START_ZH = re.compile(
     r"^(?:"
-    r"(?:好的|好|当然(?:可以)?|没问题|可以|行|明白了?|收到)\s*[！!，,。.~～]+"
-    r"|(?:以下是|下面是|这是|如下是)[^。！？\n]{0,40}?(?:[：:]|。)"
-    r"|(?:很高兴|非常乐意|我很乐意|乐意)[^。！？\n]{0,40}[。！!，,]"
+    r"(?:好的|当然可以|没问题|明白了?|收到|当然)[！!]+|(?:好的|当然可以|没问题|明白了?|收到)[，,。~～]+"
+    rf"|(?:以下是|下面是|如下是|这是)[^。！？\n]{{0,30}}?{_ZH_META_NOUNS}[^。！？\n]{{0,15}}?[：:。]"
+    r"|(?:以下是|下面是)(?:为(?:你|您)|我为(?:你|您)|(?:你|您)要的|根据)[^。！？\n]{0,30}?[：:。]"
+    r"|(?:很高兴|非常乐意|我很乐意|乐意)(?:为(?:你|您)|帮(?:你|您)|能)[^。！？\n]{0,40}[。！!，,]"
     r"|(?:感谢|谢谢)(?:你|您)的[^。！？\n]{0,30}[。！!，,]"
     r"|(?:根据|按照)(?:你|您)的要求[^。！？\n]{0,40}?[：:，,。]"
     r")\s*"
 )
 # Phrases that address the reader: chatter in an essay or story, the form itself in a letter,
-# an email or a speech (the instruction says which).
+# an email or a speech (the instruction says which). One sentence each: the loop in
+# `_strip_end_chatter` takes them off one at a time from the end.
+_SENT = r"[^.!?\n]*[.!?]*\)?"
 _CHATTER_END_EN_ADDRESS = re.compile(
-    r"(?:^|(?<=[.!?]\s)|(?<=\n))(?:"
-    r"i hope (?:this|these|that|it|the above|my)\b[^\n]*"
-    r"|i hope you (?:find|like|enjoy(?:ed)?|found) (?:this|the|these|my|it)\b[^\n]*"
-    r"|(?:please )?(?:let me know|feel free)\b[^\n]*"
-    r"|if (?:you|there(?:'s| is)) (?:have|need|would|'d|want|wish|like|anything|require|"
-    r"are interested)\b[^\n]*"
-    r")\s*$",
+    r"(?:^|(?<=[.!?)]\s)|(?<=\n))\(?(?:"
+    r"i hope (?:this|these|that|it|the above|my)\b"
+    + _SENT
+    + r"|i hope you (?:find|like|enjoy(?:ed)?|found) (?:this|the|these|my|it)\b"
+    + _SENT
+    + r"|(?:please )?(?:let me know|feel free)\b"
+    + _SENT
+    + r"|if you (?:have any (?:questions|other|further|feedback|thoughts)|need (?:any|more|"
+    r"further|anything|help|changes)|would like (?:me|more|any|to see|changes)|'d like (?:me|"
+    r"more|any|to see|changes)|want (?:me|more|any|changes)|wish (?:me|to have))\b"
+    + _SENT
+    + r"|if there(?:'s| is) anything (?:else )?(?:you|i)\b"
+    + _SENT
+    + r")\s*$",
     re.IGNORECASE,
 )
 # Phrases only an assistant says about its own answer: chatter in every form.
 _CHATTER_END_EN = re.compile(
-    r"(?:^|(?<=[.!?]\s)|(?<=\n))(?:"
+    r"(?:^|(?<=[.!?)]\s)|(?<=\n))\(?(?:"
     r"i hope (?:this|these|that|it) (?:helps|meets|is helpful|was helpful|works|gives you|"
-    r"provides|serves|captures|changes)\b[^\n]*"
-    r"|(?:would|do|shall) you (?:like|want) me to\b[^\n]*"
-    r"|is there anything else\b[^\n]*"
-    r"|(?:happy writing|happy reading|enjoy)!*"
-    r"|i can (?:also )?(?:expand|adjust|revise|rewrite|continue|add|provide|help)\b[^\n]*"
-    r"|(?:thank you|thanks) for (?:reading|your (?:request|patience|time))\b[^\n]*"
-    r"|(?:note|notes|word count|total words)\s*[:：][^\n]*"
-    r"|\((?:word count|words|note)\s*[:：][^\n)]*\)\.?"
-    r")\s*$",
+    r"provides|serves|captures|changes)\b"
+    + _SENT
+    + r"|(?:would|do|shall) you (?:like|want) me to\b"
+    + _SENT
+    + r"|is there anything else\b"
+    + _SENT
+    + r"|(?:happy writing|happy reading)!*"
+    + r"|i can (?:also )?(?:expand|adjust|revise|rewrite|continue|add|provide|help)\b"
+    + _SENT
+    + r"|(?:thank you|thanks) for (?:reading|your (?:request|patience|time))\b"
+    + _SENT
+    + r"|(?:note|notes|word count|total words)\s*[:：][^\n]*"
+    + r"|\((?:word count|words|note)\s*[:：][^\n)]*\)\.?"
+    + r")\s*$",
     re.IGNORECASE,
 )
+_ZH_SENT = r"[^。！？!?\n]*[。！？!?]*[)）]?"
 _CHATTER_END_ZH = re.compile(
-    r"(?:^|(?<=[。！？!?])|(?<=\n))(?:"
-    r"希望(?:这|以上|本文|这篇|这段|我的|上述)?[^。！？\n]{0,15}(?:对(?:你|您)|能够?|可以)"
-    r"[^。！？\n]{0,15}(?:帮助|有用|满意|喜欢|启发)[^\n]*"
-    r"|如(?:果|需)(?:你|您)?(?:还)?(?:需要|有任何|想要|希望|要)[^。！？\n]{0,30}"
-    r"(?:告诉|联系|提出|告知|随时|修改|调整)[^\n]*"
-    r"|(?:请|欢迎)(?:随时)?(?:告诉我|告知|提出|联系)[^\n]*"
-    r"|(?:祝(?:你|您)(?:写作|阅读)?(?:愉快|顺利))[^\n]*"
-    r"|[(（]?(?:字数|注|备注)\s*[:：][^\n]*"
-    r")\s*$"
+    r"(?:^|(?<=[。！？!?）)])|(?<=\n))[(（]?(?:"
+    r"(?:以上就是|以上是|这就是|这篇[^。！？\n]{0,8}就写到)[^。！？\n]{0,40}?"
+    r"(?:分析|介绍|内容|文章|全部|回答|这里)"
+    + _ZH_SENT
+    + r"|希望(?:这篇|这段|以上|本文|上述|我的|这些)?(?:内容|文章|回答|文字|建议)?"
+    r"(?:对(?:你|您)(?:有所|有)?(?:帮助|用|启发)|(?:你|您)(?:会)?(?:喜欢|满意)|能(?:够)?"
+    r"(?:帮到|帮助)(?:你|您))"
+    + _ZH_SENT
+    + r"|如(?:果|需)[^。！？\n]{0,30}?(?:告诉我|联系我|提出|告知|我可以|我会|可以再|随时)"
+    + _ZH_SENT
+    + r"|(?:有任何|有什么)[^。！？\n]{0,20}?(?:告诉我|联系我|提出|告知|随时)"
+    + _ZH_SENT
+    + r"|(?:请|欢迎)(?:随时)?(?:告诉我|告知|提出|联系)"
+    + _ZH_SENT
+    + r"|(?:祝(?:你|您)(?:写作|阅读)?(?:愉快|顺利))"
+    + _ZH_SENT
+    + r"|(?:字数|注|备注)\s*[:：][^\n]*"
+    + r")\s*$"
 )
+# Closing quotation marks (straight quotes are counted by parity instead: an apostrophe in
+# "you'd" closes nothing).
+_QUOTE_CLOSE = "”’」』»》"
 
 
 def _speech(line: str) -> bool:
     return line.lstrip()[:1] in _QUOTE_OPEN
+
+
+def _inside_quotes(line: str, start: int, match: str) -> bool:
+    """Whether text at `start` of `line` is (part of) quoted speech: a quotation is open
+    before it, or the match itself closes one (“…希望对您有帮助。”她说)."""
+    before = line[:start]
+    opened = sum(before.count(q) for q in "“‘「『«《")
+    closed = sum(before.count(q) for q in "”’」』»》")
+    straight = before.count('"')
+    inner = match.rstrip("。！？!?.) ）")
+    return opened > closed or straight % 2 == 1 or any(q in inner for q in _QUOTE_CLOSE + '"')
 
 
 def _strip_start_chatter(text: str) -> tuple[str, list[str]]:
@@ -279,17 +332,32 @@ def _strip_start_chatter(text: str) -> tuple[str, list[str]]:
         text = lead[m.end() :]
 
 
+_END_WINDOW = 400
+_SENTENCE_BOUNDARY_RE = re.compile(r"[.!?][\"')\]]*\s+|[。！？][”’）)]*")
+
+
 def _strip_end_chatter(text: str, address: bool = False) -> tuple[str, list[str]]:
     removed: list[str] = []
     while True:
         body = text.rstrip()
         # Only the last sentence(s) can be chatter: look at the final line's tail.
         line_start = body.rfind("\n") + 1
+        if len(body) - line_start > _END_WINDOW:
+            # A long last line: search only its last sentences (the patterns match one
+            # sentence), from a sentence boundary, not the whole paragraph.
+            cut = len(body) - _END_WINDOW
+            boundary = _SENTENCE_BOUNDARY_RE.search(body, cut)
+            line_start = boundary.end() if boundary else line_start
         last_line = body[line_start:]
         m = _CHATTER_END_EN.search(last_line)
         if m is None and not address:
             m = _CHATTER_END_EN_ADDRESS.search(last_line) or _CHATTER_END_ZH.search(last_line)
-        if not m or not m.group(0).strip() or _speech(m.group(0)):
+        if (
+            not m
+            or not m.group(0).strip()
+            or _speech(m.group(0))
+            or _inside_quotes(last_line, m.start(), m.group(0))
+        ):
             return body, removed
         removed.insert(0, m.group(0).strip())
         text = body[: line_start + m.start()]
@@ -299,13 +367,14 @@ def _strip_end_chatter(text: str, address: bool = False) -> tuple[str, list[str]
 
 _PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
 # Lines that can only come from the factory's prompts (or a model imitating their format).
+_PROMPT_TAG_RE = re.compile(
+    r"<</?\s*[a-z_ ]+\s*>>|</?(?:instruction|plan|written|partial|request|response|"
+    r"writing_instruction|writing_steps|text_so_far|main_point|current_paragraph|"
+    r"paragraph_so_far|outline|already_written)>",
+    re.I,
+)
 _ECHO_LINE_RES = (
-    re.compile(
-        r"</?(?:instruction|plan|written|partial|request|response|writing_instruction"
-        r"|text_so_far|main_point|current_paragraph|paragraph_so_far)>",
-        re.I,
-    ),
-    re.compile(r"<<\s*[a-z_ ]+\s*>>", re.I),
+    _PROMPT_TAG_RE,
     re.compile(r"\baim for (?:about |around |roughly |approximately )?\d[\d,]* words\b", re.I),
     re.compile(r"\bword count\s*[:：]\s*\d", re.I),
     re.compile(r"\bparagraph \d+\s*[-–—:]\s*main point\s*[:：]", re.I),
@@ -321,11 +390,27 @@ _ECHO_LINE_RES = (
     re.compile(r"\((?:to be (?:completed|continued)|continued|end of paragraph \d+)\)", re.I),
     re.compile(r"\bdo not repeat (?:any of )?(?:the )?(?:earlier|previous|above) text\b", re.I),
     re.compile(r"\bparagraph \d+ of \d+\b", re.I),
+    re.compile(r"\(nothing (?:yet|written yet)[^)]*\)", re.I),
     re.compile(r"写作指令\s*[:：]|(?:主要内容|字数)\s*[:：]\s*\S|段落\s*\d+\s*[-–—]\s*主要内容"),
     re.compile(r"(?:你的|我的)?(?:开头|下一|第一)段\s*[:：]"),
     re.compile(r"(?:目前|到目前为止)已(?:经)?写(?:好|完)?的(?:内容|文字|文本)\s*[:：]"),
 )
+# Every echo pattern holds one of these (lower-cased): a substring test skips the regex for
+# the lines of plain prose, nearly all of them.
+_ECHO_HINTS = (
+    "<", "aim for", "word count", "main point", "paragraph", "instruction", "written",
+    "output only", "repeat", "nothing", "(to be", "continued", "写作", "字数", "主要内容",
+    "段", "已",
+)  # fmt: skip
+# All of them in one pattern: one scan per line instead of one per pattern.
+_ECHO_ANY_RE = re.compile(
+    "|".join(f"(?:{r.pattern})" for r in _ECHO_LINE_RES), re.IGNORECASE | re.MULTILINE
+)
 _JINJA_RE = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}", re.DOTALL)
+
+
+# A template sentence this long is the prompt's own wording, not a phrase prose shares by chance.
+TEMPLATE_SENTENCE_MIN_WORDS = 6
 
 
 @functools.lru_cache(maxsize=1)
@@ -337,7 +422,7 @@ def template_sentences() -> tuple[str, ...]:
         source = _JINJA_RE.sub("\n", path.read_text(encoding="utf-8"))
         for sentence in re.split(r"(?<=[.:!?])\s+|\n+", source):
             words = units(sentence)
-            if len(words) >= 8:
+            if len(words) >= TEMPLATE_SENTENCE_MIN_WORDS:
                 found.add(" ".join(words))
     return tuple(sorted(found))
 
@@ -392,12 +477,13 @@ def _echo_lines(text: str) -> list[tuple[int, str]]:
     hits: list[tuple[int, str]] = []
     sentences = template_sentences()
     for i, line in enumerate(text.splitlines()):
-        m = next((r.search(line) for r in _ECHO_LINE_RES if r.search(line)), None)
+        low = line.lower()
+        m = _ECHO_ANY_RE.search(line) if any(k in low for k in _ECHO_HINTS) else None
         if m:
             hits.append((i, m.group(0)))
             continue
         norm = _normal(line)
-        if len(norm.split()) >= 8:
+        if len(norm.split()) >= TEMPLATE_SENTENCE_MIN_WORDS:
             hit = next((s for s in sentences if s in norm), None)
             if hit:
                 hits.append((i, hit))
@@ -414,8 +500,7 @@ def _strip_echo_edges(text: str, ctx: ParagraphContext) -> tuple[str, list[str]]
     def is_scaffold(line: str) -> bool:
         if not line.strip():
             return True
-        hits = _echo_lines(line)
-        return bool(hits) and count_words(line) <= _ECHO_EDGE_LINE_MAX_WORDS
+        return count_words(line) <= _ECHO_EDGE_LINE_MAX_WORDS and bool(_echo_lines(line))
 
     while lines and is_scaffold(lines[0]):
         if lines[0].strip():
@@ -464,9 +549,14 @@ def _strip_markup(text: str, ctx: ParagraphContext) -> tuple[str, list[str]]:
         removed.append(m.group(0))
         return ""
 
+    def take_markup(m: re.Match[str]) -> str:
+        # The factory's own prompt tags are left for the echo check: what they wrap (a pasted
+        # instruction) is an echo to redraft, not markup to cut.
+        return m.group(0) if _PROMPT_TAG_RE.fullmatch(m.group(0)) else take(m)
+
     text = _SPECIAL_TOKEN_RE.sub(take, text)
     if not ctx.form.markup:
-        text = _TAG_RE.sub(take, text)
+        text = _TAG_RE.sub(take_markup, text)
         text = _FENCE_LINE_RE.sub(take, text)
     if removed:
         text = re.sub(r"[ \t]{2,}", " ", text)
@@ -476,14 +566,15 @@ def _strip_markup(text: str, ctx: ParagraphContext) -> tuple[str, list[str]]:
 
 
 def check_markup(text: str, ctx: ParagraphContext) -> Verdict:
-    m = _PLACEHOLDER_RE.search(text)
+    m = None if ctx.form.markup else _PLACEHOLDER_RE.search(text)
     if m:
         return Verdict(False, "markup", f"unfilled template placeholder {m.group(0)[:40]!r}")
     m = _SPECIAL_TOKEN_RE.search(text)
     if m:
         return Verdict(False, "markup", f"chat-template token {m.group(0)!r}")
     if not ctx.form.markup:
-        m = _TAG_RE.search(text) or _FENCE_LINE_RE.search(text)
+        tags = (t for t in _TAG_RE.finditer(text) if not _PROMPT_TAG_RE.fullmatch(t.group(0)))
+        m = next(tags, None) or _FENCE_LINE_RE.search(text)
         if m:
             return Verdict(False, "markup", f"markup {m.group(0).strip()[:40]!r} in prose")
     return KEEP
@@ -524,18 +615,46 @@ RESTATE_MIN_SHARE_VERSE = 0.8
 RESTATE_MIN_GRAMS = 8
 
 
+@functools.lru_cache(maxsize=512)
+def _gram_list(text: str, n: int) -> tuple[tuple[str, ...], ...]:
+    # Cached: every paragraph is compared with all those before it, so each earlier one's
+    # n-grams would otherwise be rebuilt once per later paragraph (quadratic in a sample).
+    return tuple(ngrams(units(text), n))
+
+
+@functools.lru_cache(maxsize=512)
+def _gram_set(text: str, n: int) -> frozenset[tuple[str, ...]]:
+    return frozenset(_gram_list(text, n))
+
+
+@functools.lru_cache(maxsize=64)
+def _previous_grams(previous: tuple[str, ...], n: int) -> frozenset[tuple[str, ...]]:
+    if not previous:
+        return frozenset()
+    return _previous_grams(previous[:-1], n) | _gram_set(previous[-1], n)
+
+
 def restated_share(text: str, earlier: str, lang: str) -> float:
     n = RESTATE_N.get(lang, 6)
-    grams = ngrams(units(text), n)
+    grams = _gram_list(text, n)
     if len(grams) < RESTATE_MIN_GRAMS:
         return 0.0
-    seen = set(ngrams(units(earlier), n))
+    seen = _gram_set(earlier, n)
     return sum(g in seen for g in grams) / len(grams)
 
 
 def check_restated(text: str, ctx: ParagraphContext) -> Verdict:
     limit = RESTATE_MIN_SHARE_VERSE if ctx.form.verse else RESTATE_MIN_SHARE
-    lang = ctx.expected_lang if cjk_share(text) > 0.5 or ctx.expected_lang == "en" else "zh"
+    lang = "zh" if cjk_share(text) > 0.5 else "en"
+    n = RESTATE_N[lang]
+    grams = _gram_list(text, n)
+    if len(grams) < RESTATE_MIN_GRAMS or not ctx.previous:
+        return KEEP
+    # Against everything before it at once first: under the limit there, it is under the
+    # limit against every single earlier paragraph (the common case, one set lookup each).
+    seen = _previous_grams(ctx.previous, n)
+    if sum(g in seen for g in grams) < limit * len(grams):
+        return KEEP
     for j, earlier in enumerate(ctx.previous, start=1):
         share = restated_share(text, earlier, lang)
         if share >= limit:
@@ -627,12 +746,15 @@ _META_WORDS = frozenset(
     "more details detail further continue continued continuation addition additionally "
     "also furthermore moreover content contents topic here writing write describe discuss "
     "elaborate expand other another some thing things related aspects aspect overall "
-    "general".split()
+    "general above below previous preceding following remaining rest etc add adding insert "
+    "covers cover covered where left off ended ends end from there then until lorem ipsum "
+    "placeholder tbd todo".split()
 )
 _ZH_META = re.compile(
     r"段落|本段|这一段|第[一二三四五六七八九十\d]+段|本文|文章|引言|开头|结尾|结论|总结|概述|"
     r"主要内容|要点|内容|部分|继续|补充|其他|更多|细节|详细|介绍|描述|展开|进一步|此外|另外|"
-    r"首先|其次|最后|然后|方面|相关|问题|以及|和|的|与|及|一|个|这|那|是|在|了"
+    r"首先|其次|最后|然后|方面|相关|问题|主要观点|观点|论述|论点|主题|中心|思想|"
+    r"以及|和|的|与|及|一|个|这|那|是|在|了"
 )
 
 
@@ -692,6 +814,8 @@ def _is_meta_point(point: str) -> bool:
     """Nothing left once the words about the piece itself are taken out ("Introduction",
     "More details", "This is the main point of this piece"); one real word ("Winter") is a
     main point."""
+    if re.fullmatch(r"\s*[\[<{(（【].*[\]>})）】]\s*", point):
+        return True  # a template placeholder left in: "[what the paragraph covers]"
     if cjk_share(point) > 0.5:
         return not _content_cjk(point)
     return not _content_words(point)
@@ -708,40 +832,53 @@ def check_plan_meta(points: Sequence[str], _instruction: str) -> Verdict:
     return KEEP
 
 
-def _longest_shared_run(a: list[str], b: list[str]) -> int:
+def _copied_tokens(a: list[str], b: list[str], min_block: int = 3) -> int:
+    """Tokens of `a` that appear, in order, as runs of at least `min_block` in `b`."""
     if not a or not b:
         return 0
-    m = SequenceMatcher(None, a, b, autojunk=False).find_longest_match(0, len(a), 0, len(b))
-    return m.size
+    blocks = SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks()
+    return sum(m.size for m in blocks if m.size >= min_block)
 
 
-# A main point that reproduces this share of the instruction (one contiguous run of its
-# words or characters) pastes the instruction back instead of planning it.
-ECHO_INSTRUCTION_SHARE = 0.6
-ECHO_MIN_RUN = {"en": 8, "zh": 14}
+# A main point pasted from the instruction: nearly all of it copied from the instruction in
+# runs, long enough (words, or characters for Chinese) and covering half the instruction or
+# more. "The history of tea in China" under "Write about the history of tea in China and
+# Japan" is a fair piece of the subject, too short to count; "Explain to a general audience
+# how vaccines train the immune system" is the instruction less its word count.
+ECHO_MIN_COPIED = {"en": 8, "zh": 14}
+ECHO_POINT_COPIED_SHARE = 0.9
+ECHO_INSTRUCTION_SHARE = 0.5
 
 
 def check_plan_echo(points: Sequence[str], instruction: str) -> Verdict:
     inst = units(instruction)
     lang = "zh" if cjk_share(instruction) > 0.5 else "en"
-    if len(inst) < ECHO_MIN_RUN[lang]:
+    if len(inst) < ECHO_MIN_COPIED[lang]:
         return KEEP
     for i, point in enumerate(points, start=1):
-        run = _longest_shared_run(units(point), inst)
-        if run >= ECHO_MIN_RUN[lang] and run >= ECHO_INSTRUCTION_SHARE * len(inst):
+        tokens = units(point)
+        copied = _copied_tokens(tokens, inst)
+        if (
+            copied >= ECHO_MIN_COPIED[lang]
+            and copied >= ECHO_POINT_COPIED_SHARE * len(tokens)
+            and copied >= ECHO_INSTRUCTION_SHARE * len(inst)
+        ):
             return Verdict(
                 False,
                 "plan_echoes_instruction",
-                f"main point {i} repeats {run} of the instruction's {len(inst)} words",
+                f"main point {i} copies {copied} of the instruction's {len(inst)} words",
             )
     # Or the instruction cut into pieces, one per point.
-    runs = [_longest_shared_run(units(p), inst) for p in points]
-    copied = [r for r, p in zip(runs, points, strict=True) if r >= 0.8 * max(1, len(units(p)))]
-    if len(points) > 1 and len(copied) * 2 > len(points) and sum(copied) >= 0.7 * len(inst):
+    pieces = [
+        c
+        for c, p in ((_copied_tokens(units(p), inst), p) for p in points)
+        if c >= ECHO_POINT_COPIED_SHARE * max(1, len(units(p)))
+    ]
+    if len(points) > 1 and len(pieces) * 2 > len(points) and sum(pieces) >= 0.7 * len(inst):
         return Verdict(
             False,
             "plan_echoes_instruction",
-            f"{len(copied)} of {len(points)} main points are pieces of the instruction",
+            f"{len(pieces)} of {len(points)} main points are pieces of the instruction",
         )
     return KEEP
 

@@ -19,6 +19,7 @@ from tasks.llm_client import ChatRequest, LLMClient, LLMError
 
 if TYPE_CHECKING:  # the stage modules import this one; only their types are needed here
     from tasks.filters import FilterConfig
+    from tasks.quality_gate import JudgeGate
     from tasks.write import ContextBudget
 
 
@@ -97,6 +98,8 @@ class StageConfig:
     # A paragraph under this share of its planned words is continued (up to max_continuations).
     min_paragraph_share: float = 0.5
     context_window: int = 8192
+    # Plan and paragraph quality checks (tasks.quality) on every draft.
+    quality_checks: bool = True
     extra_params: dict[str, Any] = field(default_factory=dict)  # e.g. frequency_penalty
     filters: FilterConfig = field(default_factory=_filter_config)
 
@@ -115,6 +118,11 @@ class BuildRuntime:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     # Set when a chain failed on the endpoint: the build is stopping, start no new chain.
     halted: bool = False
+    # The optional judge gate (tasks.quality_gate): its settings, its client (None: the
+    # writer's), and the judge calls in flight.
+    judge_gate: JudgeGate | None = None
+    judge_client: LLMClient | None = None
+    judge_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(16))
 
 
 async def in_chain_slot(rt: BuildRuntime, work: Coroutine[Any, Any, bool]) -> bool | None:
@@ -130,6 +138,8 @@ async def in_chain_slot(rt: BuildRuntime, work: Coroutine[Any, Any, bool]) -> bo
             return await work
         except LLMError:
             rt.halted = True
+            # Calls already sent finish and are stored (LLMClient.shielded); none retries.
+            rt.client.halt()
             raise
 
 
@@ -166,6 +176,14 @@ async def generate(
         if progress is not None:
             progress.cached_calls += 1
         return cached
+    # Shielded: when the build stops (another chain failed, Ctrl-C), this call, already sent
+    # and paid for, still finishes and is stored before the client closes (LLMClient.drain).
+    return await client.shielded(_call_and_store(store, client, request, key, progress))
+
+
+async def _call_and_store(
+    store: Store, client: LLMClient, request: ChatRequest, key: str, progress: Progress | None
+) -> LLMCall:
     result = await client.chat(request)
     call = LLMCall(
         key=key,

@@ -8,6 +8,7 @@ function so lengths agree everywhere.
 
 from __future__ import annotations
 
+import functools
 import re
 
 # CJK Unified Ideographs + Extension A + Compatibility Ideographs: the ranges the paper's
@@ -18,13 +19,16 @@ _CJK_RE = re.compile(f"[{_CJK}]")
 _WORD_RE = re.compile(r"[a-zA-Z]+")
 
 
+@functools.lru_cache(maxsize=4096)
 def count_words(text: str) -> int:
-    """Return the number of CJK characters plus English words in `text`."""
+    """Return the number of CJK characters plus English words in `text`. Cached: the quality
+    checks ask for the same paragraph's length and language several times."""
     if not text:
         return 0
     return len(_CJK_RE.findall(text)) + len(_WORD_RE.findall(text))
 
 
+@functools.lru_cache(maxsize=4096)
 def cjk_share(text: str) -> float:
     """Share of the counted units that are CJK characters (0.0 for empty text)."""
     cjk = len(_CJK_RE.findall(text))

@@ -140,6 +140,7 @@ class FakeStats:
     reasoning_texts: list[str] = field(default_factory=list)  # every reasoning text sent
     by_status: Counter[int] = field(default_factory=Counter)
     admitted_at: list[float] = field(default_factory=list)  # monotonic times of 200s
+    charged_tokens: int = 0  # rpm/tpm: tokens admitted (prompt estimate + max_tokens)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -151,6 +152,11 @@ class FakeStats:
             "successes_by_request_id": dict(self.successes_by_request_id),
             "throttled": self.throttled,
             "by_status": dict(self.by_status),
+            "charged_tokens": self.charged_tokens,
+            "admitted": len(self.admitted_at),
+            "admitted_span_s": (
+                self.admitted_at[-1] - self.admitted_at[0] if len(self.admitted_at) > 1 else 0.0
+            ),
         }
 
 
@@ -383,12 +389,15 @@ class FakeOpenAIServer:
             for b in (req, tok):
                 if b is not None:
                     b.refill(now)
-            ok = (req is None or req.level >= 1) and (tok is None or tok.level >= min(cost, tok.capacity))
+            ok = (req is None or req.level >= 1) and (
+                tok is None or tok.level >= min(cost, tok.capacity)
+            )
             if ok:
                 if req is not None:
                     req.level -= 1
                 if tok is not None:
                     tok.level -= cost
+                self.stats.charged_tokens += cost
             headers: dict[str, str] = {}
             for name, b, need in (("requests", req, 1), ("tokens", tok, cost)):
                 if b is None:
@@ -691,7 +700,10 @@ class FakeOpenAIServer:
         }
 
         async def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> None:
-            data = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+            data = {
+                **base,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            }
             writer.write(b"data: " + json.dumps(data, ensure_ascii=False).encode() + b"\n\n")
             await writer.drain()
 
@@ -760,6 +772,9 @@ def main() -> None:
     ap.add_argument("--plan-steps", type=int, default=6)
     ap.add_argument("--step-words", type=int, default=400)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--rpm", type=int, default=None)
+    ap.add_argument("--tpm", type=int, default=None)
+    ap.add_argument("--rate-window", type=float, default=10.0)
     args = ap.parse_args()
     server = FakeOpenAIServer(
         FakeConfig(
@@ -769,6 +784,9 @@ def main() -> None:
             step_words=args.step_words,
             seed=args.seed,
             hang_s=2.0,
+            rpm=args.rpm,
+            tpm=args.tpm,
+            rate_window_s=args.rate_window,
         )
     )
     asyncio.run(server.serve(args.port, lambda p: print(p, flush=True)))

@@ -17,6 +17,7 @@ from tasks.forecast import (
     add_dry_run_arguments,
     expected_steps,
     forecast,
+    format_forecast,
     pending_from_file,
     pending_from_store,
     placeholder_text,
@@ -86,7 +87,7 @@ def test_small_context_window_renders_trimmed_prompts() -> None:
     # The budget keeps every prompt inside the window (no prompt of the whole text so far).
     per_call_max = max(
         c
-        for c, _, _, _ in _write_calls(
+        for c, *_ in _write_calls(
             "Write a history of canals. " * 20,
             [PlanStep("p", 400)] * 20,
             (),
@@ -188,3 +189,19 @@ def test_dry_run_prints_forecast_and_writes_nothing(
     assert "LLM calls              12 (plan 3, write 9)" in out  # 400 words a paragraph
     assert "$" in out
     assert not db.exists()
+
+
+def test_cached_prefixes_are_forecast_and_priced() -> None:
+    """Each write prompt of an instruction shares the instruction, plan and text so far with
+    the one before: over OpenAI's 1,024-token minimum that prefix is cached input."""
+    cfg = ForecastConfig(min_words=1000, price_in=1.0, price_out=1.0, price_cached_in=0.1)
+    fc = forecast([PendingInstruction("Write a history of canals.", 6000)], cfg)
+    assert 0 < fc.cached_prompt_tokens < fc.prompt_tokens
+    full = ForecastConfig(min_words=1000, price_in=1.0, price_out=1.0)
+    fc_full = forecast([PendingInstruction("Write a history of canals.", 6000)], full)
+    assert fc_full.cached_prompt_tokens == fc.cached_prompt_tokens
+    assert fc.cost_in is not None and fc_full.cost_in is not None
+    assert fc.cost_in < fc_full.cost_in  # cached input priced at a tenth
+    assert fc_full.cost_in == fc_full.prompt_tokens / 1e6
+    text = format_forecast(fc, cfg)
+    assert "cacheable input" in text and "cached at $0.1/M" in text

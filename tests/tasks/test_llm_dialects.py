@@ -5,7 +5,9 @@ OpenAI server on loopback (tests/fake_openai.py) the way the real server does it
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -17,6 +19,7 @@ from tasks.llm_client import (
     ContentPolicyError,
     ContextLengthError,
     Endpoint,
+    EndpointDownError,
     FatalLLMError,
     LLMClient,
     QuotaExceededError,
@@ -128,8 +131,6 @@ async def test_reasoning_effort_and_extra_body_reach_the_endpoint_and_the_key():
     # Extras change the answer, so they change the key; without them the key is as before.
     assert plain.key_for(request()) == request().key("m")
     assert tuned.key_for(request()) != plain.key_for(request())
-
-
 
 
 # -- 2. dialects learned --------------------------------------------------------------------
@@ -283,3 +284,209 @@ def test_parse_duration_rejects(bad):
 )
 def test_retry_hint(headers, seconds):
     assert retry_hint(httpx.Headers(headers)) == seconds
+
+
+# -- 5. rate limits -------------------------------------------------------------------------
+
+
+def rate(fake: FakeOpenAIServer) -> float:
+    """Admitted answers per minute over the run."""
+    t = fake.stats.admitted_at
+    return 60.0 * (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 and t[-1] > t[0] else 0.0
+
+
+async def test_rpm_pacing_stays_under_the_limit_without_429s():
+    cfg = FakeConfig(rpm=1200, rate_window_s=1.0)  # 20/s, a bucket of 20
+    with FakeOpenAIServer(cfg).running() as fake:
+        async with fake_client(fake, rpm=1200) as c:
+            await asyncio.gather(*(c.chat(request(f"r{i}")) for i in range(80)))
+        assert fake.stats.throttled == 0
+        # a half-second burst (10), then 20/s: the 80 calls take at least 3.5 s
+        t = fake.stats.admitted_at
+        assert t[-1] - t[0] >= 3.5 * 0.95
+
+
+async def test_rpm_limit_with_headers_only_is_waited_out_not_a_failure():
+    """OpenAI's 429s carry x-ratelimit-* headers and no Retry-After; before issue 16 the
+    client retried them on its own schedule six times (~15 s at most) and then stopped the
+    build. Now every call finishes and most requests are not refused."""
+    cfg = FakeConfig(rpm=600, rate_window_s=1.0)  # 10/s
+    policy = RetryPolicy(max_attempts=2, initial_backoff_s=0.001, max_backoff_s=0.01)
+    with FakeOpenAIServer(cfg).running() as fake:
+        async with LLMClient([Endpoint(fake.base_url, max_concurrency=16)], "f", policy) as c:
+            results = await asyncio.gather(*(c.chat(request(f"r{i}")) for i in range(40)))
+            limit = c._states[0].limit
+    assert len(results) == 40
+    assert fake.stats.throttled > 0  # the limit was hit (and waited out) ...
+    assert fake.stats.throttled < 40  # ... far less than once per call
+    assert limit < 16  # adaptive concurrency backed off
+
+
+async def test_throttle_budget_is_time_not_attempts():
+    cfg = FakeConfig(fail_status=429, retry_after_s=0.05)
+    policy = RetryPolicy(max_attempts=2, max_throttle_wait_s=0.5, max_retry_after_s=0.1)
+    with FakeOpenAIServer(cfg).running() as fake:
+        async with fake_client(fake, policy) as c:
+            with pytest.raises(EndpointDownError, match="throttled"):
+                await c.chat(request())
+    assert fake.stats.requests > policy.max_attempts  # 429s did not count as attempts
+
+
+def test_aimd_halves_once_per_burst_and_probes_back_up():
+    from tasks.llm_client import Dialect, _EndpointState
+
+    st = _EndpointState(Endpoint("http://x.test/v1", max_concurrency=16), Dialect())
+    sent = time.monotonic()
+    st.throttled(sent, 0.0)
+    st.throttled(sent, 0.0)  # same burst: sent before the decrease
+    assert st.limit == 8
+    for _ in range(8):
+        st.succeeded()
+    assert st.limit == 9
+    st.throttled(time.monotonic(), 0.0)
+    assert st.limit == 4.5
+
+
+def test_rate_limiter_paces_requests_and_tokens():
+    from tasks.llm_client import RateLimiter
+
+    lim = RateLimiter(rpm=600, tpm=None)  # 10/s, a bucket of 5
+    waits = [lim.reserve(100) for _ in range(25)]
+    assert waits[:5] == [0.0] * 5 and waits[-1] == pytest.approx(2.0, abs=0.05)
+    tok = RateLimiter(rpm=None, tpm=60_000)  # 1,000 tokens/s
+    assert tok.reserve(1000) == 0.0
+    assert tok.reserve(1000) == pytest.approx(1.0, abs=0.05)
+
+
+async def test_halted_build_stores_calls_in_flight(tmp_path):
+    from storage.store import Store
+    from tasks.runtime import gather_all, generate
+
+    store = Store(str(tmp_path / "s.db"))
+
+    async def failing() -> None:
+        await asyncio.sleep(0.05)
+        raise FatalLLMError("another chain failed")
+
+    with FakeOpenAIServer(FakeConfig(latency_s=0.4)).running() as fake:
+        async with fake_client(fake) as c:
+            reqs = [request(f"slow {i}") for i in range(3)]
+            with pytest.raises(FatalLLMError):
+                await gather_all([*(generate(store, c, r) for r in reqs), failing()])
+        # leaving the client drained the calls on the wire: all three are stored
+    assert all(store.get_call(c.key_for(r)) is not None for r in reqs)
+    store.close()
+
+
+# -- 6. streaming, silent truncation, accounting --------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [None, "reasoning_content", "think"])
+async def test_streamed_answer_is_the_same_answer(mode):
+    cfg = FakeConfig(reasoning_mode=mode, prompt_cache=True)
+    with FakeOpenAIServer(cfg).running() as fake:
+        async with fake_client(fake) as c:
+            whole = await c.chat(request("same prompt", max_tokens=400))
+        async with fake_client(fake, stream=True) as c:
+            streamed = await c.chat(request("same prompt", max_tokens=400))
+            assert c.stats.streamed == 1
+        body = fake.stats.bodies[-1]
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert streamed.content == whole.content and streamed.reasoning == whole.reasoning
+    assert (streamed.prompt_tokens, streamed.completion_tokens, streamed.finish_reason) == (
+        whole.prompt_tokens,
+        whole.completion_tokens,
+        whole.finish_reason,
+    )
+    assert streamed.key == whole.key
+
+
+async def test_proxy_cuts_silent_long_calls_but_not_streamed_ones():
+    # A gateway that gives up after 0.3 s of silence (Cloudflare: ~100 s, then 524).
+    cfg = FakeConfig(latency_s=0.6, proxy_timeout_s=0.3)
+    policy = RetryPolicy(max_attempts=2, initial_backoff_s=0.0, max_backoff_s=0.0)
+    with FakeOpenAIServer(cfg).running() as fake:
+        async with fake_client(fake, policy) as c:
+            with pytest.raises(EndpointDownError, match="524"):
+                await c.chat(request())  # retried (transient), cut again
+        async with fake_client(fake, policy, stream=True) as c:
+            assert (await c.chat(request())).content
+    assert fake.stats.by_status[524] == 2
+
+
+async def test_stream_idle_timeout():
+    cfg = FakeConfig(fault_rate=1.0, fault_kinds=("hang",), hang_s=3.0)
+    policy = RetryPolicy(max_attempts=1, stream_idle_timeout_s=0.2)
+    with FakeOpenAIServer(cfg).running() as fake:
+        async with fake_client(fake, policy, stream=True) as c:
+            started = time.monotonic()
+            with pytest.raises(EndpointDownError, match="ReadTimeout"):
+                await c.chat(request())
+    assert time.monotonic() - started < 2.0
+
+
+async def test_ollama_that_cuts_the_prompt_is_caught():
+    from tasks.llm_client import SilentTruncationError
+
+    long_prompt = "<instruction>Write about dunes</instruction> " + "context words " * 2000
+    with FakeOpenAIServer(FakeConfig(ollama_num_ctx=1024)).running() as fake:
+        async with fake_client(fake) as c:
+            with pytest.raises(SilentTruncationError, match="num_ctx"):
+                await c.chat(request(long_prompt))
+            assert (await c.chat(request("a short prompt"))).content  # fits: accepted
+    assert fake.stats.truncated_prompts == 1
+    assert issubclass(SilentTruncationError, ContextLengthError)  # the writer shrinks
+
+
+async def test_cached_and_reasoning_tokens_are_recorded():
+    shared = "The shared prefix of one instruction's calls. " * 200
+    cfg = FakeConfig(prompt_cache=True, reasoning_mode="reasoning", reasoning_tokens=30)
+    with FakeOpenAIServer(cfg).running() as fake:
+        async with fake_client(fake) as c:
+            first = await c.chat(request(shared + "step 1", max_tokens=400))
+            second = await c.chat(request(shared + "step 2", max_tokens=400))
+    assert first.cached_tokens == 0 and second.cached_tokens >= 1024
+    assert second.reasoning_tokens == 30
+
+
+def test_an_older_store_gains_the_new_columns_and_stats_count_them(tmp_path):
+    import sqlite3
+
+    from storage.models import LLMCall
+    from storage.store import Store
+
+    path = tmp_path / "old.db"
+    con = sqlite3.connect(path)  # llm_call as it was before issue 16
+    con.execute(
+        "CREATE TABLE llm_call (key VARCHAR PRIMARY KEY, stage VARCHAR NOT NULL, model VARCHAR "
+        "NOT NULL, prompt_version VARCHAR NOT NULL, content TEXT NOT NULL, finish_reason "
+        "VARCHAR, prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, "
+        "latency_ms INTEGER NOT NULL, attempts INTEGER NOT NULL, endpoint VARCHAR NOT NULL, "
+        "created_at DATETIME NOT NULL)"
+    )
+    con.execute(
+        "INSERT INTO llm_call VALUES ('old', 'write', 'm', 'v', 'text', 'stop', 5, 7, 1, 1, "
+        "'e', '2026-01-01 00:00:00')"
+    )
+    con.commit()
+    con.close()
+    store = Store(str(path))
+    try:
+        old = store.get_call("old")
+        assert old is not None and old.reasoning is None and old.cached_tokens == 0
+        store.insert(
+            LLMCall(
+                key="new",
+                stage="write",
+                model="m",
+                prompt_version="v",
+                content="answer",
+                reasoning="thought",
+                cached_tokens=1024,
+                reasoning_tokens=30,
+            )
+        )
+        stats = store.stats()["llm_calls"]["write"]
+    finally:
+        store.close()
+    assert stats["cached_tokens"] == 1024 and stats["reasoning_tokens"] == 30
