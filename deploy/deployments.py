@@ -152,7 +152,9 @@ def deploy_all(args: argparse.Namespace) -> dict[str, str]:
         # from_source records the pull step (cd into `source`) and reads the flow's parameter
         # schema, which the UI turns into a form; apply() raises on any error.
         f = flow.from_source(source=source, entrypoint=entrypoint)
-        deployment = f.to_deployment(name=name, tags=["longwriter"], **kwargs)
+        # Deployment tags land on every flow run it creates (filterable in the UI's runs list).
+        tags = ["longwriter", *(t for t in args.tag or [] if t != "longwriter")]
+        deployment = f.to_deployment(name=name, tags=tags, **kwargs)
         ids[f"{f.name}/{name}"] = str(deployment.apply(work_pool_name=args.pool))
 
     schedules = [] if args.no_schedule else [CronSchedule(cron=args.cron, timezone=args.timezone)]
@@ -217,6 +219,11 @@ def parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="any other BuildSettings field, e.g. --set concurrency=32 --set limit=100",
     )
+    p.add_argument(
+        "--tag",
+        action="append",
+        help="tag on the deployments and their flow runs, besides `longwriter` (repeat)",
+    )
     p.add_argument("--cron", default=DEFAULT_CRON, help="schedule of longwriter-build/nightly")
     p.add_argument("--timezone", default="UTC")
     p.add_argument("--no-schedule", action="store_true", help="deploy without a schedule")
@@ -231,7 +238,8 @@ def parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         default=None,
         help="also create the automation that marks runs without a heartbeat for SECONDS "
-        "Crashed (needs SECONDS > PREFECT_FLOWS_HEARTBEAT_FREQUENCY, default 180)",
+        "Crashed (needs SECONDS > PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the workers, default "
+        "180, at least 30)",
     )
     return p
 

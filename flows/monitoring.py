@@ -336,16 +336,17 @@ def progress_table(
 @dataclass
 class RetryWatch:
     """Turns the client's running counters into log lines as faults happen: an INFO line at
-    most every RETRY_LOG_EVERY_S while retries grow, and a WARNING when, over the requests
-    since the last line, the retry share or the 429 share reaches its threshold (once per
-    crossing: it re-arms when the share falls back)."""
+    most every RETRY_LOG_EVERY_S while retries grow, and a WARNING when, over a window of at
+    least `min_requests` requests, the retry share or the 429 share reaches its threshold
+    (once per crossing: it re-arms when a later window falls back below)."""
 
     stats: ClientStats
     retry_share: float = RETRY_WARN_SHARE
     throttle_share: float = THROTTLE_WARN_SHARE
     min_requests: int = WARN_MIN_REQUESTS
     every_s: float = RETRY_LOG_EVERY_S
-    _last: tuple[int, int, dict[str, int]] = (0, 0, {})
+    _last: tuple[int, int, dict[str, int]] = (0, 0, {})  # at the last INFO line
+    _window: tuple[int, int, int] = (0, 0, 0)  # requests, retries, 429s at the window's start
     _last_t: float = field(default_factory=lambda: float("-inf"))
     _warned_retry: bool = False
     _warned_429: bool = False
@@ -358,15 +359,12 @@ class RetryWatch:
         req0, ret0, by0 = self._last
         req, ret, by = self.stats.requests, self.stats.retries, dict(self.stats.by_status)
         d_req, d_ret = req - req0, ret - ret0
-        if d_ret <= 0 and not final:
-            return []
-        self._last, self._last_t = (req, ret, by), now
         if d_ret <= 0:
             return []
+        self._last, self._last_t = (req, ret, by), now
         delta = {k: v - by0.get(k, 0) for k, v in by.items() if k != "200"}
         delta = {k: v for k, v in sorted(delta.items()) if v > 0}
-        http_faults = sum(delta.values())
-        other = max(0, d_ret - http_faults)
+        other = max(0, d_ret - sum(delta.values()))
         kinds = [f"HTTP {k}×{v}" for k, v in delta.items()]
         if other:
             kinds.append(f"connection/timeout/bad body ×{other}")
@@ -377,29 +375,36 @@ class RetryWatch:
                 f"{ret} retries in {req} requests so far",
             )
         ]
-        if d_req >= self.min_requests:
-            share = d_ret / d_req
-            if share >= self.retry_share and not self._warned_retry:
-                out.append(
-                    (
-                        logging.WARNING,
-                        f"LLM retry rate {share:.0%} over the last {d_req} requests "
-                        f"(threshold {self.retry_share:.0%}): the endpoint is failing calls; "
-                        "the build goes on, slower",
-                    )
+        return out + self._warnings(req, ret, by.get("429", 0))
+
+    def _warnings(self, req: int, ret: int, throttled: int) -> list[tuple[int, str]]:
+        w_req, w_ret, w_429 = self._window
+        n = req - w_req
+        if n < self.min_requests:
+            return []  # too few requests for a share to mean anything: the window grows
+        self._window = (req, ret, throttled)
+        out: list[tuple[int, str]] = []
+        share, share_429 = (ret - w_ret) / n, (throttled - w_429) / n
+        if share >= self.retry_share and not self._warned_retry:
+            out.append(
+                (
+                    logging.WARNING,
+                    f"LLM retry rate {share:.0%} over the last {n} requests (threshold "
+                    f"{self.retry_share:.0%}): the endpoint is failing calls; the build goes "
+                    "on, slower",
                 )
-            self._warned_retry = share >= self.retry_share
-            throttled = delta.get("429", 0) / d_req
-            if throttled >= self.throttle_share and not self._warned_429:
-                out.append(
-                    (
-                        logging.WARNING,
-                        f"HTTP 429 on {throttled:.0%} of the last {d_req} requests "
-                        f"(threshold {self.throttle_share:.0%}): the endpoint is rate-limiting; "
-                        "lower --concurrency",
-                    )
+            )
+        if share_429 >= self.throttle_share and not self._warned_429:
+            out.append(
+                (
+                    logging.WARNING,
+                    f"HTTP 429 on {share_429:.0%} of the last {n} requests (threshold "
+                    f"{self.throttle_share:.0%}): the endpoint is rate-limiting; lower "
+                    "--concurrency",
                 )
-            self._warned_429 = throttled >= self.throttle_share
+            )
+        self._warned_retry = share >= self.retry_share
+        self._warned_429 = share_429 >= self.throttle_share
         return out
 
 
