@@ -543,6 +543,11 @@ def run_audit(
     rows_spool = out / ".audit-rows.jsonl.tmp"
     kept_spool = out / ".audit-kept.jsonl.tmp"
     tally = AuditTally()
+    from tasks.export import SCHEMA, export_shards
+
+    # Every field of the shard schema, null where audit has nothing to say (quality,
+    # length_score...), so the jsonl twin has the same keys as the factory's own export.
+    fields = SCHEMA.names
     try:
         with (
             rows_spool.open("w", encoding="utf-8") as rows_fh,
@@ -554,8 +559,8 @@ def run_audit(
                 tally.add(row)
                 rows_fh.write(json.dumps(row.as_json(), ensure_ascii=False) + "\n")
                 if row.keep and row.record is not None:
-                    kept_fh.write(json.dumps(row.record, ensure_ascii=False) + "\n")
-        from tasks.export import export_shards
+                    record = {name: row.record.get(name) for name in fields}
+                    kept_fh.write(json.dumps(record, ensure_ascii=False) + "\n")
 
         export_shards(
             _spool_lines(kept_spool),

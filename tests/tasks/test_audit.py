@@ -317,6 +317,7 @@ def test_run_audit_jsonl(tmp_path: Path) -> None:
     assert first["response"] == f"{TOWN}\n\n{BRIDGE}"  # the chatter is cut
     assert first["messages"][1]["content"] == first["response"]
     assert ds[2]["model"] == "m1" and ds[2]["source"] == "in.jsonl"
+    assert set(ds.column_names) == set(SCHEMA.names)  # null quality etc., as the export has
     table = pq.read_table(next((kept / "shards").glob("*.parquet")))
     assert table.schema.names == SCHEMA.names
     assert table.num_rows == 4
