@@ -175,9 +175,10 @@ class RetryPolicy:
     throttle_pause_s: float = 1.0
     # Streamed answers: the longest silence between two chunks (the read timeout of a stream).
     stream_idle_timeout_s: float = 60.0
-    # A 200 whose usage.prompt_tokens is under this share of the prompt's estimated tokens
-    # (a conservative estimate: ~3 characters per token) was cut by the server.
-    min_prompt_token_share: float = 0.5
+    # A 200 whose usage.prompt_tokens is under this share of a low estimate of the prompt's
+    # tokens (5 characters per token, 0.4 per CJK character: fewer than any real tokenizer
+    # counts) was cut by the server.
+    min_prompt_token_share: float = 0.6
     min_checked_prompt_tokens: int = 512  # shorter prompts are not checked
     # An endpoint with this many consecutive failures is set aside for `cooldown_s`.
     failures_before_cooldown: int = 3
@@ -521,6 +522,17 @@ def estimate_prompt_tokens(messages: Sequence[tuple[str, str]]) -> int:
         cjk = len(_CJK_RE.findall(content))
         total += (len(content) - cjk) / 3 + cjk * 1.5 + 4
     return int(total) + 1
+
+
+def low_prompt_tokens(messages: Sequence[tuple[str, str]]) -> int:
+    """A low token estimate of a prompt (5 characters per token, 0.4 per CJK character):
+    below what real tokenizers count (about 4 per token on English, 0.6-1.5 per Chinese
+    character), so a server reporting far fewer tokens than this did not see the prompt."""
+    total = 0.0
+    for _role, content in messages:
+        cjk = len(_CJK_RE.findall(content))
+        total += (len(content) - cjk) / 5 + cjk * 0.4
+    return int(total)
 
 
 _CJK_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
@@ -1038,7 +1050,7 @@ class LLMClient:
                 )
             raise BadOutputError(f"empty content from {endpoint.base_url}")
         prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        estimate = estimate_prompt_tokens(request.messages)
+        estimate = low_prompt_tokens(request.messages)
         if (
             prompt_tokens
             and estimate >= self.policy.min_checked_prompt_tokens
@@ -1047,7 +1059,7 @@ class LLMClient:
             self.stats.truncated_prompts += 1
             raise SilentTruncationError(
                 f"{endpoint.base_url} reported {prompt_tokens} prompt tokens for a prompt of "
-                f"about {estimate}: it cut the prompt to fit its context (Ollama: set "
+                f"at least {estimate}: it cut the prompt to fit its context (Ollama: set "
                 "num_ctx / OLLAMA_CONTEXT_LENGTH, see README) "
             )
         state.consecutive_failures = 0

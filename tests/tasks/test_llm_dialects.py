@@ -490,3 +490,12 @@ def test_an_older_store_gains_the_new_columns_and_stats_count_them(tmp_path):
     finally:
         store.close()
     assert stats["cached_tokens"] == 1024 and stats["reasoning_tokens"] == 30
+
+
+async def test_a_long_chinese_prompt_is_not_taken_for_a_cut_one():
+    # The fake counts 4 characters per token, as no tokenizer counts Chinese: still no alarm.
+    zh = "<instruction>写一篇关于黄河文化的长篇散文</instruction>" + "黄河文化源远流长。" * 800
+    with FakeOpenAIServer(FakeConfig()).running() as fake:
+        async with fake_client(fake) as c:
+            assert (await c.chat(request(zh))).content
+    assert fake.stats.requests == 1
