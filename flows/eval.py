@@ -51,6 +51,7 @@ from storage.eval_models import EvalGeneration, EvalJudgement
 from storage.store import Store, redact_db_url
 from tasks.endpoints import ConfigError, ResolvedEndpoints, open_endpoints
 from tasks.judge import FORMATS, judge_answer
+from tasks.lineage import LINEAGE_FILE, eval_lineage, record_evaluation
 from tasks.llm_client import (
     BadOutputError,
     ChatRequest,
@@ -105,6 +106,9 @@ class EvalSettings(BaseModel):
     request_timeout_s: float = 1800.0
     max_attempts: int = Field(6, ge=1)
     progress: bool = False  # a status line on stderr every few seconds
+    model_dir: str | None = Field(
+        None, description="the evaluated model's folder (train --out): lineage into results.json"
+    )
 
     def store_url(self) -> str:
         return self.db_url or str(Path(self.out_dir) / "eval.db")
@@ -727,9 +731,15 @@ async def eval_flow(settings: EvalSettings) -> dict[str, Any]:
             "settings": settings.public(),
             "llm": llm,
             "wall_s": round(time.monotonic() - started, 2),
+            # shards -> model -> this score: the model folder's lineage.json, when named.
+            "lineage": eval_lineage(Path(settings.model_dir)) if settings.model_dir else None,
         }
         results = build_results(rows, judge_model is not None, meta)
         md, png = write_outputs(Path(settings.out_dir), results, rows, store, keys)
+        if settings.model_dir and (Path(settings.model_dir) / LINEAGE_FILE).is_file():
+            record_evaluation(
+                Path(settings.model_dir), Path(settings.out_dir) / "results.json", results
+            )
         await _publish(md, png)
         store.finish_run(
             run_id, "completed", {k: results[k] for k in ("overall", "counts", "wall_s")}
@@ -806,6 +816,12 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--request-timeout", type=float, default=1800.0)
     p.add_argument("--max-attempts", type=int, default=6, help="HTTP attempts per call")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument(
+        "--model-dir",
+        default=None,
+        help="the evaluated model's folder (longwriter train --out): its lineage (which shards "
+        "trained it) goes into results.json and this run into MODEL_DIR/evaluations.jsonl",
+    )
     p.set_defaults(handler=cmd_eval)
 
 
@@ -850,6 +866,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             request_timeout_s=args.request_timeout,
             max_attempts=args.max_attempts,
             progress=sys.stderr.isatty() if args.progress is None else args.progress,
+            model_dir=args.model_dir,
         )
     except ValidationError as exc:
         first = exc.errors()[0]

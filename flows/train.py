@@ -20,6 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
+from tasks.lineage import write_model_lineage
 from tasks.train import (
     LoadedData,
     TrainConfig,
@@ -97,6 +98,15 @@ def train_flow(cfg: TrainConfig) -> dict[str, Any]:
     data = load_data_task(cfg)
     outcome = train_task(cfg, quote(data))
     out, gguf, gguf_err = save_task(cfg, quote(data), quote(outcome))
+    # After the weights exist, so their sha256 is part of it: shards -> this model.
+    lineage = write_model_lineage(
+        out,
+        cfg.data,
+        mode="dpo" if cfg.dpo else "sft",
+        base_model=str(data.ref.gguf_path or data.ref.directory),
+        general=cfg.general,
+        samples=data.samples,
+    )
     report = TrainReport(
         mode="dpo" if cfg.dpo else "sft",
         base_model=str(data.ref.gguf_path or data.ref.directory),
@@ -117,6 +127,7 @@ def train_flow(cfg: TrainConfig) -> dict[str, Any]:
     md = report_markdown(report)
     (out / "train_report.md").write_text(md, encoding="utf-8")
     result = report.to_json()
+    result["lineage"] = lineage
     (out / "train_report.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     create_markdown_artifact(markdown=md, key="train-report", description="longwriter train")
     return result
