@@ -167,6 +167,13 @@ def test_report_shows_samples_rejections_and_charts(tmp_path):
         inst = s.get(Instruction, 3)
         inst.prompt = "Write about <script>alert(1)</script> harbours"
         s.add(inst)
+        # What the quality stage stores: a paragraph's cleanings, a sample's judge scores.
+        para = s.get(Paragraph, (4, 2))
+        para.cleanings_json = json.dumps([{"check": "chatter", "detail": "cut 'Sure! Here is'"}])
+        sample = s.get(Sample, 4)
+        sample.quality_json = json.dumps({"relevance": 4.0, "S_q": 70.0})
+        sample.length_score = 88.5
+        s.add_all([para, sample])
         s.commit()
     out = tmp_path / "out"
     export_store(store, out, {})
@@ -186,6 +193,10 @@ def test_report_shows_samples_rejections_and_charts(tmp_path):
     sec = html.split('id="s-5"', 1)[1].split("</section>", 1)[0]
     assert "point 5.0" in sec and "Sample 5 part 0." in sec and "trimmed" not in sec
     assert "trimmed at last sentence" in html.split('id="s-7"', 1)[1].split("</section>", 1)[0]
+    sec4 = html.split('id="s-4"', 1)[1].split("</section>", 1)[0]
+    assert "cleaned: check: chatter, detail: cut &#39;Sure! Here is&#39;" in sec4
+    assert "relevance 4" in sec4 and "S_q 70" in sec4 and "length_score 88.50" in sec4
+    assert "1 judged samples" in html  # the summary's quality table
     # Charts: a scatter with every paragraph and the y = x line; a histogram.
     assert "36 paragraphs" in html and "y = x" in html
     assert html.count("<rect ") >= 1
