@@ -313,6 +313,9 @@ def _summary_table(summary: dict[str, Any]) -> str:
     for stage, reasons in sorted(summary["rejections"].items()):
         for reason, n in sorted(reasons.items()):
             rows.append((f"  rejected at {stage}: {reason}", n))
+    from tasks.report import quality_rows
+
+    rows += [(f"  {label}", value) for label, value in quality_rows(summary.get("quality") or {})]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
@@ -393,6 +396,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
     for stage, reasons in sorted(stats["rejections"].items()):
         for reason, n in sorted(reasons.items()):
             print(f"  {stage}/{reason}: {n}")
+    from tasks.report import quality_rows
+
+    quality = quality_rows(stats.get("quality") or {})
+    if quality:
+        print("quality checks:")
+        for label, value in quality:
+            print(f"  {label}: {value}")
     for src in stats["sources"]:
         print(
             f"input {src['path']}: {src['records']} records = {src['instructions']} instructions"

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from sqlmodel import select
 
 from storage.models import Sample
@@ -14,6 +13,8 @@ from storage.store import Store
 
 
 def build_summary(store: Store) -> dict[str, Any]:
+    import pandas as pd  # here, not at import: `longwriter stats` uses quality_rows only
+
     stats = store.stats()
     with store.session() as s:
         words = pd.Series([w for w in s.exec(select(Sample.words)).all()], dtype="float64")
@@ -35,7 +36,26 @@ def build_summary(store: Store) -> dict[str, Any]:
         },
         "llm_calls": {k: v["calls"] for k, v in calls.items()},
         "http_attempts": sum(c["http_attempts"] for c in calls.values()),
+        "quality": stats.get("quality") or {},
     }
+
+
+def quality_rows(quality: dict[str, Any]) -> list[tuple[str, str]]:
+    """What the quality checks did, as (label, value) rows for the build summary, its
+    artifact and `longwriter stats`: drafts that failed a check (redrafted, or sinking their
+    sample) by stage and reason, cleanings on accepted paragraphs by check, and the accepted
+    samples' mean length score (S_l) and plan fidelity."""
+    rows: list[tuple[str, str]] = []
+    if quality.get("length_score_mean") is not None:
+        rows.append(("length score S_l (mean)", f"{quality['length_score_mean']}"))
+    if quality.get("plan_fidelity_mean") is not None:
+        rows.append(("plan fidelity (mean)", f"{quality['plan_fidelity_mean']}"))
+    for stage, reasons in sorted((quality.get("failed_drafts") or {}).items()):
+        for reason, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])):
+            rows.append((f"failed draft at {stage}: {reason}", str(n)))
+    for check, n in sorted((quality.get("cleanings") or {}).items(), key=lambda kv: -kv[1]):
+        rows.append((f"cleaned: {check}", str(n)))
+    return rows
 
 
 def summary_markdown(summary: dict[str, Any], title: str = "longwriter build") -> str:
@@ -64,6 +84,16 @@ def summary_markdown(summary: dict[str, Any], title: str = "longwriter build") -
         for stage, reasons in sorted(summary["rejections"].items()):
             for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1]):
                 lines.append(f"| {stage} | {reason} | {n} |")
+    quality = quality_rows(summary.get("quality") or {})
+    if quality:
+        lines += [
+            "",
+            "## Quality checks (failed drafts are redrafted; cleanings are kept on the paragraph)",
+            "",
+            "| check | count or mean |",
+            "|---|---|",
+            *(f"| {label} | {value} |" for label, value in quality),
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -271,6 +271,9 @@ def default_answer(stage: str, body: dict[str, Any], cfg: FakeConfig) -> str:
         text = prose(prompt, words, chinese=zh)
         if "[[error-text]]" in instruction:
             text += " Max tries. Failed."
+        if "[[chatter]]" in instruction:
+            # Assistant chatter at both edges, as small models write it: cleaned, not redrafted.
+            text = f"Sure! Here is the next paragraph:\n\n{text}\n\nI hope this helps!"
         if "[[markers]]" in instruction:
             n = re.search(r"Now write paragraph (\d+)", prompt)
             text = f"Paragraph {n.group(1) if n else 1}:\n{text}"

@@ -110,7 +110,15 @@ def test_full_build_against_fake_server(tmp_path, db_url):
 
 
 def test_cli_build_and_stats(tmp_path, db_url, capsys):
-    src = write_jsonl(tmp_path / "in.jsonl", GOOD[:3] + ["{bad"])
+    src = write_jsonl(
+        tmp_path / "in.jsonl",
+        GOOD[:3]
+        + [
+            {"prompt": "Write a long essay about kites [[chatter]]", "id": "chatty"},
+            {"prompt": "Write a long story the writer refuses [[refuse]]", "id": "refused"},
+            "{bad",
+        ],
+    )
     with FakeOpenAIServer(FakeConfig()).running() as fake:
         code = cli_main(
             [
@@ -133,10 +141,23 @@ def test_cli_build_and_stats(tmp_path, db_url, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "accepted samples" in printed
+    # The summary shows the quality checks at work: each refused draft (redrafted, then the
+    # sample rejected) and each chatter cleaning on the kept paragraphs, by reason.
+    failed = re.search(r"failed draft at write: refusal\s+(\d+)", printed)
+    assert failed and int(failed.group(1)) == 3, printed  # the first draft and 2 redrafts
+    cleaned = re.search(r"cleaned: chatter\s+(\d+)", printed)
+    # One cleaning per phrase removed: "Sure!", "Here is the next paragraph:", "I hope this
+    # helps!" on each of the kites sample's paragraphs.
+    assert cleaned and int(cleaned.group(1)) == 3 * FakeConfig().plan_steps, printed
+    assert re.search(r"rejected at write: refusal\s+1\b", printed), printed
+    assert cli_main(["stats", "--db", db_url]) == 0
+    text = capsys.readouterr().out
+    assert "quality checks:" in text and "cleaned: chatter:" in text, text
     assert cli_main(["stats", "--db", db_url, "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
-    assert stats["samples"]["accepted"] == 3
+    assert stats["samples"]["accepted"] == 4
     assert stats["rejections"]["ingest"] == {"invalid_json": 1}
+    assert stats["rejections"]["write"] == {"refusal": 1}
     assert cli_main(["export", "--db", db_url, "--out", str(tmp_path / "out2")]) == 0
     assert verify_manifest(tmp_path / "out2") == []
 
