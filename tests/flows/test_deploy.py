@@ -178,7 +178,7 @@ def test_build_deployment_runs_on_worker(
         assert float(arts["build-progress"]["data"]) == 100.0
         summary = arts["build-summary"]["data"]
         assert "| accepted samples | 5 |" in summary
-        assert "| filter | refusal | 1 |" in summary
+        assert "| write | refusal | 1 |" in summary
         assert "](data:image/png;base64," in summary
 
         # Per-stage logs, and the failed item names its reason. The flow process ships its
@@ -187,16 +187,31 @@ def test_build_deployment_runs_on_worker(
             return [entry["message"] for entry in stack.logs(run["id"])]
 
         stack.wait(
-            lambda: any("rejected at filter: refusal" in m for m in messages()),
+            lambda: any("rejected at write: refusal" in m for m in messages()),
             30,
             "the refusal's log line",
             worker.log,
         )
-        assert any("planned 4, written 4, accepted 3" in m or "batch #" in m for m in messages())
+        # One line per batch, naming its inputs by file and line (these records have no id);
+        # the refused instruction was planned, then rejected at write.
+        stack.wait(lambda: "LLM: " in "\n".join(messages()), 30, "the run's last log lines")
+        batches = [m for m in messages() if m.startswith("batch #")]
+        assert any(
+            m.startswith("batch #1-#4 (4 instructions, first.jsonl lines 1-4): planned 4, ")
+            and m.endswith("accepted 4, rejected 0")
+            for m in batches
+        ), batches
+        assert any(
+            m.startswith("batch #5-#6 (2 instructions, first.jsonl lines 5-6): planned 2, ")
+            and m.endswith("accepted 1, rejected 1")
+            for m in batches
+        ), batches
+        # Batch task runs are named after their batch (`plan-#1-#4`), the others get
+        # Prefect's suffix (`ingest-3f2`): the stage is what precedes the first dash.
         stack.wait(
             lambda: (
                 {"plan", "write", "filter", "ingest", "export"}
-                <= {t["name"].rsplit("-", 1)[0] for t in stack.task_runs(run["id"])}
+                <= {t["name"].split("-", 1)[0] for t in stack.task_runs(run["id"])}
             ),
             30,
             "stage task runs recorded",

@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,14 @@ import pytest
 from sqlmodel import select
 
 from flows.monitoring import (
+    MAX_LOGGED_REJECTIONS,
     RetryWatch,
+    ingest_rejection_lines,
+    last_rejection_id,
     percent_done,
     redact_url,
 )
-from storage.models import LLMCall
+from storage.models import LLMCall, Rejection
 from storage.store import Store
 from tasks.llm_client import ClientStats
 from tasks.runtime import Progress
@@ -90,6 +94,27 @@ def test_percent_done_moves_with_paragraphs() -> None:
     assert 0 < first < percent_done(p) < 100
 
 
+def test_ingest_rejections_logged_after_this_ingest_capped_with_the_rest_counted(
+    db_url: str,
+) -> None:
+    store = Store(db_url)
+    try:
+        store.save(Rejection(stage="ingest", reason="duplicate", source="/d/old.jsonl", line_no=1))
+        before = last_rejection_id(store)  # what an earlier ingest refused is not said again
+        store.save(
+            *(
+                Rejection(stage="ingest", reason="invalid_json", source="/d/in.jsonl", line_no=n)
+                for n in range(1, MAX_LOGGED_REJECTIONS + 6)
+            )
+        )
+        lines = ingest_rejection_lines(store, before)
+    finally:
+        store.close()
+    assert len(lines) == MAX_LOGGED_REJECTIONS + 1
+    assert lines[0] == "input in.jsonl:1 rejected at ingest: invalid_json"
+    assert lines[-1] == "... and 5 more (longwriter stats)"
+
+
 # -- the stack -------------------------------------------------------------------------------
 
 
@@ -122,8 +147,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectStack]:
         url += f"/{name}"
     s = PrefectStack(tmp_path_factory.mktemp("monitor"), database_url=url)
     try:
-        s.start_server()
-        s.run(PREFECT, "work-pool", "create", POOL, "--type", "process")
+        s.start_server()  # the pool: created by deploy/deployments.py or the first worker
         yield s
     finally:
         s.close()
@@ -153,7 +177,13 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def deployed(stack: PrefectStack, faulty: FakeOpenAIServer, data: Path) -> None:
+def doomed(stack: PrefectStack) -> Proc:
+    """The crash scenario's worker (limit 1), booting while the deployments are created."""
+    return stack.start_worker(POOL, "w-doomed", limit=1, wait=False, **HEARTBEAT)
+
+
+@pytest.fixture(scope="module")
+def deployed(stack: PrefectStack, faulty: FakeOpenAIServer, data: Path, doomed: Proc) -> None:
     write_jsonl(data / "nightly.jsonl", [{"prompt": "Write a long essay about tides"}])
     out = stack.run(
         sys.executable, "deploy/deployments.py",
@@ -210,13 +240,13 @@ class Crash:
     run_id: str
     db: str
     asked: dict[str, int]  # stored keys at the kill -> requests the endpoint had seen for them
-    killed_at: float
+    killed_at: float  # wall clock (time.time()): compared with the server's state timestamp
     worker: Proc  # the worker that takes the other runs and the retry
 
 
 @pytest.fixture(scope="module")
 def crashed(
-    stack: PrefectStack, deployed: None, clean: FakeOpenAIServer, data: Path
+    stack: PrefectStack, deployed: None, doomed: Proc, clean: FakeOpenAIServer, data: Path
 ) -> Iterator[Crash]:
     """A deployment run whose worker (and flow-run process) is SIGKILLed mid-run; nobody
     tells the server. Started first: the automation's wait overlaps the other tests."""
@@ -224,7 +254,7 @@ def crashed(
         data / "killed.jsonl", [{"prompt": f"Write an essay on pass {i}"} for i in range(6)]
     )
     settings = _settings(data, "killed", clean, concurrency=1)
-    doomed = stack.start_worker(POOL, "w-doomed", limit=1, **HEARTBEAT)
+    stack.wait_online(POOL, [doomed])
     run = stack.create_run("longwriter-build/nightly", {"settings": settings})
     db = settings["db_url"]
     stack.wait(
@@ -232,7 +262,7 @@ def crashed(
     )
     assert stack.state(run["id"]) == "RUNNING"
     killed = doomed.kill()
-    killed_at = time.monotonic()
+    killed_at = time.time()
     assert len(killed) >= 2, "the flow-run process should be a child of the worker"
     asked = {k: clean.stats.by_request_id[k] for k in _stored_keys(db)}
     worker = stack.start_worker(POOL, "w-builds", wait=False, **HEARTBEAT)
@@ -343,6 +373,9 @@ def _check_run(
     assert f"| endpoint(s) | `{fake.base_url}`" in summary
     out_dir = Path(_settings(Path(), name, fake)["out_dir"]).name
     assert re.search(rf"\| output folder \| `[^`]*{out_dir}` \|", summary)
+    # The export wrote the build report: its path in the table and a link under it.
+    assert re.search(rf"\| build report \| `[^`]*{out_dir}/report\.html` \|", summary)
+    assert re.search(rf"\]\(file://[^)]*{out_dir}/report\.html\)", summary), summary[-600:]
     return {"run": run, "messages": messages, "artifacts": arts, "task_runs": names}
 
 
@@ -423,16 +456,25 @@ def _figures(kind: str, got: dict[str, Any], seen: list[float]) -> None:
     """What the UI showed, for the issue's closing note (run with -s)."""
     msgs = got["messages"]
     interesting = [
-        m for m in msgs if m.startswith(("batch #", "LLM", "HTTP 429", "endpoints", "instruction"))
+        m
+        for m in msgs
+        if m.startswith(("batch #", "LLM", "HTTP 429", "endpoints", "instruction", "input"))
     ]
     print(f"\nFIGURES {kind} run {got['run']['name']!r} tags {got['run']['tags']}")
     print(f"  progress seen: {seen}")
     print("  task runs:", sorted(got["task_runs"]))
     for m in interesting[:30]:
         print("  |", m[:160])
+    arts = got["artifacts"]
+    print(
+        "  build-progress:", arts["build-progress"]["data"], arts["build-progress"]["description"]
+    )
+    print("  build-live:", json.loads(arts["build-live"]["data"]))
+    rows = [r for r in arts["build-summary"]["data"].splitlines() if r.startswith("| ")]
+    print("  build-summary rows:", rows)
 
 
-def _chromium(url: str, *args: str) -> str:
+def _chromium(url: str, *args: str, size: str = "1400,1000") -> str:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
         if os.environ.get("CI") == "true":
@@ -440,7 +482,7 @@ def _chromium(url: str, *args: str) -> str:
         pytest.skip("chromium not installed")
     out = subprocess.run(
         [exe, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-         "--virtual-time-budget=20000", "--window-size=1400,1000", *args, url],
+         "--virtual-time-budget=20000", f"--window-size={size}", *args, url],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     return out.stdout
@@ -456,16 +498,18 @@ def test_browser_shows_batch_log_and_summary(
     run_id = run_file.read_text()
     page = f"http://127.0.0.1:{stack.port}/runs/flow-run/{run_id}"
     shots = REPO / "deploy" if os.environ.get("LONGWRITER_SCREENSHOTS") == "deploy" else tmp_path
-    logs_dom = _chromium(f"{page}?tab=Logs", "--dump-dom")
+    logs_dom = _chromium(page, "--dump-dom")  # the run page opens on its Logs tab
     assert "batch #1-#4" in logs_dom, logs_dom[-2000:]
-    arts_dom = _chromium(f"{page}?tab=Artifacts", "--dump-dom")
-    assert "build-summary" in arts_dom, arts_dom[-2000:]
-    _chromium(f"{page}?tab=Logs", f"--screenshot={shots / 'ui-flow-run-logs.png'}")
+    assert "rejected at ingest" in logs_dom
+    # The run page's Artifacts tab links each artifact to its page, where the summary renders.
+    # (A `?tab=Artifacts` link falls back to Logs while the page loads the run's state.)
     summary = next(a for a in stack.artifacts(run_id) if a["key"] == "build-summary")
-    _chromium(
-        f"http://127.0.0.1:{stack.port}/artifacts/artifact/{summary['id']}",
-        f"--screenshot={shots / 'ui-build-summary.png'}",
-    )
+    art_page = f"http://127.0.0.1:{stack.port}/artifacts/artifact/{summary['id']}"
+    art_dom = _chromium(art_page, "--dump-dom")
+    assert "build-summary" in art_dom and "accepted samples" in art_dom and "wall time" in art_dom
+    # Tall enough to show the log past the ingest lines: endpoints, retries, batch lines.
+    _chromium(page, f"--screenshot={shots / 'ui-flow-run-logs.png'}", size="1400,1700")
+    _chromium(art_page, f"--screenshot={shots / 'ui-build-summary.png'}")
     assert (shots / "ui-flow-run-logs.png").stat().st_size > 10_000
 
 
@@ -476,16 +520,21 @@ def test_browser_shows_batch_log_and_summary(
 def test_killed_worker_run_crashed_by_automation_then_resumes(
     stack: PrefectStack, clean: FakeOpenAIServer, crashed: Crash
 ) -> None:
+    # The clock started at the kill (this test runs after the builds): the last heartbeat
+    # came up to 30 s before it, the automation waits ZOMBIE_S, the triggers service and the
+    # actions service add their polling on a loaded machine.
     stack.wait(
         lambda: stack.state(crashed.run_id) == "CRASHED",
-        ZOMBIE_S + 90,
+        max(30.0, ZOMBIE_S + 180 - (time.time() - crashed.killed_at)),
         "the zombie automation to mark the run Crashed",
         stack.root / "server.log",
     )
-    after_s = time.monotonic() - crashed.killed_at
     state = stack.flow_run(crashed.run_id)["state"]
     assert "no heartbeat" in (state.get("message") or ""), state  # the automation's message
-    print(f"\nFIGURES killed worker -> Crashed by the automation after {after_s:.0f} s")
+    # When the server set it, not when this test looked (the builds ran meanwhile).
+    after_s = datetime.fromisoformat(state["timestamp"]).timestamp() - crashed.killed_at
+    assert after_s > 0, state
+    print(f"\nFIGURES killed worker -> Crashed by the automation {after_s:.0f} s after the kill")
     stack.run(PREFECT, "flow-run", "retry", crashed.run_id)  # the README's command
     final = stack.wait_final(crashed.run_id, 180, [crashed.worker.log])
     assert final["state"]["type"] == "COMPLETED", tail(crashed.worker.log)
