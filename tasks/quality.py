@@ -390,6 +390,19 @@ _ECHO_LINE_RES = (
     re.compile(r"\((?:to be (?:completed|continued)|continued|end of paragraph \d+)\)", re.I),
     re.compile(r"\bdo not repeat (?:any of )?(?:the )?(?:earlier|previous|above) text\b", re.I),
     re.compile(r"\bparagraph \d+ of \d+\b", re.I),
+    # The writer narrating its own work, as small models do: "*Writing the paragraph:",
+    # "This sentence continues with the next paragraph", "that's what we need to talk about
+    # in the next paragraph". A piece about writing names paragraphs, not its own next one.
+    re.compile(
+        r"^\W*(?:writing|continuing|here is|here's) (?:the |this |my )?"
+        r"(?:next |new |opening |final )?(?:paragraph|section)\s*[:：]",
+        re.I | re.M,
+    ),
+    re.compile(r"\bthis (?:sentence|paragraph) (?:continues|will continue)\b", re.I),
+    re.compile(
+        r"\b(?:we|i|let's|let us)\b[^.!?\n]{0,60}\b(?:in|into) the (?:next|following) paragraph\b",
+        re.I,
+    ),
     re.compile(r"\(nothing (?:yet|written yet)[^)]*\)", re.I),
     re.compile(r"写作指令\s*[:：]|(?:主要内容|字数)\s*[:：]\s*\S|段落\s*\d+\s*[-–—]\s*主要内容"),
     re.compile(r"(?:你的|我的)?(?:开头|下一|第一)段\s*[:：]"),
@@ -399,7 +412,8 @@ _ECHO_LINE_RES = (
 # the lines of plain prose, nearly all of them.
 _ECHO_HINTS = (
     "<", "aim for", "word count", "main point", "paragraph", "instruction", "written",
-    "output only", "repeat", "nothing", "(to be", "continued", "写作", "字数", "主要内容",
+    "output only", "repeat", "nothing", "(to be", "continued", "this sentence", "section",
+    "写作", "字数", "主要内容",
     "段", "已",
 )  # fmt: skip
 # All of them in one pattern: one scan per line instead of one per pattern.

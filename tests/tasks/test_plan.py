@@ -3,6 +3,7 @@ import json
 import pytest
 
 from tasks.plan import (
+    PLAN_EXAMPLES,
     PlanError,
     PlanStep,
     build_plan_request,
@@ -10,6 +11,7 @@ from tasks.plan import (
     plan_schema,
     validate_plan,
 )
+from tasks.quality import review_plan
 
 PAPER = """Paragraph 1 - Main Point: Introduce the history of the Roman Empire - Word Count: 400 words
 Paragraph 2 - Main Point: Describe the rise of Augustus - Word Count: 600 words
@@ -141,7 +143,7 @@ def test_plan_request_asks_for_json_schema_and_carries_instruction_literally():
     assert req.response_format["type"] == "json_schema"
     # 3,000 words need at least 8 paragraphs of the typical 400 words, and at most twice that
     assert req.response_format["json_schema"]["schema"] == plan_schema(16, min_steps=8)
-    assert "at least 8 and at most 16" in req.messages[0][1]
+    assert "at least 8 and at most 16" in req.messages[-1][1]
     llama = build_plan_request(inst, 3000, 2000, json_style="llama_cpp")
     assert llama.response_format["type"] == "json_object"
     llama_items = llama.response_format["schema"]["properties"]["paragraphs"]
@@ -150,13 +152,13 @@ def test_plan_request_asks_for_json_schema_and_carries_instruction_literally():
     # long targets are capped by the absolute limit
     long = build_plan_request(inst, 40000, 2000).response_format["json_schema"]["schema"]
     assert long["properties"]["paragraphs"]["maxItems"] == 50
-    content = req.messages[0][1]
+    content = req.messages[-1][1]
     assert inst in content and "49" not in content
     assert "3000" in content
     assert req.prompt_version.startswith("plan@")
     no_json = build_plan_request(inst, None, 2000, json_mode=False)
     assert no_json.response_format is None
-    assert "Paragraph 1 - Main Point" in no_json.messages[0][1]
+    assert "Paragraph 1 - Main Point" in no_json.messages[-1][1]
     assert no_json.key("m") != req.key("m")
     assert req.key("m") == build_plan_request(inst, 3000, 2000).key("m")
 
@@ -167,7 +169,7 @@ def test_a_paragraph_cap_bounds_the_schema_the_prompt_and_validation():
     req = build_plan_request("Write a long story", None, 2000, max_steps=6)
     items = req.response_format["json_schema"]["schema"]["properties"]["paragraphs"]
     assert (items["minItems"], items["maxItems"]) == (5, 6)
-    assert "at least 5 and at most 6" in req.messages[0][1]
+    assert "at least 5 and at most 6" in req.messages[-1][1]
     tight = build_plan_request("Write a long story", 8000, 2000, max_steps=4)
     items = tight.response_format["json_schema"]["schema"]["properties"]["paragraphs"]
     assert (items["minItems"], items["maxItems"]) == (4, 4)
@@ -186,3 +188,49 @@ def test_a_plan_without_a_required_length_must_reach_the_minimum_words():
     validate_plan(steps(400, 300, 300), None, min_words=1000)
     validate_plan(steps(300, 300, 300), None)  # no minimum given: no check
     validate_plan(steps(300, 300, 300), 1000, min_words=2000)  # a required length rules
+
+
+def test_plan_request_shows_a_worked_example_in_the_instructions_language():
+    """The example turn is the same prompt for another instruction, then its answer in the
+    format asked for; the real prompt is the last message."""
+    req = build_plan_request("Write a long story about a fox", None, 2000)
+    roles = [role for role, _ in req.messages]
+    assert roles == ["user", "assistant", "user"]
+    example_prompt, example_answer = req.messages[0][1], req.messages[1][1]
+    assert "sourdough" in example_prompt and "a fox" not in example_prompt
+    assert "a fox" in req.messages[-1][1]
+    steps = parse_plan(example_answer)
+    assert steps == list(PLAN_EXAMPLES["en"][1])
+    validate_plan(steps, None, min_words=2000)  # the example passes what it demonstrates
+    assert review_plan([s.main_point for s in steps], PLAN_EXAMPLES["en"][0]).keep
+    lines = build_plan_request("Write a long story about a fox", None, 2000, json_mode=False)
+    assert lines.messages[1][1].startswith("Paragraph 1 - Main Point: What sourdough is")
+    zh = build_plan_request("写一篇关于狐狸的长篇故事", None, 2000)
+    assert "酸面包" in zh.messages[0][1] and "酵头" in zh.messages[1][1]
+
+
+@pytest.mark.parametrize(
+    ("point", "copies"),
+    [
+        ("Making a starter from flour and water, and feeding it", True),
+        ("making a starter from flour and water and feeding it daily", True),
+        ("How the queen founds the colony and lays her eggs", False),
+        # Same subject as the example, own words: a plan for a bread guide may cover starters.
+        ("Why a young starter smells sour and what to feed it in its first week", False),
+    ],
+)
+def test_a_plan_that_copies_the_prompts_example_is_rejected(point, copies):
+    steps = [
+        PlanStep("How the queen founds the colony", 400),
+        PlanStep(point, 400),
+        PlanStep("Drones and the mating flight", 400),
+        PlanStep("The waggle dance and the forage map", 400),
+        PlanStep("Winter in the cluster", 400),
+    ]
+    instruction = "Write a long essay about honeybees"
+    if copies:
+        with pytest.raises(PlanError) as err:
+            validate_plan(steps, None, min_words=2000, instruction=instruction)
+        assert err.value.reason == "plan_copies_example"
+    else:
+        validate_plan(steps, None, min_words=2000, instruction=instruction)

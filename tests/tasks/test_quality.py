@@ -56,6 +56,7 @@ CLEANED = [
     (EN, "<think>The user wants bees. Plan: orchard.</think>\n" + PROSE, "reasoning", "The"),
     (EN, "Your next paragraph:\n" + PROSE, "prompt_echo", "The orchard"),
     (EN, PROSE + "\nAim for about 400 words (to be completed)", "prompt_echo", "The orchard"),
+    (EN, "*Writing the paragraph:\n" + PROSE, "prompt_echo", "The orchard"),
     (EN, PROSE + "</div>", "markup", "The orchard"),
     (EN, 'The orchard <blocked=""/> had not been pruned in years.', "markup", "The orchard"),
 ]
@@ -105,6 +106,14 @@ FAILED = [
         },
     ),
     (check_prompt_echo, ZH, "写作指令：写一篇关于茶的文章。" + PROSE_ZH, {}),
+    # The writer narrating its own work (SmolLM2 in the demo).
+    (
+        check_prompt_echo,
+        EN,
+        PROSE + " But that's what we need to talk about in the next paragraph. " + PROSE,
+        {},
+    ),
+    (check_prompt_echo, EN, PROSE + "\nThis sentence continues with the next one. " + PROSE, {}),
     (check_markup, EN, "The bees {{ main_point }} returned at dusk.", {}),
     (check_markup, EN, PROSE + " <|im_end|>", {}),
     (check_markup, EN, "The bees returned.\n```\nThe hive hummed.", {}),
@@ -125,6 +134,13 @@ def test_checks_catch(check: object, instruction: str, text: str, extra: dict) -
 # -- texts that must pass -------------------------------------------------------------------
 
 PASSING = [
+    # An essay about writing names paragraphs, just not its own next one.
+    (
+        "Write a long essay on how to write a good school essay.",
+        "A strong essay links its ideas. In the next paragraph of your essay, the reader "
+        "expects evidence, and a topic sentence tells them which. I always tell students "
+        "that the next paragraph should answer the question the last one raised.",
+    ),
     # A character says "Let me know" and "I hope this helps" in dialogue.
     (
         "Write a short story about two neighbours.",
