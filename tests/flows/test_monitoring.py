@@ -4,10 +4,12 @@ deployment on a worker, both against a fake endpoint injecting 20 % faults, read
 the API: per-batch log lines, endpoint and model, retries as they happen with the threshold
 warnings, every rejection with the input's id or file and line (ingest included), no
 "Finished in state Completed()" per task run, task runs named after their batch, the flow run
-named and tagged, progress that moves, the live table and the summary's run facts. A headless
-chromium opens the flow run page and finds a batch line and the summary artifact. The zombie
-automation from deploy/deployments.py, for real: a worker SIGKILLed mid-run, the automation
-marks the run Crashed when its heartbeats stop, and the retry resumes from the store.
+named and tagged, progress that moves, the live table and the summary's run facts; then the
+same checks on a CLI build with no server (Prefect's temporary API), read back by a server
+started afterwards on its PREFECT_HOME. A headless chromium opens the flow run page and finds
+a batch line and the summary artifact. The zombie automation from deploy/deployments.py, for
+real: a worker SIGKILLed mid-run, the automation marks the run Crashed when its heartbeats
+stop, and the retry resumes from the store.
 
 The crash scenario starts first (a module fixture) so its wait for the automation overlaps
 the two builds. LONGWRITER_SCREENSHOTS=deploy writes the browser's screenshots into deploy/.
@@ -26,7 +28,7 @@ import time
 from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from sqlmodel import select
 from flows.monitoring import (
     MAX_LOGGED_REJECTIONS,
     RetryWatch,
+    default_run_name,
     ingest_rejection_lines,
     last_rejection_id,
     percent_done,
@@ -92,6 +95,14 @@ def test_percent_done_moves_with_paragraphs() -> None:
     first = percent_done(p)
     p.paragraphs = 2
     assert 0 < first < percent_done(p) < 100
+
+
+def test_default_run_name_from_input_and_date() -> None:
+    at = datetime(2026, 12, 2, 3, 0, tzinfo=UTC)
+    assert default_run_name({"instructions": "/d/prompts.jsonl"}, at) == "prompts-2026-12-02-0300"
+    parted = {"instructions": "/d/prompts.jsonl", "partition": 1, "partitions": 4}
+    assert default_run_name(parted, at) == "prompts-2026-12-02-0300-p1of4"
+    assert default_run_name({}, at) == "resume-2026-12-02-0300"  # a rerun with no input file
 
 
 def test_ingest_rejections_logged_after_this_ingest_capped_with_the_rest_counted(
@@ -450,6 +461,40 @@ def test_deployment_build_shows_the_same(
     )
     assert len([v for v in seen if 0 < v < 100]) >= 1, seen
     _figures("deployment", got, seen)
+
+
+@pytest.mark.slow
+def test_cli_build_on_temporary_api_logs_the_same(faulty: FakeOpenAIServer, tmp_path: Path) -> None:
+    """The third way a build runs: `longwriter build` with no PREFECT_API_URL, on Prefect's
+    temporary API (no UI). Its run lands in PREFECT_HOME's database, and a `prefect server
+    start` on that home afterwards (how a user would look at it) shows the same items."""
+    later = PrefectStack(tmp_path / "temporary")
+    later.home.mkdir(parents=True)
+    name = "temprun"
+    write_jsonl(tmp_path / f"{name}.jsonl", _inputs(name, 9))
+    s = _settings(tmp_path, name, faulty)
+    cmd = [
+        sys.executable, "-m", "flows.cli", "build",
+        "--instructions", s["instructions"], "--db", s["db_url"], "--out", s["out_dir"],
+        "--base-url", faulty.base_url, "--model", "fake-model",
+        "--min-words", "200", "--batch-size", "4", "--concurrency", "4", "--no-progress",
+        "--run-name", "temporary-check", "--tag", "temporary",
+    ]  # fmt: skip
+    env = later.env(**HEARTBEAT)
+    for key in ("PREFECT_API_URL", "PREFECT_LOGGING_LEVEL"):  # a user's shell with no server
+        env.pop(key)
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "accepted samples" in out.stdout
+    assert not re.search(r"\| INFO\s+\|", out.stderr), out.stderr[-3000:]
+    try:
+        later.start_server()
+        runs = later.flow_runs({"flow_runs": {"name": {"any_": ["temporary-check"]}}})
+        assert len(runs) == 1, runs
+        got = _check_run(later, runs[0]["id"], name, faulty, {"temporary"}, "temporary-check")
+    finally:
+        later.close()
+    _figures("temporary API", got, [])
 
 
 def _figures(kind: str, got: dict[str, Any], seen: list[float]) -> None:
