@@ -654,7 +654,7 @@ def restated_share(text: str, earlier: str, lang: str) -> float:
     if len(grams) < RESTATE_MIN_GRAMS:
         return 0.0
     seen = _gram_set(earlier, n)
-    return sum(g in seen for g in grams) / len(grams)
+    return sum(map(seen.__contains__, grams)) / len(grams)
 
 
 def check_restated(text: str, ctx: ParagraphContext) -> Verdict:
@@ -667,7 +667,7 @@ def check_restated(text: str, ctx: ParagraphContext) -> Verdict:
     # Against everything before it at once first: under the limit there, it is under the
     # limit against every single earlier paragraph (the common case, one set lookup each).
     seen = _previous_grams(ctx.previous, n)
-    if sum(g in seen for g in grams) < limit * len(grams):
+    if sum(map(seen.__contains__, grams)) < limit * len(grams):
         return KEEP
     for j, earlier in enumerate(ctx.previous, start=1):
         share = restated_share(text, earlier, lang)

