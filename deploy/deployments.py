@@ -76,6 +76,30 @@ def build_settings(args: argparse.Namespace) -> dict[str, Any]:
     return BuildSettings(**raw).model_dump(mode="json", exclude_defaults=True)
 
 
+def eval_settings(args: argparse.Namespace, build: dict[str, Any]) -> dict[str, Any]:
+    """The `settings` parameter of the eval deployment (EvalSettings, validated now): the
+    build's endpoint unless --eval-base-url/--eval-model name another, results beside OUT."""
+    from tasks.settings import EvalSettings
+
+    raw: dict[str, Any] = {
+        "out_dir": str(Path(build["out_dir"]).parent / "eval"),
+        "base_urls": args.eval_base_url or build.get("base_urls", []),
+        "model": args.eval_model or build.get("model"),
+    }
+    if args.judge_base_url:
+        raw.update(judge_base_urls=args.judge_base_url, judge_model=args.judge_model)
+    return EvalSettings(**raw).model_dump(mode="json", exclude_defaults=True)
+
+
+def partitions_default() -> int:
+    """The partitioned build's own default, so the flag cannot disagree with the flow."""
+    import inspect
+
+    from flows.partition import partitioned_build
+
+    return inspect.signature(partitioned_build.fn).parameters["partitions"].default
+
+
 async def ensure_pool(name: str) -> bool:
     """Create the process work pool unless it exists; True when it was created."""
     from prefect import get_client
@@ -184,17 +208,10 @@ def deploy_all(args: argparse.Namespace) -> dict[str, str]:
         description="Shards + manifest.json from the store.",
     )
     if (Path(source) / "flows" / "eval.py").is_file():
-        eval_settings: dict[str, Any] = {
-            "out_dir": str(Path(settings["out_dir"]).parent / "eval"),
-            "base_urls": args.eval_base_url or settings.get("base_urls", []),
-            "model": args.eval_model or settings.get("model"),
-        }
-        if args.judge_base_url:
-            eval_settings.update(judge_base_urls=args.judge_base_url, judge_model=args.judge_model)
         deploy(
             "flows/eval.py:eval_flow",
             "eval",
-            parameters={"settings": eval_settings},
+            parameters={"settings": eval_settings(args, settings)},
             description="LongBench-Write evaluation of a model endpoint.",
         )
     return ids
@@ -227,7 +244,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cron", default=DEFAULT_CRON, help="schedule of longwriter-build/nightly")
     p.add_argument("--timezone", default="UTC")
     p.add_argument("--no-schedule", action="store_true", help="deploy without a schedule")
-    p.add_argument("--partitions", type=int, default=2, help="default for the partitioned build")
+    p.add_argument(
+        "--partitions",
+        type=int,
+        default=partitions_default(),
+        help="default for the partitioned build (default: %(default)s)",
+    )
     p.add_argument("--eval-base-url", action="append", help="endpoint of the evaluated model")
     p.add_argument("--eval-model")
     p.add_argument("--judge-base-url", action="append")

@@ -15,7 +15,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tasks.audit import AuditInputError, AuditSettings, default_workers, run_audit
+from tasks.audit import AuditInputError, default_workers, run_audit
+from tasks.flags import Flags, SettingsError
+from tasks.settings import AuditSettings
+
+# ngram stays the filters' own: a flag would let an audit disagree with the build's check.
+AUDIT_FLAGS = Flags(AuditSettings, exclude=("ngram",))
 
 
 def _summary_lines(summary: dict[str, Any], out: Path) -> list[str]:
@@ -44,7 +49,11 @@ def run_audit_cli(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    settings = AuditSettings(min_words=args.min_words, max_repetition=args.max_repetition)
+    try:
+        settings = AUDIT_FLAGS.settings(args)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         summary = run_audit(
             Path(args.data), Path(args.out), settings, workers=args.workers or default_workers()
@@ -71,19 +80,7 @@ def add_cli(subparsers: Any) -> None:
     )
     p.add_argument("--data", required=True, help="jsonl or parquet file, or a folder of them")
     p.add_argument("--out", required=True, help="output folder (audit.json, audit.md, kept/)")
-    p.add_argument(
-        "--min-words",
-        type=int,
-        default=0,
-        help="reject samples shorter than this (CJK characters + English words); default 0: "
-        "keep any length (the build's default is 2000)",
-    )
-    p.add_argument(
-        "--max-repetition",
-        type=float,
-        default=0.3,
-        help="reject above this share of repeated 13-grams (default 0.3, as in build)",
-    )
+    AUDIT_FLAGS.add_to(p)  # the review's settings (AuditSettings in tasks/settings.py)
     p.add_argument(
         "--workers",
         type=int,

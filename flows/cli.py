@@ -20,6 +20,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+# Neither imports Prefect (which must not be imported before `_quiet_prefect_defaults`).
+from tasks.flags import SettingsError, default_of
+from tasks.settings import (
+    BUILD_FLAGS,
+    EXPORT_FLAGS,
+    RUN_LABEL_FLAGS,
+    BuildSettings,
+    db_url_from_env,
+)
+
 # Modules that add their own subcommands through `add_cli(subparsers)`. Missing ones (an
 # optional extra not installed) just do not appear.
 CLI_MODULES = (
@@ -33,7 +43,7 @@ CLI_MODULES = (
 
 
 def _db_default() -> str:
-    return os.environ.get("LONGWRITER_DB_URL", "sqlite:///longwriter.db")
+    return db_url_from_env()
 
 
 def _quiet_prefect_defaults() -> None:
@@ -52,252 +62,54 @@ def _quiet_prefect_defaults() -> None:
 
 
 def add_build_parser(sub: Any) -> None:
-    p = sub.add_parser("build", help="ingest, plan, write, filter and export a dataset")
-    p.add_argument("--instructions", help="instruction file (jsonl, json, parquet, csv)")
-    p.add_argument("--db", default=None, help="store URL or SQLite path (env LONGWRITER_DB_URL)")
-    p.add_argument("--out", default="out", help="output directory for shards + manifest")
-    p.add_argument(
-        "--base-url",
-        action="append",
-        default=None,
-        help="OpenAI-compatible /v1 URL; repeat or comma-separate for several "
-        "(env LONGWRITER_BASE_URL; none: the embedded llama.cpp server)",
+    # Every flag is made from a settings field (tasks/settings.py): its default and help.
+    p = sub.add_parser(
+        "build",
+        help="ingest, plan, write, filter and export a dataset",
+        description="Ingest instructions, plan and write each sample with AgentWrite, filter "
+        "and export shards. Rerunning the same command resumes from the store.",
     )
-    p.add_argument("--model", default=None, help="model name (env LONGWRITER_MODEL)")
-    p.add_argument(
-        "--api-key-env",
-        default="LONGWRITER_API_KEY",
-        help="name of the environment variable holding the API key",
-    )
-    p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--min-words", type=int, default=2000)
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--context-window", type=int, default=None)
-    p.add_argument(
-        "--embedded-replicas",
-        type=int,
-        default=None,
-        help="embedded llama.cpp servers when no --base-url (default: one per core, up to 4)",
-    )
-    p.add_argument("--max-paragraph-tokens", type=int, default=2048)
-    p.add_argument("--frequency-penalty", type=float, default=None)
-    p.add_argument("--presence-penalty", type=float, default=None)
-    p.add_argument("--max-repetition", type=float, default=0.3)
-    p.add_argument(
-        "--max-resamples", type=int, default=2, help="redrafts of a paragraph that loops"
-    )
-    p.add_argument(
-        "--min-paragraph-share",
-        type=float,
-        default=0.5,
-        help="continue a paragraph that ends under this share of its planned words (0-1)",
-    )
-    p.add_argument(
-        "--max-continuations",
-        type=int,
-        default=2,
-        help="continuation calls per paragraph (cut at max_tokens or short)",
-    )
-    p.add_argument(
-        "--max-paragraphs",
-        type=int,
-        default=50,
-        help="most paragraphs per plan, 1-50: bounds the calls and words of each sample",
-    )
-    p.add_argument(
-        "--max-plan-resamples",
-        type=int,
-        default=2,
-        help="new plans (new seed) asked for when a plan fails validation",
-    )
-    p.add_argument("--no-json-plan", action="store_true", help="ask for line-format plans")
-    p.add_argument(
-        "--no-quality-checks",
-        action="store_true",
-        help="skip the plan and paragraph quality checks (echo, chatter, markup, language, "
-        "restated paragraphs); the sample filters still run",
-    )
-    p.add_argument(
-        "--min-quality",
-        type=float,
-        default=None,
-        help="judge gate: score every accepted sample on LongBench-Write's six dimensions and "
-        "reject those with S_q (0-100) under this (judge: --judge-base-url, else the writer)",
-    )
-    p.add_argument(
-        "--judge-base-url",
-        action="append",
-        default=None,
-        help="judge /v1 URL for the judge gate; repeat or comma-separate for several",
-    )
-    p.add_argument("--judge-model", default=None, help="judge model (default: the writer's)")
-    p.add_argument(
-        "--judge-api-key-env",
-        default="LONGWRITER_JUDGE_API_KEY",
-        help="name of the environment variable holding the judge's API key",
-    )
-    p.add_argument(
-        "--judge-format",
-        default="auto",
-        help="judge structured output: auto, json_schema, json_object or none",
-    )
-    p.add_argument(
-        "--min-length-score",
-        type=float,
-        default=0.0,
-        help="reject samples whose length score S_l (0-100, LongBench-Write's formula) against "
-        "the instruction's required length is below this",
-    )
-    p.add_argument("--no-decontaminate", action="store_true")
-    p.add_argument("--no-export", action="store_true")
-    _add_license_argument(p)
-    p.add_argument("--request-timeout", type=float, default=600.0)
-    p.add_argument(
-        "--reasoning-effort",
-        default=None,
-        help="reasoning_effort sent with every call (OpenAI reasoning models: low/medium/high)",
-    )
-    p.add_argument(
-        "--extra-body",
-        type=_json_object,
-        default=None,
-        metavar="JSON",
-        help='extra request fields sent with every call, e.g. \'{"chat_template_kwargs": '
-        '{"enable_thinking": false}}\' (vLLM/SGLang Qwen3)',
-    )
-    p.add_argument(
-        "--api-dialect",
-        choices=("auto", "chat", "openai-reasoning"),
-        default="auto",
-        help="parameter names: auto learns max_completion_tokens / no temperature from the "
-        "endpoint's 400s; chat never switches; openai-reasoning starts switched",
-    )
-    p.add_argument("--rpm", type=float, default=None, help="requests per minute to stay under")
-    p.add_argument(
-        "--tpm", type=float, default=None, help="tokens per minute (prompt + max_tokens)"
-    )
-    p.add_argument(
-        "--max-throttle-wait",
-        type=float,
-        default=10.0,
-        metavar="MIN",
-        help="minutes one call may wait out 429s before the build stops (rerun resumes)",
-    )
-    p.add_argument(
-        "--stream",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="stream answers (SSE); proxies that cut silent long calls (524/504) pass them",
-    )
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument(
-        "--partition",
-        type=int,
-        default=None,
-        help="build only instructions with id %% PARTITIONS == PARTITION (one machine's share "
-        "of a build over a shared PostgreSQL store; ingest and export run separately)",
-    )
-    p.add_argument("--partitions", type=int, default=1)
-    p.add_argument(
-        "--run-name",
-        default=None,
-        help="Prefect flow-run name (default: the input file's name and the UTC date and time)",
-    )
-    p.add_argument(
-        "--tag",
-        action="append",
-        default=None,
-        help="Prefect tag on the flow run and its task runs; repeat for several",
-    )
-    from tasks.forecast import add_dry_run_arguments
+    from tasks.forecast import add_dry_run_arguments  # imports Prefect: after main()'s setup
 
+    BUILD_FLAGS.add_to(p)
+    RUN_LABEL_FLAGS.add_to(p)
     add_dry_run_arguments(p)
-    p.add_argument("--json", action="store_true", help="with --dry-run: print JSON")
     p.set_defaults(handler=cmd_build)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from flows.build import BuildSettings, run_build
+    from flows.build import run_build
     from tasks.endpoints import ConfigError
+    from tasks.forecast import DRY_RUN_FLAGS, run_dry_run
     from tasks.ingest import InputError
     from tasks.llm_client import LLMError
 
-    if args.instructions and not Path(args.instructions).is_file():
-        return _fail(f"instructions file not found: {args.instructions}")
-    if args.dry_run:
-        from tasks.forecast import run_dry_run
-
-        return run_dry_run(args, args.db or _db_default())
-    if args.partition is not None and not 0 <= args.partition < args.partitions:
-        return _fail(f"--partition must be in 0..{args.partitions - 1}")
-    settings = BuildSettings(
-        instructions=args.instructions,
-        db_url=args.db or _db_default(),
-        out_dir=args.out,
-        base_urls=args.base_url or [],
-        model=args.model,
-        api_key_env=args.api_key_env,
-        concurrency=args.concurrency,
-        min_words=args.min_words,
-        limit=args.limit,
-        batch_size=args.batch_size,
-        context_window=args.context_window,
-        max_paragraph_tokens=args.max_paragraph_tokens,
-        frequency_penalty=args.frequency_penalty,
-        presence_penalty=args.presence_penalty,
-        max_repetition=args.max_repetition,
-        max_resamples=args.max_resamples,
-        max_plan_resamples=args.max_plan_resamples,
-        max_paragraphs=args.max_paragraphs,
-        min_paragraph_share=args.min_paragraph_share,
-        max_continuations=args.max_continuations,
-        embedded_replicas=args.embedded_replicas,
-        json_plan=not args.no_json_plan,
-        quality_checks=not args.no_quality_checks,
-        min_quality=args.min_quality,
-        judge_base_urls=args.judge_base_url or [],
-        judge_model=args.judge_model,
-        judge_api_key_env=args.judge_api_key_env,
-        judge_format=args.judge_format,
-        min_length_score=args.min_length_score,
-        decontaminate=not args.no_decontaminate,
-        export=not args.no_export,
-        license=args.license,
-        request_timeout_s=args.request_timeout,
-        reasoning_effort=args.reasoning_effort,
-        extra_body=args.extra_body or {},
-        api_dialect=args.api_dialect,
-        rpm=args.rpm,
-        tpm=args.tpm,
-        max_throttle_wait_min=args.max_throttle_wait,
-        stream=args.stream,
-        progress=sys.stderr.isatty() if args.progress is None else args.progress,
-        partition=args.partition,
-        partitions=args.partitions,
-    )
+    values = BUILD_FLAGS.values(args)
+    instructions = values.get("instructions")
+    if instructions and not Path(instructions).is_file():
+        return _fail(f"instructions file not found: {instructions}")
+    partition = values.get("partition")
+    partitions = values.get("partitions", default_of(BuildSettings, "partitions"))
+    if partition is not None and not 0 <= partition < partitions:
+        return _fail(f"--partition must be in 0..{partitions - 1}")
+    try:
+        settings = BUILD_FLAGS.settings(args)
+        labels = RUN_LABEL_FLAGS.settings(args)
+        if DRY_RUN_FLAGS.settings(args).dry_run:
+            return run_dry_run(args, settings.db_url)
+    except SettingsError as exc:
+        return _fail(str(exc))
     expected = (ConfigError, InputError, LLMError)
     _console_logs_without_tracebacks_for(expected)
     try:
         start_prefect_api()
-        summary = run_build(settings, run_name=args.run_name, tags=args.tag or ())
+        summary = run_build(settings, run_name=labels.run_name, tags=labels.tag)
     except expected as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return _fail("interrupted; rerun the same command to resume", code=130)
     print(_summary_table(summary))
     return 0
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    """argparse type of --extra-body: a JSON object, or a one-line usage error."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return value
 
 
 def _summary_table(summary: dict[str, Any]) -> str:
@@ -322,35 +134,27 @@ def _summary_table(summary: dict[str, Any]) -> str:
 
 def add_export_parser(sub: Any) -> None:
     p = sub.add_parser("export", help="write shards + manifest from the store")
-    p.add_argument("--db", default=None)
-    p.add_argument("--out", required=True)
-    p.add_argument("--shard-size", type=int, default=1000)
-    _add_license_argument(p)
+    EXPORT_FLAGS.add_to(p)
     p.set_defaults(handler=cmd_export)
-
-
-def _add_license_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--license",
-        default="unknown",
-        help="licence for the dataset card, a Hub licence id (apache-2.0, cc-by-4.0, ...); "
-        "default unknown: check the generator model's terms and the instructions' source",
-    )
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from storage.store import Store
     from tasks.export import export_store
 
-    store = Store(args.db or _db_default())
     try:
-        settings = {"command": "export", "license": args.license}
-        manifest = export_store(store, Path(args.out), settings, args.shard_size)
+        settings = EXPORT_FLAGS.settings(args)
+    except SettingsError as exc:
+        return _fail(str(exc))
+    store = Store(settings.db_url)
+    try:
+        meta = {"command": "export", "license": settings.license}
+        manifest = export_store(store, Path(settings.out_dir), meta, settings.shard_size)
     finally:
         store.close()
     print(
         f"exported {manifest['counts']['samples']} samples in {manifest['counts']['shards']} "
-        f"shard(s) to {Path(args.out).resolve()}"
+        f"shard(s) to {Path(settings.out_dir).resolve()}"
     )
     return 0
 

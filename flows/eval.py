@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import json
 import sys
@@ -34,23 +33,34 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field
 from sqlmodel import col, select
 
+from flows.common import (
+    ProgressArtifact,
+    http_requests,
+    image_markdown,
+    open_judge,
+    open_writer,
+    publish_markdown,
+    recorded_run,
+    require_judge_model,
+    retry_policy,
+    ticking,
+)
 from prompts import prompt_version
 
 # Importing the eval tables registers them on SQLModel's metadata, so the Store(url) the flow
 # opens later creates them (Store.__init__ runs create_all).
 from storage.eval_models import EvalGeneration, EvalJudgement
-from storage.store import Store, redact_db_url
-from tasks.endpoints import ConfigError, ResolvedEndpoints, open_endpoints
-from tasks.judge import FORMATS, judge_answer
+from storage.store import Store
+from tasks.endpoints import ConfigError
+from tasks.flags import SettingsError
+from tasks.judge import FORMATS, judge_answer, judge_format_for
 from tasks.lineage import LINEAGE_FILE, eval_lineage, record_evaluation
 from tasks.llm_client import (
     BadOutputError,
@@ -58,69 +68,20 @@ from tasks.llm_client import (
     ContextLengthError,
     LLMClient,
     LLMError,
-    RetryPolicy,
 )
 from tasks.runtime import Progress, gather_all, generate
 from tasks.scoring import DIMENSIONS, ScoredRow, report
+from tasks.settings import EVAL_FLAGS, EvalSettings, default_prompts_path
 from tasks.wordcount import count_words, detect_lang
 from tasks.write import estimate_tokens
+
+# Re-exported: the eval's settings and prompt set live in tasks/settings.py.
+__all__ = ["EvalSettings", "default_prompts_path", "eval_flow", "run_eval_sync"]
 
 GENERATE_STAGE = "generate"
 # The prompt goes out verbatim (no template), so this names the convention, not a file hash.
 GENERATE_VERSION = "eval-verbatim@1"
-DEFAULT_PROMPTS = "longbench_write.jsonl"
 PROMPT_RESERVE_TOKENS = 256  # chat template tokens + estimate error, kept free of max_tokens
-
-
-def default_prompts_path() -> Path:
-    return Path(str(resources.files("tasks").joinpath("data", DEFAULT_PROMPTS)))
-
-
-class EvalSettings(BaseModel):
-    """Everything an evaluation needs (a Prefect deployment shows it as a form). Holds the
-    *names* of API key variables, never keys."""
-
-    prompts: str | None = Field(
-        None, description="jsonl of {prompt, length, type}; default LongBench-Write"
-    )
-    out_dir: str = Field("eval", description="where results.json/.md and scatter.png go")
-    db_url: str | None = Field(None, description="store URL or SQLite path; default OUT/eval.db")
-    base_urls: list[str] = Field(default_factory=list, description="evaluated model's /v1 URLs")
-    model: str | None = None
-    api_key_env: str = "LONGWRITER_API_KEY"
-    judge: bool = True
-    judge_base_urls: list[str] = Field(default_factory=list, description="judge /v1 URLs")
-    judge_model: str | None = None
-    judge_api_key_env: str = "LONGWRITER_JUDGE_API_KEY"
-    judge_format: str = Field("auto", description="auto | json_schema | json_object | none")
-    judge_attempts: int = Field(3, ge=1, le=10)
-    judge_max_tokens: int = Field(512, ge=16)
-    judge_temperature: float = Field(0.0, ge=0.0, le=2.0)
-    max_tokens: int = Field(16384, ge=1)
-    temperature: float = Field(0.5, ge=0.0, le=2.0)
-    concurrency: int = Field(8, ge=1, le=4096)
-    context_window: int | None = Field(None, description="evaluated model's context")
-    judge_context_window: int | None = None
-    batch_size: int = Field(20, ge=1, description="prompts per generate/judge task")
-    limit: int | None = Field(None, ge=1, description="evaluate only the first N prompts")
-    request_timeout_s: float = 1800.0
-    max_attempts: int = Field(6, ge=1)
-    progress: bool = False  # a status line on stderr every few seconds
-    model_dir: str | None = Field(
-        None, description="the evaluated model's folder (train --out): lineage into results.json"
-    )
-
-    def store_url(self) -> str:
-        return self.db_url or str(Path(self.out_dir) / "eval.db")
-
-    def prompts_path(self) -> Path:
-        return Path(self.prompts) if self.prompts else default_prompts_path()
-
-    def public(self) -> dict[str, Any]:
-        d = self.model_dump()
-        d["db_url"] = redact_db_url(self.store_url())
-        d["prompts"] = str(self.prompts_path())
-        return d
 
 
 # -- prompts ----------------------------------------------------------------------------------
@@ -564,26 +525,13 @@ def write_outputs(
     return md, png
 
 
-async def _publish(md: str, png: Path) -> None:
-    from prefect.artifacts import acreate_markdown_artifact
-
-    # A data URI keeps the picture inside the artifact (Prefect images take a URL only).
-    data = base64.b64encode(png.read_bytes()).decode("ascii")
-    md += f"\n![required vs output length](data:image/png;base64,{data})\n"
-    await acreate_markdown_artifact(markdown=md, key="eval-results", description="LongBench-Write")
-
-
 # -- flow -------------------------------------------------------------------------------------
 
 
 @contextlib.asynccontextmanager
 async def _status_line(rt: EvalRuntime, total: int, show: bool) -> AsyncIterator[None]:
     """A progress artifact in Prefect and, with `show`, one stderr line every 15 s."""
-    from prefect.artifacts import acreate_progress_artifact, aupdate_progress_artifact
-
-    artifact_id = await acreate_progress_artifact(
-        progress=0.0, key="eval-progress", description="prompts answered"
-    )
+    artifact = await ProgressArtifact.create("eval-progress", "prompts answered")
 
     def line() -> str:
         judged = f", judged {rt.judged}" if rt.judge_client is not None else ""
@@ -592,34 +540,27 @@ async def _status_line(rt: EvalRuntime, total: int, show: bool) -> AsyncIterator
             f"{rt.gen_progress.tokens_per_s():.1f} tok/s generated"
         )
 
-    async def loop() -> None:
-        while True:
-            await asyncio.sleep(15)
-            if show:
-                # Not print(): log_prints turns prints into INFO logs, which the CLI hides.
-                sys.stderr.write(line() + "\n")
-                sys.stderr.flush()
-            with contextlib.suppress(Exception):  # the UI is a view; never fail on it
-                await aupdate_progress_artifact(artifact_id, 100.0 * rt.generated / max(1, total))
+    async def tick() -> None:
+        if show:
+            # Not print(): log_prints turns prints into INFO logs, which the CLI hides.
+            sys.stderr.write(line() + "\n")
+            sys.stderr.flush()
+        await artifact.update(100.0 * rt.generated / max(1, total))
 
-    ticker = asyncio.create_task(loop())
-    try:
+    async def final() -> None:
+        await artifact.update(100.0)
+
+    async with ticking(15, tick, final):
         yield
-    finally:
-        ticker.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await ticker
-        with contextlib.suppress(Exception):
-            await aupdate_progress_artifact(artifact_id, 100.0)
 
 
 def _resolve_format(setting: str, embedded: bool) -> str:
-    if setting == "auto":
-        # llama-cpp-python's server (the embedded one) answers json_schema with HTTP 500.
-        return "json_object" if embedded else "json_schema"
-    if setting not in FORMATS:
-        raise ConfigError(f"--judge-format must be auto or one of {', '.join(FORMATS)}")
-    return setting
+    """The judge's structured-output format (tasks.judge.judge_format_for), refused in one
+    line (ConfigError) when it names none."""
+    try:
+        return judge_format_for(setting, embedded)
+    except ValueError:
+        raise ConfigError(f"--judge-format must be auto or one of {', '.join(FORMATS)}") from None
 
 
 @flow(name="longwriter-eval", log_prints=True)
@@ -627,49 +568,19 @@ async def eval_flow(settings: EvalSettings) -> dict[str, Any]:
     logger = get_run_logger()
     started = time.monotonic()
     items = load_prompts(settings.prompts_path(), settings.limit)
-    if settings.judge_base_urls and not settings.judge_model:
-        raise ConfigError("--judge-model is required with --judge-base-url")
-    _resolve_format(settings.judge_format, False)  # reject a bad value before starting servers
-    store = Store(settings.store_url())
-    run_id = store.start_run("eval", settings.public())
-    try:
+    require_judge_model(settings)
+    with recorded_run(settings.store_url(), "eval", settings.public()) as run:
+        store = run.store
         async with contextlib.AsyncExitStack() as stack:
-            gen_eps: ResolvedEndpoints = await stack.enter_async_context(
-                open_endpoints(
-                    settings.base_urls,
-                    settings.model,
-                    settings.api_key_env,
-                    settings.concurrency,
-                    settings.context_window,
-                )
-            )
-            policy = RetryPolicy(
-                max_attempts=settings.max_attempts, read_timeout_s=settings.request_timeout_s
-            )
-            client = await stack.enter_async_context(
-                LLMClient(gen_eps.endpoints, gen_eps.model, policy)
-            )
+            policy = retry_policy(settings)
+            writer = await open_writer(stack, settings, settings.concurrency, policy)
+            gen_eps, client = writer.endpoints, writer.client
             judge_client: LLMClient | None = None
             judge_eps = gen_eps
-            if settings.judge and settings.judge_base_urls:
-                judge_eps = await stack.enter_async_context(
-                    open_endpoints(
-                        settings.judge_base_urls,
-                        settings.judge_model,
-                        settings.judge_api_key_env,
-                        settings.concurrency,
-                        settings.judge_context_window,
-                    )
-                )
-                judge_client = await stack.enter_async_context(
-                    LLMClient(judge_eps.endpoints, judge_eps.model, policy)
-                )
-            elif settings.judge and settings.judge_model not in (None, gen_eps.model):
-                judge_client = await stack.enter_async_context(
-                    LLMClient(gen_eps.endpoints, str(settings.judge_model), policy)
-                )
-            elif settings.judge:
-                judge_client = client  # the evaluated model judges itself, same endpoint
+            if settings.judge:
+                # Without a judge of its own, the evaluated model judges itself.
+                judge = await open_judge(stack, settings, writer, policy, settings.concurrency)
+                judge_eps, judge_client = judge.endpoints, judge.client
             logger.info(
                 "evaluating %s on %d prompts from %s; judge %s",
                 gen_eps.model,
@@ -717,8 +628,7 @@ async def eval_flow(settings: EvalSettings) -> dict[str, Any]:
                     "cached": rt.judge_progress.cached_calls,
                     "final_format": rt.judge_format if judge_client else None,
                 },
-                "http_requests": client.stats.requests
-                + (judge_client.stats.requests if judge_client not in (None, client) else 0),
+                "http_requests": http_requests(client, judge_client),
             }
             judge_model = judge_client.model if judge_client else None
             model = client.model
@@ -740,16 +650,13 @@ async def eval_flow(settings: EvalSettings) -> dict[str, Any]:
             record_evaluation(
                 Path(settings.model_dir), Path(settings.out_dir) / "results.json", results
             )
-        await _publish(md, png)
-        store.finish_run(
-            run_id, "completed", {k: results[k] for k in ("overall", "counts", "wall_s")}
+        await publish_markdown(
+            md + image_markdown("required vs output length", png),
+            "eval-results",
+            "LongBench-Write",
         )
-        return results
-    except BaseException as exc:
-        store.finish_run(run_id, "failed", {}, error=f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        store.close()
+        run.summary = {k: results[k] for k in ("overall", "counts", "wall_s")}
+    return results
 
 
 def run_eval_sync(settings: EvalSettings) -> dict[str, Any]:
@@ -766,62 +673,7 @@ def add_cli(sub: Any) -> None:
         help="LongBench-Write: length score S_l, judged quality S_q, S per length bucket",
         description=(__doc__ or "").split("\n\n")[0],
     )
-    p.add_argument(
-        "--prompts",
-        default=None,
-        help=f"jsonl of {{prompt,length,type}} (default: the packaged {DEFAULT_PROMPTS})",
-    )
-    p.add_argument(
-        "--base-url",
-        action="append",
-        default=None,
-        help="evaluated model's OpenAI-compatible /v1 URL (repeatable; env "
-        "LONGWRITER_BASE_URL; none: the embedded llama.cpp server)",
-    )
-    p.add_argument("--model", default=None, help="evaluated model name (env LONGWRITER_MODEL)")
-    p.add_argument("--out", required=True, help="directory for results.json/.md, scatter.png")
-    p.add_argument("--db", default=None, help="store URL or SQLite path (default OUT/eval.db)")
-    p.add_argument("--api-key-env", default="LONGWRITER_API_KEY")
-    p.add_argument(
-        "--judge-base-url",
-        action="append",
-        default=None,
-        help="judge /v1 URL (default: the evaluated model's endpoint)",
-    )
-    p.add_argument("--judge-model", default=None, help="judge model name")
-    p.add_argument("--judge-api-key-env", default="LONGWRITER_JUDGE_API_KEY")
-    p.add_argument("--no-judge", action="store_true", help="length score only (S_q, S null)")
-    p.add_argument(
-        "--judge-format",
-        default="auto",
-        choices=("auto", *FORMATS),
-        help="how to ask the judge for JSON (auto: json_object on the embedded "
-        "server, json_schema elsewhere; falls back when refused)",
-    )
-    p.add_argument("--judge-attempts", type=int, default=3)
-    p.add_argument("--judge-max-tokens", type=int, default=512)
-    p.add_argument("--judge-temperature", type=float, default=0.0)
-    p.add_argument(
-        "--max-tokens",
-        type=int,
-        default=16384,
-        help="answer limit (clipped to fit the context window)",
-    )
-    p.add_argument("--temperature", type=float, default=0.5)
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--context-window", type=int, default=None)
-    p.add_argument("--judge-context-window", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=20)
-    p.add_argument("--limit", type=int, default=None, help="only the first N prompts")
-    p.add_argument("--request-timeout", type=float, default=1800.0)
-    p.add_argument("--max-attempts", type=int, default=6, help="HTTP attempts per call")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
-    p.add_argument(
-        "--model-dir",
-        default=None,
-        help="the evaluated model's folder (longwriter train --out): its lineage (which shards "
-        "trained it) goes into results.json and this run into MODEL_DIR/evaluations.jsonl",
-    )
+    EVAL_FLAGS.add_to(p)  # every flag from an EvalSettings field (tasks/settings.py)
     p.set_defaults(handler=cmd_eval)
 
 
@@ -833,49 +685,20 @@ def _fail(message: str, code: int = 2) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import os
 
-    from pydantic import ValidationError
-
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    if args.no_judge and (args.judge_base_url or args.judge_model):
+    given = EVAL_FLAGS.values(args)
+    if given.get("judge") is False and (given.get("judge_base_urls") or given.get("judge_model")):
         return _fail("--no-judge cannot be combined with --judge-base-url/--judge-model")
     try:
-        settings = EvalSettings(
-            prompts=args.prompts,
-            out_dir=args.out,
-            db_url=args.db,
-            base_urls=args.base_url or [],
-            model=args.model,
-            api_key_env=args.api_key_env,
-            judge=not args.no_judge,
-            judge_base_urls=args.judge_base_url or [],
-            judge_model=args.judge_model,
-            judge_api_key_env=args.judge_api_key_env,
-            judge_format=args.judge_format,
-            judge_attempts=args.judge_attempts,
-            judge_max_tokens=args.judge_max_tokens,
-            judge_temperature=args.judge_temperature,
-            max_tokens=args.max_tokens,
-            temperature=args.temperature,
-            concurrency=args.concurrency,
-            context_window=args.context_window,
-            judge_context_window=args.judge_context_window,
-            batch_size=args.batch_size,
-            limit=args.limit,
-            request_timeout_s=args.request_timeout,
-            max_attempts=args.max_attempts,
-            progress=sys.stderr.isatty() if args.progress is None else args.progress,
-            model_dir=args.model_dir,
-        )
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        return _fail(f"--{'-'.join(str(x) for x in first['loc'])}: {first['msg']}")
+        settings = EVAL_FLAGS.settings(args)
+    except SettingsError as exc:
+        return _fail(str(exc))
     try:
         # Checked before the flow starts (and any server with it): a bad file fails in a blink.
         load_prompts(settings.prompts_path(), settings.limit)
-        if settings.judge_base_urls and not settings.judge_model:
-            raise ConfigError("--judge-model is required with --judge-base-url")
+        require_judge_model(settings)
         results = run_eval_sync(settings)
     except (ConfigError, LLMError) as exc:
         return _fail(" ".join(str(exc).split()) or type(exc).__name__)

@@ -28,19 +28,26 @@ import contextlib
 import sys
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger
-from pydantic import BaseModel, ConfigDict, Field
 
 # Importing the pair tables registers them on SQLModel's metadata, so the Store(url) opened
 # below creates them (Store.__init__ runs create_all).
 import storage.pair_models  # noqa: F401
+from flows.common import (
+    http_requests,
+    open_judge,
+    open_writer,
+    recorded_run,
+    require_judge_model,
+    retry_policy,
+)
 from prompts import prompt_version
 from storage.store import Store, redact_db_url
-from tasks.endpoints import ConfigError, open_endpoints
-from tasks.judge import FORMATS
-from tasks.llm_client import LLMClient, LLMError, RetryPolicy
+from tasks.endpoints import ConfigError
+from tasks.flags import SettingsError, derive
+from tasks.llm_client import LLMError
 from tasks.pairs import (
     PairsConfig,
     PairsRuntime,
@@ -54,64 +61,10 @@ from tasks.pairs import (
     write_variants_batch,
 )
 from tasks.runtime import gather_all
+from tasks.settings import PAIRS_FLAGS, PairsSettings
 from tasks.write import ContextBudget
 
-
-class PairsSettings(BaseModel):
-    """Everything a pairs run needs (a deployment shows it as a form). Holds the *names* of
-    API key variables, never keys."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    db_url: str = Field("sqlite:///longwriter.db", description="the build's store")
-    out_dir: str = Field("pairs", description="where shards/, jsonl/ and manifest.json go")
-    variants: int = Field(4, ge=1, le=64, description="extra AgentWrite samples per instruction")
-    base_urls: list[str] = Field(default_factory=list, description="writer /v1 URLs")
-    model: str | None = None
-    api_key_env: str = "LONGWRITER_API_KEY"
-    judge_base_urls: list[str] = Field(default_factory=list, description="judge /v1 URLs")
-    judge_model: str | None = None
-    judge_api_key_env: str = "LONGWRITER_JUDGE_API_KEY"
-    judge_format: str = Field("auto", description="auto | json_schema | json_object | none")
-    judge_attempts: int = Field(3, ge=1, le=10)
-    judge_max_tokens: int = Field(512, ge=16)
-    judge_temperature: float = Field(0.0, ge=0.0, le=2.0)
-    judge_context_window: int | None = None
-    temperature: float = Field(0.8, ge=0.0, le=2.0, description="variants' write temperature")
-    max_paragraph_tokens: int = Field(2048, ge=16)
-    max_continuations: int = Field(1, ge=0)
-    max_repetition: float = Field(0.3, ge=0.0, le=1.0)
-    context_window: int | None = None
-    concurrency: int = Field(8, ge=1, le=4096)
-    limit: int | None = Field(None, ge=1, description="only the first N eligible instructions")
-    batch_size: int = Field(20, ge=1, description="instructions per write/judge task")
-    min_margin: float = Field(5.0, ge=0.0, description="least S gap (0-100) chosen - rejected")
-    rejected: Literal["random", "worst"] = "random"
-    request_timeout_s: float = 600.0
-    max_attempts: int = Field(6, ge=1)
-    # Client backoff between attempts (capped full jitter; Retry-After wins when given).
-    initial_backoff_s: float = Field(0.5, ge=0)
-    max_backoff_s: float = Field(30.0, ge=0)
-
-    def public(self) -> dict[str, Any]:
-        d = self.model_dump()
-        d["db_url"] = redact_db_url(self.db_url)
-        return d
-
-    def pairs_config(self, judge_context_window: int) -> PairsConfig:
-        return PairsConfig(
-            variants=self.variants,
-            temperature=self.temperature,
-            max_paragraph_tokens=self.max_paragraph_tokens,
-            max_continuations=self.max_continuations,
-            max_repetition=self.max_repetition,
-            judge_attempts=self.judge_attempts,
-            judge_max_tokens=self.judge_max_tokens,
-            judge_temperature=self.judge_temperature,
-            judge_context_window=judge_context_window,
-            min_margin=self.min_margin,
-            rejected=self.rejected,
-        )
+__all__ = ["PairsSettings", "pairs_flow", "run_pairs"]
 
 
 async def _run_batches(rt: PairsRuntime, ids: list[int], batch_size: int) -> None:
@@ -133,13 +86,9 @@ async def _run_batches(rt: PairsRuntime, ids: list[int], batch_size: int) -> Non
 async def pairs_flow(settings: PairsSettings) -> dict[str, Any]:
     logger = get_run_logger()
     started = time.monotonic()
-    if settings.judge_base_urls and not settings.judge_model:
-        raise ConfigError("--judge-model is required with --judge-base-url")
-    if settings.judge_format != "auto" and settings.judge_format not in FORMATS:
-        raise ConfigError(f"--judge-format must be auto or one of {', '.join(FORMATS)}")
-    store = Store(settings.db_url)
-    run_id = store.start_run("pairs", settings.public())
-    try:
+    require_judge_model(settings)
+    with recorded_run(settings.db_url, "pairs", settings.public()) as run:
+        store = run.store
         ids = eligible_ids(store, settings.limit)
         logger.info("%d instructions with an accepted plan", len(ids))
         if not ids:
@@ -147,59 +96,27 @@ async def pairs_flow(settings: PairsSettings) -> dict[str, Any]:
                 f"no instruction with an accepted plan in {store.redacted_url}; "
                 "run longwriter build first"
             )
-        policy = RetryPolicy(
-            max_attempts=settings.max_attempts,
-            read_timeout_s=settings.request_timeout_s,
-            initial_backoff_s=settings.initial_backoff_s,
-            max_backoff_s=settings.max_backoff_s,
-        )
+        policy = retry_policy(settings)
         async with contextlib.AsyncExitStack() as stack:
-            gen_eps = await stack.enter_async_context(
-                open_endpoints(
-                    settings.base_urls,
-                    settings.model,
-                    settings.api_key_env,
-                    settings.concurrency,
-                    settings.context_window,
-                )
-            )
-            client = await stack.enter_async_context(
-                LLMClient(gen_eps.endpoints, gen_eps.model, policy)
-            )
-            judge_eps = gen_eps
-            judge_client = client  # by default the writer judges its own variants
-            if settings.judge_base_urls:
-                judge_eps = await stack.enter_async_context(
-                    open_endpoints(
-                        settings.judge_base_urls,
-                        settings.judge_model,
-                        settings.judge_api_key_env,
-                        settings.concurrency,
-                        settings.judge_context_window,
-                    )
-                )
-                judge_client = await stack.enter_async_context(
-                    LLMClient(judge_eps.endpoints, judge_eps.model, policy)
-                )
-            elif settings.judge_model not in (None, gen_eps.model):
-                judge_client = await stack.enter_async_context(
-                    LLMClient(gen_eps.endpoints, str(settings.judge_model), policy)
-                )
+            writer = await open_writer(stack, settings, settings.concurrency, policy)
+            # By default the writer judges its own variants.
+            judge = await open_judge(stack, settings, writer, policy, settings.concurrency)
+            client, judge_client = writer.client, judge.client
             logger.info(
                 "writer %s (%s), judge %s; %d variant(s) per instruction",
-                gen_eps.model,
-                ", ".join(e.base_url for e in gen_eps.endpoints),
+                writer.endpoints.model,
+                ", ".join(e.base_url for e in writer.endpoints.endpoints),
                 judge_client.model,
                 settings.variants,
             )
-            judge_window = settings.judge_context_window or judge_eps.context_window
+            judge_window = settings.judge_context_window or judge.endpoints.context_window
             rt = PairsRuntime(
                 store=store,
                 client=client,
                 judge_client=judge_client,
-                config=settings.pairs_config(judge_window),
-                judge_format=judge_format_for(settings.judge_format, judge_eps.embedded),
-                budget=ContextBudget(gen_eps.context_window),
+                config=derive(PairsConfig, settings, judge_context_window=judge_window),
+                judge_format=judge_format_for(settings.judge_format, judge.endpoints.embedded),
+                budget=ContextBudget(writer.endpoints.context_window),
                 slots=asyncio.Semaphore(settings.concurrency),
             )
             await _run_batches(rt, ids, settings.batch_size)
@@ -215,8 +132,7 @@ async def pairs_flow(settings: PairsSettings) -> dict[str, Any]:
                     "final_format": rt.judge_format,
                 },
                 "variants_this_run": dict(rt.counts),
-                "http_requests": client.stats.requests
-                + (judge_client.stats.requests if judge_client is not client else 0),
+                "http_requests": http_requests(client, judge_client),
             }
             model, judge_model = client.model, judge_client.model
         meta = {
@@ -243,13 +159,8 @@ async def pairs_flow(settings: PairsSettings) -> dict[str, Any]:
             "wall_s": round(time.monotonic() - started, 2),
         }
         logger.info("pairs: %s", summary["counts"])
-        store.finish_run(run_id, "completed", summary)
-        return summary
-    except BaseException as exc:
-        store.finish_run(run_id, "failed", {}, error=f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        store.close()
+        run.summary = summary
+    return summary
 
 
 def run_pairs(settings: PairsSettings) -> dict[str, Any]:
@@ -266,44 +177,7 @@ def add_cli(sub: Any) -> None:
         help="DPO preference pairs: K AgentWrite variants per plan, judged, best vs lower",
         description=(__doc__ or "").split("\n\n")[0],
     )
-    p.add_argument("--db", default=None, help="the build's store URL or SQLite path")
-    p.add_argument("--out", required=True, help="directory for shards/, jsonl/, manifest.json")
-    p.add_argument("--variants", type=int, default=4, help="extra samples per instruction")
-    p.add_argument(
-        "--base-url",
-        action="append",
-        default=None,
-        help="writer's OpenAI-compatible /v1 URL (repeatable; env LONGWRITER_BASE_URL; "
-        "none: the embedded llama.cpp server)",
-    )
-    p.add_argument("--model", default=None, help="writer model name (env LONGWRITER_MODEL)")
-    p.add_argument("--api-key-env", default="LONGWRITER_API_KEY")
-    p.add_argument("--judge-base-url", action="append", default=None, help="judge /v1 URL")
-    p.add_argument("--judge-model", default=None, help="judge model name")
-    p.add_argument("--judge-api-key-env", default="LONGWRITER_JUDGE_API_KEY")
-    p.add_argument("--judge-format", default="auto", choices=("auto", *FORMATS))
-    p.add_argument("--judge-attempts", type=int, default=3)
-    p.add_argument("--temperature", type=float, default=0.8, help="variants' write temperature")
-    p.add_argument("--concurrency", type=int, default=8)
-    p.add_argument("--limit", type=int, default=None, help="only the first N instructions")
-    p.add_argument("--batch-size", type=int, default=20)
-    p.add_argument(
-        "--min-margin",
-        type=float,
-        default=5.0,
-        help="least score gap (0-100) between chosen and rejected; smaller: skipped",
-    )
-    p.add_argument("--rejected", choices=("random", "worst"), default="random")
-    p.add_argument(
-        "--max-repetition",
-        type=float,
-        default=0.3,
-        help="a variant repeating more 13-grams than this share is never chosen",
-    )
-    p.add_argument("--context-window", type=int, default=None)
-    p.add_argument("--judge-context-window", type=int, default=None)
-    p.add_argument("--max-paragraph-tokens", type=int, default=2048)
-    p.add_argument("--request-timeout", type=float, default=600.0)
+    PAIRS_FLAGS.add_to(p)  # every flag from a PairsSettings field (tasks/settings.py)
     p.set_defaults(handler=cmd_pairs)
 
 
@@ -313,32 +187,7 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def settings_from_args(args: argparse.Namespace) -> PairsSettings:
-    from flows.cli import _db_default
-
-    return PairsSettings(
-        db_url=args.db or _db_default(),
-        out_dir=args.out,
-        variants=args.variants,
-        base_urls=args.base_url or [],
-        model=args.model,
-        api_key_env=args.api_key_env,
-        judge_base_urls=args.judge_base_url or [],
-        judge_model=args.judge_model,
-        judge_api_key_env=args.judge_api_key_env,
-        judge_format=args.judge_format,
-        judge_attempts=args.judge_attempts,
-        temperature=args.temperature,
-        concurrency=args.concurrency,
-        limit=args.limit,
-        batch_size=args.batch_size,
-        min_margin=args.min_margin,
-        rejected=args.rejected,
-        max_repetition=args.max_repetition,
-        context_window=args.context_window,
-        judge_context_window=args.judge_context_window,
-        max_paragraph_tokens=args.max_paragraph_tokens,
-        request_timeout_s=args.request_timeout,
-    )
+    return PAIRS_FLAGS.settings(args)
 
 
 def has_eligible(db_url: str) -> bool:
@@ -350,15 +199,12 @@ def has_eligible(db_url: str) -> bool:
 
 
 def cmd_pairs(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
     from flows.cli import start_prefect_api
 
     try:
         settings = settings_from_args(args)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        return _fail(f"--{'-'.join(str(x) for x in first['loc'])}: {first['msg']}")
+    except SettingsError as exc:
+        return _fail(str(exc))
     try:
         # Checked before the flow starts (and any server with it): an empty store fails in a
         # blink, with one line instead of a flow-run traceback.

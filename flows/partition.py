@@ -19,7 +19,6 @@ cheap for the finished ones (nothing left to do).
 from __future__ import annotations
 
 import asyncio
-import base64
 import time
 from pathlib import Path
 from typing import Any
@@ -29,11 +28,13 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.context import FlowRunContext
 from prefect.deployments import arun_deployment
 
-from flows.build import BuildSettings
+from flows.common import publish_markdown, recorded_run, summary_with_histogram
 from storage.store import Store
 from tasks.export import export_task
+from tasks.flags import default_of
 from tasks.ingest import ingest_task
-from tasks.report import build_summary, length_histogram_png, summary_markdown
+from tasks.report import build_summary
+from tasks.settings import BuildSettings
 
 PARTITION_DEPLOYMENT = "longwriter-build/partition"
 # A partition that ended in one of these states is worth running again: it resumes from the
@@ -60,19 +61,9 @@ def partition_settings(settings: BuildSettings, partition: int, partitions: int)
 
 
 async def publish_summary(store: Store, out_dir: Path | None, key: str, title: str) -> None:
-    """The summary table, and when shards were written the length histogram embedded as a data
-    URI (the UI renders `data:image/*` sources in markdown; an image artifact would need a
-    file host for its URL)."""
-    from prefect.artifacts import acreate_markdown_artifact
-
-    summary = build_summary(store)
-    md = summary_markdown(summary, title=title)
-    if out_dir is not None:
-        png = length_histogram_png(store, out_dir / "length_histogram.png")
-        if png is not None:
-            data = base64.b64encode(png.read_bytes()).decode("ascii")
-            md += f"\n![length histogram](data:image/png;base64,{data})\n"
-    await acreate_markdown_artifact(markdown=md, key=key, description=title)
+    """The summary table, and when shards were written the length histogram."""
+    md = summary_with_histogram(store, build_summary(store), out_dir, title=title)
+    await publish_markdown(md, key, title)
 
 
 async def _run_partition(
@@ -151,9 +142,9 @@ async def partitioned_build(
     logger = get_run_logger()
     started = time.monotonic()
     # Creating the store here makes its tables once, before N processes could race to.
-    store = Store(settings.db_url)
-    run_id = store.start_run("partitioned-build", {**settings.public(), "partitions": partitions})
-    try:
+    public = {**settings.public(), "partitions": partitions}
+    with recorded_run(settings.db_url, "partitioned-build", public) as run:
+        store = run.store
         if settings.instructions:
             counts = ingest_task(settings.db_url, settings.instructions, settings.decontaminate)
             logger.info("ingest %s: %s", settings.instructions, counts)
@@ -180,12 +171,7 @@ async def partitioned_build(
             )
         manifest = None
         if settings.export:
-            manifest = export_task(
-                settings.db_url,
-                settings.out_dir,
-                {**settings.public(), "partitions": partitions},
-                settings.shard_size,
-            )
+            manifest = export_task(settings.db_url, settings.out_dir, public, settings.shard_size)
         out = Path(settings.out_dir) if settings.export else None
         await publish_summary(store, out, "build-summary", "longwriter partitioned build")
         summary = build_summary(store)
@@ -196,18 +182,15 @@ async def partitioned_build(
             out_dir=str(out.resolve()) if out else None,
             shards=manifest["counts"]["shards"] if manifest else 0,
         )
-        store.finish_run(run_id, "completed", summary)
-        return summary
-    except BaseException as exc:
-        store.finish_run(run_id, "failed", {}, error=f"{type(exc).__name__}: {exc}")
-        raise
-    finally:
-        store.close()
+        run.summary = summary
+    return summary
 
 
 @flow(name="longwriter-export", log_prints=True)
 async def export_flow(
-    db_url: str = "sqlite:///longwriter.db", out_dir: str = "out", shard_size: int = 1000
+    db_url: str = default_of(BuildSettings, "db_url"),
+    out_dir: str = default_of(BuildSettings, "out_dir"),
+    shard_size: int = default_of(BuildSettings, "shard_size"),
 ) -> dict[str, Any]:
     """Write shards + manifest.json from the store (what `longwriter export` does), and
     publish the summary table and length histogram."""

@@ -20,6 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
+from tasks.flags import Flag, Flags, SettingsError
 from tasks.lineage import write_model_lineage
 from tasks.train import (
     LoadedData,
@@ -140,86 +141,31 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- CLI
 
 
+# Every flag from a TrainConfig field (tasks/train.py), spelt as the CLI always has.
+TRAIN_FLAGS = Flags(
+    TrainConfig,
+    flags={"dpo_beta": Flag(name="--beta"), "export_gguf": Flag(name="--no-gguf")},
+)
+
+
 def add_cli(sub: Any) -> None:
     p = sub.add_parser(
         "train",
         help="SFT (or --dpo) a base model on shards with TRL; saves HF model + GGUF",
         description=(__doc__ or "").split("\n\n")[0],
     )
-    p.add_argument(
-        "--data",
-        required=True,
-        help="shards dir (build OUT with shards/*.parquet), a folder or file of parquet/jsonl; "
-        "with --dpo: TRL preference pairs (prompt/chosen/rejected)",
-    )
-    p.add_argument(
-        "--base-model",
-        default=None,
-        help="HF model dir or .gguf file (default: the embedded SmolLM2-135M GGUF)",
-    )
-    p.add_argument("--out", required=True, help="output dir for the trained model")
-    p.add_argument("--general", default=None, help="general SFT data (parquet/jsonl) to mix in")
-    p.add_argument(
-        "--general-ratio",
-        type=float,
-        default=None,
-        help="share of general samples in the mix, 0 <= R < 1 (default: all general data)",
-    )
-    p.add_argument("--dpo", action="store_true", help="DPO on preference pairs instead of SFT")
-    p.add_argument("--lora", action="store_true", help="train a LoRA adapter (merged on save)")
-    p.add_argument(
-        "--max-seq-len",
-        type=int,
-        default=None,
-        help="longer samples are skipped and reported (default: the model's context length)",
-    )
-    p.add_argument("--epochs", type=float, default=3.0)
-    p.add_argument("--lr", type=float, default=None, help="default 2e-5 (LoRA 2e-4, DPO 1e-6)")
-    p.add_argument("--batch-size", type=int, default=1, help="per-device micro-batch")
-    p.add_argument("--grad-accum", type=int, default=8)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
-    p.add_argument(
-        "--packing",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="padding-free packing; auto = only with flash-attention",
-    )
-    p.add_argument("--attn-implementation", default=None, help="e.g. sdpa, flash_attention_2")
-    p.add_argument("--beta", type=float, default=0.1, help="DPO beta")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--no-gguf", action="store_true", help="skip the GGUF export")
+    TRAIN_FLAGS.add_to(p)
     p.set_defaults(handler=cmd_train)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        data=Path(args.data),
-        out=Path(args.out),
-        base_model=Path(args.base_model) if args.base_model else None,
-        general=Path(args.general) if args.general else None,
-        general_ratio=args.general_ratio,
-        dpo=args.dpo,
-        lora=args.lora,
-        max_seq_len=args.max_seq_len,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        max_steps=args.max_steps,
-        packing=args.packing,
-        attn_implementation=args.attn_implementation,
-        dpo_beta=args.beta,
-        seed=args.seed,
-        export_gguf=not args.no_gguf,
-    )
+    return TRAIN_FLAGS.settings(args)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
     try:
         cfg = config_from_args(args)
-    except ValidationError as exc:
+    except SettingsError as exc:
         print(f"longwriter: error: {exc}", file=sys.stderr)
         return 2
     if missing := [m for m in ("torch", "transformers", "trl", "peft") if not _importable(m)]:

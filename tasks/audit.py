@@ -31,6 +31,7 @@ from typing import Any
 
 from tasks.files import atomic_write_text
 from tasks.quality import Cleaning, SampleReview, Verdict, review_sample
+from tasks.settings import AuditSettings
 from tasks.wordcount import count_words
 
 # NOTE: tasks.filters and tasks.export import Prefect at module level (their thin store
@@ -225,13 +226,6 @@ def iter_records(data: Path) -> Iterator[AuditRecord | BadRecord]:
 
 
 # -- review -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AuditSettings:
-    min_words: int = 0  # audit keeps any length by default: a public set's lengths are its own
-    max_repetition: float = 0.3  # the build's default (FilterConfig)
-    ngram: int = 13
 
 
 @dataclass
@@ -567,12 +561,12 @@ def run_audit(
             tally.kept,
             kept_dir,
             shard_size=shard_size,
-            settings={"command": "audit", "data": str(data), **settings.__dict__},
+            settings={"command": "audit", "data": str(data), **settings.model_dump()},
         )
         summary = {
             **tally.summary(),
             "data": str(data),
-            "settings": {**settings.__dict__},
+            "settings": {**settings.model_dump()},
         }
         _write_audit_json(out / "audit.json", summary, rows_spool)
         atomic_write_text(out / "audit.md", render_markdown(summary, tally, str(data)))

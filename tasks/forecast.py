@@ -28,8 +28,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.endpoints import EMBEDDED_CONTEXT_WINDOW, REMOTE_CONTEXT_WINDOW, split_urls
+from tasks.flags import Flag, Flags, default_of, derive
 from tasks.plan import (
-    MAX_STEPS,
     TYPICAL_STEP_WORDS,
     PlanStep,
     build_plan_request,
@@ -37,6 +40,7 @@ from tasks.plan import (
     min_steps_for,
     steps_from_json,
 )
+from tasks.settings import BUILD_FLAGS, BuildSettings
 from tasks.write import (
     ContextBudget,
     build_write_request,
@@ -98,16 +102,18 @@ def _tokens(chars: int, cjk: int) -> int:
 
 @dataclass(frozen=True)
 class ForecastConfig:
-    min_words: int = 2000
+    """What the forecast assumes; `forecast_config` derives it from a build's settings."""
+
+    min_words: int = default_of(BuildSettings, "min_words")
     # Words of a piece whose instruction gives no length (None: min_words, what the plan
     # prompt asks for at least).
     default_words: int | None = None
     paragraph_words: int = TYPICAL_STEP_WORDS
-    context_window: int = 32768
-    max_paragraph_tokens: int = 2048
-    json_plan: bool = True
+    context_window: int = REMOTE_CONTEXT_WINDOW
+    max_paragraph_tokens: int = default_of(BuildSettings, "max_paragraph_tokens")
+    json_plan: bool = default_of(BuildSettings, "json_plan")
     json_style: str = "json_schema"
-    max_steps: int = MAX_STEPS  # the build's --max-paragraphs
+    max_steps: int = default_of(BuildSettings, "max_paragraphs")
     price_in: float | None = None  # USD per million input (prompt) tokens
     price_out: float | None = None  # USD per million output (completion) tokens
     # USD per million cached input tokens (OpenAI: a prefix of 1,024+ tokens seen recently);
@@ -444,59 +450,73 @@ def pending_from_file(
 # -- the `--dry-run` of `longwriter build` -----------------------------------------------------
 
 
+class DryRunSettings(BaseModel):
+    """The forecast's own flags of `longwriter build` (the build's settings say the rest)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dry_run: bool = Field(
+        False,
+        description="forecast LLM calls, tokens and cost, then stop (sends nothing, stores "
+        "nothing)",
+    )
+    price_in: float | None = Field(None, ge=0, description="USD per million input tokens")
+    price_out: float | None = Field(None, ge=0, description="USD per million output tokens")
+    price_cached_in: float | None = Field(
+        None, ge=0, description="USD per million cached input tokens (default: priced as input)"
+    )
+    expect_words: int | None = Field(
+        None,
+        ge=1,
+        description="dry run: words of a piece whose instruction gives no length (default "
+        "--min-words)",
+    )
+    json_output: bool = Field(False, description="with --dry-run: print JSON")
+
+
+DRY_RUN_FLAGS = Flags(DryRunSettings, flags={"json_output": Flag(name="--json")})
+
+
 def add_dry_run_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of `longwriter build` for the forecast (the build parser adds these)."""
-    p.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="forecast LLM calls, tokens and cost, then stop (sends nothing, stores nothing)",
-    )
-    p.add_argument("--price-in", type=float, default=None, help="USD per million input tokens")
-    p.add_argument("--price-out", type=float, default=None, help="USD per million output tokens")
-    p.add_argument(
-        "--price-cached-in",
-        type=float,
-        default=None,
-        help="USD per million cached input tokens (default: priced as input)",
-    )
-    p.add_argument(
-        "--expect-words",
-        type=int,
-        default=None,
-        help="dry run: words of a piece whose instruction gives no length (default --min-words)",
+    DRY_RUN_FLAGS.add_to(p)
+
+
+def forecast_config(settings: BuildSettings, dry: DryRunSettings) -> ForecastConfig:
+    """The forecast of the build these settings describe: the build's fields of the same
+    names, the context window and JSON dialect its endpoints would get, the prices."""
+    urls = split_urls(settings.base_urls) or split_urls([os.environ.get("LONGWRITER_BASE_URL", "")])
+    remote = bool(urls)
+    return derive(
+        ForecastConfig,
+        settings,
+        default_words=dry.expect_words,
+        context_window=settings.context_window
+        or (REMOTE_CONTEXT_WINDOW if remote else EMBEDDED_CONTEXT_WINDOW),
+        json_style="json_schema" if remote else "llama_cpp",
+        max_steps=settings.max_paragraphs,
+        price_in=dry.price_in,
+        price_out=dry.price_out,
+        price_cached_in=dry.price_cached_in,
     )
 
 
 def config_from_args(args: argparse.Namespace) -> ForecastConfig:
-    from tasks.endpoints import EMBEDDED_CONTEXT_WINDOW, REMOTE_CONTEXT_WINDOW, split_urls
-
-    urls = getattr(args, "base_url", None) or [os.environ.get("LONGWRITER_BASE_URL", "")]
-    remote = bool(split_urls(urls))
-    window = getattr(args, "context_window", None) or (
-        REMOTE_CONTEXT_WINDOW if remote else EMBEDDED_CONTEXT_WINDOW
-    )
-    return ForecastConfig(
-        min_words=getattr(args, "min_words", 2000),
-        default_words=getattr(args, "expect_words", None),
-        context_window=window,
-        max_paragraph_tokens=getattr(args, "max_paragraph_tokens", 2048),
-        json_plan=not getattr(args, "no_json_plan", False),
-        json_style="json_schema" if remote else "llama_cpp",
-        max_steps=getattr(args, "max_paragraphs", MAX_STEPS),
-        price_in=getattr(args, "price_in", None),
-        price_out=getattr(args, "price_out", None),
-        price_cached_in=getattr(args, "price_cached_in", None),
-    )
+    """The forecast config of a `longwriter build --dry-run ...` command line."""
+    return forecast_config(BUILD_FLAGS.settings(args), DRY_RUN_FLAGS.settings(args))
 
 
 def run_dry_run(args: argparse.Namespace, db_url: str) -> int:
     """`longwriter build --dry-run ...`: print the forecast; exit 0. Reads the instruction
-    file and the store (if it exists) and writes nothing."""
-    cfg = config_from_args(args)
-    limit = getattr(args, "limit", None)
+    file and the store (if it exists) and writes nothing. The command line is read as the
+    build reads it (BuildSettings), so the forecast is of the build that would run."""
+    settings = BUILD_FLAGS.settings(args)
+    dry = DRY_RUN_FLAGS.settings(args)
+    cfg = forecast_config(settings, dry)
+    limit = settings.limit
     pending, no_calls_left, in_scope = pending_from_store(db_url, limit)
     notes = []
-    if getattr(args, "instructions", None):
+    if settings.instructions:
         known: set[str] = set()
         if in_scope:
             from storage.store import Store
@@ -507,9 +527,11 @@ def run_dry_run(args: argparse.Namespace, db_url: str) -> int:
             finally:
                 store.close()
         new, rejected = pending_from_file(
-            Path(args.instructions), known, not getattr(args, "no_decontaminate", False)
+            Path(settings.instructions), known, settings.decontaminate
         )
-        notes.append(f"from {args.instructions}: {len(new):,} new, {rejected:,} rejected at ingest")
+        notes.append(
+            f"from {settings.instructions}: {len(new):,} new, {rejected:,} rejected at ingest"
+        )
         if limit is not None:
             new = new[: max(0, limit - in_scope)]
         pending += new
@@ -517,7 +539,7 @@ def run_dry_run(args: argparse.Namespace, db_url: str) -> int:
         notes.append(f"in the store with no calls left (finished or written): {no_calls_left:,}")
     fc = forecast(pending, cfg)
     fc.notes += notes
-    if getattr(args, "json", False):
+    if dry.json_output:
         print(json.dumps(fc.as_dict(), indent=2))
     else:
         print(format_forecast(fc, cfg))
