@@ -29,6 +29,7 @@ from tests.benchmarks import (
     bench_orchestration,
     bench_paper_baseline,
     bench_real_model,
+    bench_startup,
     bench_tokens,
 )
 from tests.benchmarks.common import REPO, BenchResult, load_average, machine_info
@@ -47,6 +48,7 @@ BENCHES: dict[str, tuple[Callable[..., BenchResult], dict[str, Any], dict[str, A
     "real_model": (bench_real_model.run, {"instructions": 3}, {"instructions": 1}),
     "export": (bench_export.run, {"samples": 6000, "words": 5000}, {"samples": 600, "words": 5000}),
     "tokens": (bench_tokens.run, {"instructions": 20}, {"instructions": 5}),
+    "startup": (bench_startup.run, {"samples": 6000}, {"samples": 600, "repeats": 3}),
 }
 
 
