@@ -24,6 +24,7 @@ from typing import Any
 from tasks.flags import SettingsError, default_of
 from tasks.settings import (
     BUILD_FLAGS,
+    DRY_RUN_FLAGS,
     EXPORT_FLAGS,
     RUN_LABEL_FLAGS,
     BuildSettings,
@@ -69,18 +70,15 @@ def add_build_parser(sub: Any) -> None:
         description="Ingest instructions, plan and write each sample with AgentWrite, filter "
         "and export shards. Rerunning the same command resumes from the store.",
     )
-    from tasks.forecast import add_dry_run_arguments  # imports Prefect: after main()'s setup
-
     BUILD_FLAGS.add_to(p)
     RUN_LABEL_FLAGS.add_to(p)
-    add_dry_run_arguments(p)
+    DRY_RUN_FLAGS.add_to(p)  # tasks.forecast.add_dry_run_arguments' flags
     p.set_defaults(handler=cmd_build)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
     from flows.build import run_build
     from tasks.endpoints import ConfigError
-    from tasks.forecast import DRY_RUN_FLAGS, run_dry_run
     from tasks.ingest import InputError
     from tasks.llm_client import LLMError
 
@@ -96,6 +94,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         settings = BUILD_FLAGS.settings(args)
         labels = RUN_LABEL_FLAGS.settings(args)
         if DRY_RUN_FLAGS.settings(args).dry_run:
+            from tasks.forecast import run_dry_run  # imports the stages: only for a dry run
+
             return run_dry_run(args, settings.db_url)
     except SettingsError as exc:
         return _fail(str(exc))

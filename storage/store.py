@@ -35,8 +35,6 @@ from storage.models import (
     utcnow,
 )
 
-DEFAULT_DB_URL = "sqlite:///longwriter.db"
-
 
 def normalize_db_url(url: str) -> str:
     """Accept a bare path as a SQLite file; map postgres:// to the psycopg 3 driver."""
@@ -74,7 +72,8 @@ class InstructionState:
 
 
 class Store:
-    def __init__(self, url: str = DEFAULT_DB_URL) -> None:
+    # No default URL here: the commands' default store is their settings' (tasks/settings.py).
+    def __init__(self, url: str) -> None:
         self.url = normalize_db_url(url)
         if self.url.startswith("sqlite"):
             path = make_url(self.url).database

@@ -28,10 +28,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from tasks.endpoints import EMBEDDED_CONTEXT_WINDOW, REMOTE_CONTEXT_WINDOW, split_urls
-from tasks.flags import Flag, Flags, default_of, derive
+from tasks.flags import default_of, derive
 from tasks.plan import (
     TYPICAL_STEP_WORDS,
     PlanStep,
@@ -40,7 +38,7 @@ from tasks.plan import (
     min_steps_for,
     steps_from_json,
 )
-from tasks.settings import BUILD_FLAGS, BuildSettings
+from tasks.settings import BUILD_FLAGS, DRY_RUN_FLAGS, BuildSettings, DryRunSettings
 from tasks.write import (
     ContextBudget,
     build_write_request,
@@ -448,33 +446,6 @@ def pending_from_file(
 
 
 # -- the `--dry-run` of `longwriter build` -----------------------------------------------------
-
-
-class DryRunSettings(BaseModel):
-    """The forecast's own flags of `longwriter build` (the build's settings say the rest)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    dry_run: bool = Field(
-        False,
-        description="forecast LLM calls, tokens and cost, then stop (sends nothing, stores "
-        "nothing)",
-    )
-    price_in: float | None = Field(None, ge=0, description="USD per million input tokens")
-    price_out: float | None = Field(None, ge=0, description="USD per million output tokens")
-    price_cached_in: float | None = Field(
-        None, ge=0, description="USD per million cached input tokens (default: priced as input)"
-    )
-    expect_words: int | None = Field(
-        None,
-        ge=1,
-        description="dry run: words of a piece whose instruction gives no length (default "
-        "--min-words)",
-    )
-    json_output: bool = Field(False, description="with --dry-run: print JSON")
-
-
-DRY_RUN_FLAGS = Flags(DryRunSettings, flags={"json_output": Flag(name="--json")})
 
 
 def add_dry_run_arguments(p: argparse.ArgumentParser) -> None:

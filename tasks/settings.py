@@ -11,8 +11,8 @@ Field groups that several commands share (the writer's endpoint, the judge, the 
 policy, drafting) are mixins, so `--judge-max-tokens` has one default for build, eval and
 pairs. The models hold the *names* of API key variables, never keys.
 
-This module imports no stage (only pydantic and the store's URL helpers), so every stage
-module can read its defaults from here without an import cycle.
+This module imports no stage and no database code (only pydantic), so every stage module,
+pure cores included, can read its defaults from here without an import cycle or SQLAlchemy.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from storage.store import DEFAULT_DB_URL, redact_db_url
 from tasks.flags import Flag, Flags, default_of
+
+DEFAULT_DB_URL = "sqlite:///longwriter.db"
 
 DEFAULT_PROMPTS = "longbench_write.jsonl"
 
@@ -182,6 +183,12 @@ class BuildSettings(WriterEndpoint, JudgeEndpoint, ClientPolicy, Drafting):
     max_resamples: int = Field(
         2, ge=0, description="rewrites (new seed) of a paragraph that loops; best one kept"
     )
+    write_prompt: Literal["auto", "paper", "turns"] = Field(
+        "auto",
+        description="write prompt: paper (AgentWrite's one message: instruction, plan, text so "
+        "far), turns (the same as a conversation with one-line asks, for small models that "
+        "copy instruction sentences), auto (turns for the embedded model, else paper)",
+    )
     quality_checks: bool = Field(
         True,
         description="the plan and paragraph quality checks on every draft (echo, chatter, "
@@ -266,7 +273,7 @@ class BuildSettings(WriterEndpoint, JudgeEndpoint, ClientPolicy, Drafting):
     def public(self) -> dict[str, Any]:
         """Settings safe to store and publish: the DB password hidden, no key values."""
         d = self.model_dump()
-        d["db_url"] = redact_db_url(self.db_url)
+        d["db_url"] = _redact(self.db_url)
         return d
 
 
@@ -297,7 +304,7 @@ class PairsSettings(WriterEndpoint, JudgeEndpoint, ClientPolicy, Drafting):
 
     def public(self) -> dict[str, Any]:
         d = self.model_dump()
-        d["db_url"] = redact_db_url(self.db_url)
+        d["db_url"] = _redact(self.db_url)
         return d
 
 
@@ -339,7 +346,7 @@ class EvalSettings(WriterEndpoint, JudgeEndpoint, ClientPolicy):
 
     def public(self) -> dict[str, Any]:
         d = self.model_dump()
-        d["db_url"] = redact_db_url(self.store_url())
+        d["db_url"] = _redact(self.store_url())
         d["prompts"] = str(self.prompts_path())
         return d
 
@@ -356,6 +363,30 @@ class RunLabels(BaseModel):
         default_factory=list,
         description="Prefect tag on the flow run and its task runs",
     )
+
+
+class DryRunSettings(BaseModel):
+    """The forecast's own flags of `longwriter build` (the build's settings say the rest)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dry_run: bool = Field(
+        False,
+        description="forecast LLM calls, tokens and cost, then stop (sends nothing, stores "
+        "nothing)",
+    )
+    price_in: float | None = Field(None, ge=0, description="USD per million input tokens")
+    price_out: float | None = Field(None, ge=0, description="USD per million output tokens")
+    price_cached_in: float | None = Field(
+        None, ge=0, description="USD per million cached input tokens (default: priced as input)"
+    )
+    expect_words: int | None = Field(
+        None,
+        ge=1,
+        description="dry run: words of a piece whose instruction gives no length (default "
+        "--min-words)",
+    )
+    json_output: bool = Field(False, description="with --dry-run: print JSON")
 
 
 class AuditSettings(BaseModel):
@@ -377,6 +408,14 @@ class AuditSettings(BaseModel):
         description="reject above this share of repeated 13-grams (as in build)",
     )
     ngram: int = Field(13, ge=2, description="n of the repeated n-grams")
+
+
+def _redact(url: str) -> str:
+    # Imported here: the store's module pulls in SQLAlchemy, which the stages' pure cores
+    # (and `--help`) that read this module's defaults must not pay for.
+    from storage.store import redact_db_url
+
+    return redact_db_url(url)
 
 
 def _on_a_terminal() -> bool:
@@ -409,6 +448,7 @@ EXPORT_FLAGS = Flags(
     flags={**FLAGS, **OUT_REQUIRED},
 )
 RUN_LABEL_FLAGS = Flags(RunLabels)
+DRY_RUN_FLAGS = Flags(DryRunSettings, flags={"json_output": Flag(name="--json")})
 PAIRS_FLAGS = Flags(PairsSettings, flags={**FLAGS, **OUT_REQUIRED})
 # eval's --db has no environment variable: its store defaults to OUT/eval.db.
 EVAL_FLAGS = Flags(EvalSettings, flags={**FLAGS, **OUT_REQUIRED, "db_url": Flag(name="--db")})
