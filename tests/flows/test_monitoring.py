@@ -169,8 +169,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectStack]:
                 conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def faulty() -> Iterator[FakeOpenAIServer]:
+    """One per build: the fake draws its faults from one seeded sequence, so a fresh server
+    gives every build the same faults whatever ran before (a shared one gave a later build
+    3 failed requests of 49, under the retry warning's threshold)."""
     with FakeOpenAIServer(FakeConfig(**FAKE, **FAULTS)).running() as server:  # type: ignore[arg-type]
         yield server
 
@@ -194,14 +197,14 @@ def doomed(stack: PrefectStack) -> Proc:
 
 
 @pytest.fixture(scope="module")
-def deployed(stack: PrefectStack, faulty: FakeOpenAIServer, data: Path, doomed: Proc) -> None:
+def deployed(stack: PrefectStack, clean: FakeOpenAIServer, data: Path, doomed: Proc) -> None:
     write_jsonl(data / "nightly.jsonl", [{"prompt": "Write a long essay about tides"}])
     out = stack.run(
         sys.executable, "deploy/deployments.py",
         "--pool", POOL, "--no-schedule",
         "--instructions", str(data / "nightly.jsonl"),
         "--db", str(data / "nightly.db"), "--out", str(data / "nightly-out"),
-        "--base-url", faulty.base_url, "--model", "fake-model",
+        "--base-url", clean.base_url, "--model", "fake-model",  # runs below set their own
         "--set", "min_words=200", "--set", "batch_size=4",
         "--tag", "nightly", "--tag", "team-data",
         "--zombie-automation", str(ZOMBIE_S),
