@@ -39,7 +39,7 @@ demo: install
 	$(BIN)/longwriter build \
 		--instructions tasks/data/demo_instructions.jsonl \
 		--db $(DEMO)/store.db --out $(DEMO)/out \
-		--concurrency 2 --max-paragraphs 6 --progress
+		--concurrency 2 --max-paragraphs 6 --max-plan-resamples 4 --progress
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -221,15 +221,22 @@ def prose(seed_text: str, words: int, chinese: bool = False) -> str:
     return " ".join(sentences)
 
 
-def _instruction_of(prompt: str) -> str:
+def _instruction_of(prompt: str, messages: list[dict[str, Any]] | None = None) -> str:
     m = re.search(r"<instruction>\s*(.*?)\s*</instruction>", prompt, re.DOTALL)
-    return m.group(1) if m else prompt
+    if m:
+        return m.group(1)
+    # The "turns" write prompt: the instruction opens the first ask, before the outline.
+    for msg in messages or []:
+        content = msg.get("content") or ""
+        if msg.get("role") == "user" and "\n\nThe piece follows this outline:" in content:
+            return content.split("\n\nThe piece follows this outline:")[0]
+    return prompt
 
 
 def default_answer(stage: str, body: dict[str, Any], cfg: FakeConfig) -> str:
     messages = body.get("messages") or []
     prompt = messages[-1]["content"] if messages else ""
-    instruction = _instruction_of(prompt)
+    instruction = _instruction_of(prompt, messages)
     if stage == "plan":
         if "[[garbage-plan]]" in instruction:
             return "I think this piece should be great and long, with many ideas."
@@ -257,8 +264,11 @@ def default_answer(stage: str, body: dict[str, Any], cfg: FakeConfig) -> str:
             for i, s in enumerate(steps, start=1)
         )
     if stage == "write":
-        m = re.search(r"Aim for about (\d+) words", prompt)
-        words = int(m.group(1)) if m else cfg.step_words // 2  # continuation: a shorter tail
+        # "Aim for about N words" (paper prompt) or "About N words." (turns prompt).
+        m = re.search(
+            r"Aim for about (\d+) words|^Write part \d+: .*About (\d+) words\.", prompt, re.M
+        )
+        words = int(m.group(1) or m.group(2)) if m else cfg.step_words // 2  # a shorter tail
         if "[[short]]" in instruction:
             words = 20
         elif "[[terse]]" in instruction and m:

@@ -4,6 +4,7 @@ from tasks.plan import PlanStep
 from tasks.write import (
     ContextBudget,
     build_continue_request,
+    build_continue_turns_request,
     build_write_request,
     clean_paragraph,
     estimate_tokens,
@@ -139,3 +140,53 @@ def test_trim_to_sentence():
     assert trim_to_sentence('He said "go now." Then') == 'He said "go now."'
     assert trim_to_sentence("no sentence end at all") is None
     assert trim_to_sentence("Short. " + "x " * 100) is None  # would drop most of the text
+
+
+def test_turns_prompt_gives_the_same_inputs_as_a_conversation():
+    """Instruction and outline in the first ask, each written part as the writer's answer,
+    one-line asks; the same key for the same inputs; nothing of the paper prompt's wording."""
+    steps = [PlanStep("The queen.", 300), PlanStep("Workers", 400), PlanStep("Winter", 400)]
+    written = ["The queen rules.", "Workers work."]
+    req = build_write_request(
+        "Write about bees", steps, written, 3, lang="en", budget=ContextBudget(), style="turns"
+    )
+    roles = [role for role, _ in req.messages]
+    assert roles == ["system", "user", "assistant", "user", "assistant", "user"]
+    first = req.messages[1][1]
+    assert first.startswith("Write about bees") and "1. The queen\n2. Workers\n3. Winter" in first
+    assert "Write part 1: The queen. About 300 words." in first  # no doubled stop
+    assert [req.messages[2][1], req.messages[4][1]] == written
+    assert req.messages[-1][1] == "Write part 3: Winter. About 400 words."
+    assert req.prompt_version.startswith("write_turns@")
+    assert not any("Main Point" in c or "Aim for" in c for _, c in req.messages)
+    again = build_write_request(
+        "Write about bees", steps, written, 3, lang="en", budget=ContextBudget(), style="turns"
+    )
+    assert again.key("m") == req.key("m")
+    more = build_continue_turns_request(
+        "Write about bees", steps, written, 3, "Bees cluster.", cut=False,
+        budget=ContextBudget(), lang="en",
+    )  # fmt: skip
+    assert [r for r, _ in more.messages][-2:] == ["assistant", "user"]
+    assert more.messages[-2][1] == "Bees cluster." and "part 3" in more.messages[-1][1]
+
+
+def test_turns_prompt_keeps_the_opening_and_latest_parts_within_the_budget():
+    steps = [PlanStep(f"Point {i}", 800) for i in range(1, 21)]
+    written = [f"Sentence number {i} is here. " * 120 for i in range(1, 20)]
+    budget = ContextBudget(context_window=8192)
+    req = build_write_request(
+        "Write a saga", steps, written, 20, lang="en", budget=budget, style="turns"
+    )
+    used = sum(estimate_tokens(c) for _, c in req.messages)
+    assert used + req.max_tokens <= 8192
+    answers = [c for r, c in req.messages if r == "assistant"]
+    assert answers[0] == written[0] and answers[-1] == written[-1]
+    assert 2 <= len(answers) < len(written)  # the middle parts left out
+    asks = [c for r, c in req.messages if r == "user"]
+    assert asks[0].startswith("Write a saga") and asks[-1].startswith("Write part 20:")
+    # Each kept answer follows the ask for its own part.
+    for i, (role, content) in enumerate(req.messages):
+        if role == "assistant":
+            n = written.index(content) + 1
+            assert f"Write part {n}:" in req.messages[i - 1][1]
