@@ -13,14 +13,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# Neither imports Prefect (which must not be imported before `_quiet_prefect_defaults`).
+# None of these imports Prefect (which must not be imported before `_quiet_prefect_defaults`).
+from flows.console import console_logs_without_tracebacks_for, fail, start_prefect_api
 from tasks.flags import SettingsError, default_of
 from tasks.settings import (
     BUILD_FLAGS,
@@ -85,11 +85,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     values = BUILD_FLAGS.values(args)
     instructions = values.get("instructions")
     if instructions and not Path(instructions).is_file():
-        return _fail(f"instructions file not found: {instructions}")
+        return fail(f"instructions file not found: {instructions}")
     partition = values.get("partition")
     partitions = values.get("partitions", default_of(BuildSettings, "partitions"))
     if partition is not None and not 0 <= partition < partitions:
-        return _fail(f"--partition must be in 0..{partitions - 1}")
+        return fail(f"--partition must be in 0..{partitions - 1}")
     try:
         settings = BUILD_FLAGS.settings(args)
         labels = RUN_LABEL_FLAGS.settings(args)
@@ -98,16 +98,16 @@ def cmd_build(args: argparse.Namespace) -> int:
 
             return run_dry_run(args, settings.db_url)
     except SettingsError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     expected = (ConfigError, InputError, LLMError)
-    _console_logs_without_tracebacks_for(expected)
+    console_logs_without_tracebacks_for(expected)
     try:
         start_prefect_api()
         summary = run_build(settings, run_name=labels.run_name, tags=labels.tag)
     except expected as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     except KeyboardInterrupt:
-        return _fail("interrupted; rerun the same command to resume", code=130)
+        return fail("interrupted; rerun the same command to resume", code=130)
     print(_summary_table(summary))
     return 0
 
@@ -145,7 +145,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         settings = EXPORT_FLAGS.settings(args)
     except SettingsError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     store = Store(settings.db_url)
     try:
         meta = {"command": "export", "license": settings.license}
@@ -223,9 +223,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fail(message: str, code: int = 2) -> int:
-    print(f"longwriter: error: {message}", file=sys.stderr)
-    return code
+_fail = fail  # the name cmd_stats calls
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -245,87 +243,6 @@ def build_parser() -> argparse.ArgumentParser:
         if add is not None:
             add(sub)
     return parser
-
-
-class _PopenWithPreexec:
-    """The `subprocess` module as Prefect's server module sees it, with a `preexec_fn` added
-    to every Popen (see `start_prefect_api`)."""
-
-    def __init__(self, module: Any, preexec: Any) -> None:
-        self._module = module
-        self._preexec = preexec
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._module, name)
-
-    def Popen(self, *args: Any, **kwargs: Any) -> Any:  # noqa: N802 - mirrors subprocess
-        kwargs.setdefault("preexec_fn", self._preexec)
-        return self._module.Popen(*args, **kwargs)
-
-
-class _OneLineFor(logging.Formatter):
-    """Console formatter that drops the traceback of errors the CLI reports in one line
-    anyway (a refused key, an endpoint that stayed down, unusable input): Prefect logs the
-    failed task and flow runs with full tracebacks, which buried that line. Other exceptions
-    keep theirs; Prefect's API handler formats records itself, so the UI keeps every one."""
-
-    def __init__(self, inner: logging.Formatter, expected: tuple[type[BaseException], ...]) -> None:
-        super().__init__()
-        self._inner = inner
-        self._expected = expected
-
-    def format(self, record: logging.LogRecord) -> str:
-        if not (record.exc_info and isinstance(record.exc_info[1], self._expected)):
-            return self._inner.format(record)
-        saved = record.exc_info, record.exc_text
-        record.exc_info, record.exc_text = None, None
-        try:
-            return self._inner.format(record)
-        finally:
-            record.exc_info, record.exc_text = saved
-
-
-def _console_logs_without_tracebacks_for(expected: tuple[type[BaseException], ...]) -> None:
-    for handler in logging.getLogger().handlers:  # Prefect's console handler lives on root
-        fmt = handler.formatter
-        if isinstance(handler, logging.StreamHandler) and not isinstance(fmt, _OneLineFor):
-            handler.setFormatter(_OneLineFor(fmt or logging.Formatter(), expected))
-
-
-def start_prefect_api() -> None:
-    """Start Prefect's temporary API server (used when PREFECT_API_URL is unset) now, from the
-    main thread, as a child that cannot outlive this process.
-
-    Prefect starts it lazily as a plain subprocess and stops it from `atexit`, which never
-    runs when the CLI is SIGKILLed (OOM killer, `kill -9`, a CI timeout): the uvicorn server
-    was left running, holding its port and database. Here the child gets
-    PR_SET_PDEATHSIG=SIGKILL between fork and exec, the guarantee the embedded llama.cpp
-    server has. PDEATHSIG follows the thread that forked, hence the main thread and before
-    the flow starts. Prefect keeps one server instance per port and reuses this one.
-    """
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():
-        return  # a real server (or a test harness): nothing of ours to start
-    import prefect.server.api.server as prefect_server
-
-    from tasks.llama_server import _make_preexec
-
-    base = prefect_server.SubprocessASGIServer
-    preexec = _make_preexec(True)
-    if preexec is None or None in base._instances:
-        return  # not Linux, or already started in this process
-
-    class _TiedServer(base):  # type: ignore[misc, valid-type]
-        def _run_uvicorn_command(self) -> Any:
-            real = prefect_server.subprocess
-            prefect_server.subprocess = _PopenWithPreexec(real, preexec)  # type: ignore[assignment]
-            try:
-                return super()._run_uvicorn_command()
-            finally:
-                prefect_server.subprocess = real
-
-    _TiedServer().start()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -52,6 +52,7 @@ from flows.common import (
     retry_policy,
     ticking,
 )
+from flows.console import fail
 from prompts import prompt_version
 
 # Importing the eval tables registers them on SQLModel's metadata, so the Store(url) the flow
@@ -677,11 +678,6 @@ def add_cli(sub: Any) -> None:
     p.set_defaults(handler=cmd_eval)
 
 
-def _fail(message: str, code: int = 2) -> int:
-    print(f"longwriter: error: {message}", file=sys.stderr)
-    return code
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     import os
 
@@ -690,20 +686,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     given = EVAL_FLAGS.values(args)
     if given.get("judge") is False and (given.get("judge_base_urls") or given.get("judge_model")):
-        return _fail("--no-judge cannot be combined with --judge-base-url/--judge-model")
+        return fail("--no-judge cannot be combined with --judge-base-url/--judge-model")
     try:
         settings = EVAL_FLAGS.settings(args)
     except SettingsError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     try:
         # Checked before the flow starts (and any server with it): a bad file fails in a blink.
         load_prompts(settings.prompts_path(), settings.limit)
         require_judge_model(settings)
         results = run_eval_sync(settings)
     except (ConfigError, LLMError) as exc:
-        return _fail(" ".join(str(exc).split()) or type(exc).__name__)
+        return fail(" ".join(str(exc).split()) or type(exc).__name__)
     except KeyboardInterrupt:
-        return _fail("interrupted; rerun the same command to resume", code=130)
+        return fail("interrupted; rerun the same command to resume", code=130)
     print(summary_text(results))
     return 0
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from flows.common import (
     require_judge_model,
     retry_policy,
 )
+from flows.console import fail, start_prefect_api
 from prompts import prompt_version
 from storage.store import Store, redact_db_url
 from tasks.endpoints import ConfigError
@@ -181,11 +181,6 @@ def add_cli(sub: Any) -> None:
     p.set_defaults(handler=cmd_pairs)
 
 
-def _fail(message: str, code: int = 2) -> int:
-    print(f"longwriter: error: {message}", file=sys.stderr)
-    return code
-
-
 def settings_from_args(args: argparse.Namespace) -> PairsSettings:
     return PAIRS_FLAGS.settings(args)
 
@@ -199,12 +194,10 @@ def has_eligible(db_url: str) -> bool:
 
 
 def cmd_pairs(args: argparse.Namespace) -> int:
-    from flows.cli import start_prefect_api
-
     try:
         settings = settings_from_args(args)
     except SettingsError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     try:
         # Checked before the flow starts (and any server with it): an empty store fails in a
         # blink, with one line instead of a flow-run traceback.
@@ -216,9 +209,9 @@ def cmd_pairs(args: argparse.Namespace) -> int:
         start_prefect_api()
         summary = run_pairs(settings)
     except (ConfigError, LLMError) as exc:
-        return _fail(" ".join(str(exc).split()) or type(exc).__name__)
+        return fail(" ".join(str(exc).split()) or type(exc).__name__)
     except KeyboardInterrupt:
-        return _fail("interrupted; rerun the same command to resume", code=130)
+        return fail("interrupted; rerun the same command to resume", code=130)
     print(summary_text(summary))
     return 0
 

@@ -20,6 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
+from flows.console import start_prefect_api
 from tasks.flags import Flag, Flags, SettingsError
 from tasks.lineage import write_model_lineage
 from tasks.train import (
@@ -175,8 +176,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from flows.cli import start_prefect_api
-
     try:
         start_prefect_api()
         report = run_train(cfg)
