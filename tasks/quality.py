@@ -375,7 +375,18 @@ _PROMPT_TAG_RE = re.compile(
 )
 _ECHO_LINE_RES = (
     _PROMPT_TAG_RE,
-    re.compile(r"\baim for (?:about |around |roughly |approximately )?\d[\d,]* words\b", re.I),
+    re.compile(
+        r"\baim(?:ing|s)? (?:for|at) (?:about |around |roughly |approximately |a maximum of |"
+        r"only |up to )?\d[\d,]* words\b",
+        re.I,
+    ),
+    # The writer talking about its task: "You're asked to write a long, detailed story",
+    # "The text you're asked to write is not only two paragraphs".
+    re.compile(
+        r"\b(?:you(?:'re| are)|i(?:'m| am)|we(?:'re| are)) (?:being )?asked to write\b"
+        r"|\b(?:your|my|the) task (?:here )?is to write\b",
+        re.I,
+    ),
     re.compile(r"\bword count\s*[:：]\s*\d", re.I),
     re.compile(r"\bparagraph \d+\s*[-–—:]\s*main point\s*[:：]", re.I),
     re.compile(r"\bmain point\s*[:：]", re.I),
@@ -411,7 +422,8 @@ _ECHO_LINE_RES = (
 # Every echo pattern holds one of these (lower-cased): a substring test skips the regex for
 # the lines of plain prose, nearly all of them.
 _ECHO_HINTS = (
-    "<", "aim for", "word count", "main point", "paragraph", "instruction", "written",
+    "<", "aim", "asked to write", "task", "word count", "main point", "paragraph",
+    "instruction", "written",
     "output only", "repeat", "nothing", "(to be", "continued", "this sentence", "section",
     "写作", "字数", "主要内容",
     "段", "已",
@@ -532,6 +544,46 @@ def _strip_echo_edges(text: str, ctx: ParagraphContext) -> tuple[str, list[str]]
     return "\n".join(lines).strip(), removed
 
 
+# Words that frame a request rather than its subject ("Write a long, detailed story about"):
+# a run copied from the instruction that holds two of them is the request pasted back, not a
+# sentence about the same subject ("a message in a bottle" from the same instruction is).
+_REQUEST_FRAME_WORDS = frozenset(
+    "write writing written long detailed article story essay piece guide report words "
+    "explain explaining describe describing paragraph paragraphs poem letter blog post "
+    "speech review summary account".split()
+)
+_REQUEST_FRAME_CHARS = frozenset("写篇文章详细介绍字")
+INSTRUCTION_RUN_MIN = {"en": 6, "zh": 8}
+
+
+@functools.lru_cache(maxsize=256)
+def _instruction_frames(instruction: str) -> tuple[int, frozenset[tuple[str, ...]]]:
+    """The instruction's n-grams (6 words, 8 Chinese characters) holding two or more of its
+    request-framing words: what a pasted request shares with it."""
+    lang = "zh" if cjk_share(instruction) > 0.5 else "en"
+    n = INSTRUCTION_RUN_MIN[lang]
+    frame = _REQUEST_FRAME_CHARS if lang == "zh" else _REQUEST_FRAME_WORDS
+    grams = frozenset(g for g in ngrams(units(instruction), n) if sum(t in frame for t in g) >= 2)
+    return n, grams
+
+
+def _pasted_instruction(text: str, instruction: str) -> str | None:
+    """A run of the instruction copied into the text (6 words or 8 Chinese characters) that
+    holds two or more of its request-framing words: "a long, detailed story about a
+    lighthouse keeper" in a story asked for as "Write a long, detailed story about a
+    lighthouse keeper ..."."""
+    n, grams = _instruction_frames(instruction)
+    if not grams:
+        return None
+    # The text's n-grams come from the restatement check's cache when n matches.
+    hit = next((g for g in _gram_list(text, n) if g in grams), None)
+    if hit is None:
+        return None
+    return ("" if n == INSTRUCTION_RUN_MIN["zh"] and cjk_share(instruction) > 0.5 else " ").join(
+        hit
+    )
+
+
 def check_prompt_echo(text: str, ctx: ParagraphContext) -> Verdict:
     hits = _echo_lines(text)
     if hits:
@@ -540,6 +592,10 @@ def check_prompt_echo(text: str, ctx: ParagraphContext) -> Verdict:
     point = _pasted_main_point(_first_line(text), ctx.main_points)
     if point is not None:
         return Verdict(False, "prompt_echo", f"opens with plan main point {point[:60]!r}")
+    if ctx.instruction:
+        pasted = _pasted_instruction(text, ctx.instruction)
+        if pasted is not None:
+            return Verdict(False, "prompt_echo", f"pastes the instruction: {pasted[:60]!r}")
     return KEEP
 
 

@@ -57,6 +57,7 @@ CLEANED = [
     (EN, "Your next paragraph:\n" + PROSE, "prompt_echo", "The orchard"),
     (EN, PROSE + "\nAim for about 400 words (to be completed)", "prompt_echo", "The orchard"),
     (EN, "*Writing the paragraph:\n" + PROSE, "prompt_echo", "The orchard"),
+    (EN, "Aiming for 400 words.\n" + PROSE, "prompt_echo", "The orchard"),
     (EN, PROSE + "</div>", "markup", "The orchard"),
     (EN, 'The orchard <blocked=""/> had not been pruned in years.', "markup", "The orchard"),
 ]
@@ -106,6 +107,15 @@ FAILED = [
         },
     ),
     (check_prompt_echo, ZH, "写作指令：写一篇关于茶的文章。" + PROSE_ZH, {}),
+    # The request pasted back, or the writer talking about its task (SmolLM2 in the demo).
+    (
+        check_prompt_echo,
+        "Write a long, detailed story about a lighthouse keeper who finds a message.",
+        "Write a long, detailed story about a lighthouse keeper who found the bottle. " + PROSE,
+        {},
+    ),
+    (check_prompt_echo, EN, "You're asked to write a long essay on bees. " + PROSE, {}),
+    (check_prompt_echo, ZH, "写一篇关于江南茶文化的长文，介绍它的历史。" + PROSE_ZH, {}),
     # The writer narrating its own work (SmolLM2 in the demo).
     (
         check_prompt_echo,
@@ -134,6 +144,14 @@ def test_checks_catch(check: object, instruction: str, text: str, extra: dict) -
 # -- texts that must pass -------------------------------------------------------------------
 
 PASSING = [
+    # The instruction's subject in the story's own words: shared nouns are not an echo.
+    (
+        "Write a long, detailed story about a lighthouse keeper on a remote island who "
+        "discovers a message in a bottle that changes her life.",
+        "The lighthouse keeper on the remote island found a message in a bottle one grey "
+        "morning, wedged between two rocks below the lamp room. She had kept the light for "
+        "eleven years, and in all that time the sea had given her nothing but driftwood.",
+    ),
     # An essay about writing names paragraphs, just not its own next one.
     (
         "Write a long essay on how to write a good school essay.",
