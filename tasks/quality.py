@@ -210,6 +210,14 @@ _CHATTER_START_EN = re.compile(
     # "Below is a revised version of the essay.", "Here is the next paragraph."
     rf"|{_HERE}\s+(?:{_ARTICLE}\s+)?(?:[\w-]+\s+){{0,3}}?{_META_NOUNS}s?(?:\s+\d+)?"
     rf"(?:\s+(?:of|for|on|about)\s+{_ARTICLE}\s+(?:[\w-]+\s+){{0,2}}?{_META_NOUNS}s?)?\s*[.!]"
+    # "Here is the next paragraph, written by you with an exciting twist."
+    r"|" + _HERE + r"\s+(?:the |my |a |your )?(?:next |new |following |revised |final )?"
+    r"(?:paragraph|section|part|continuation|draft|version|rewrite|response|answer)s?\s*,"
+    r"[^.!?:\n]{0,80}[.!]"
+    # "I'm ready to help.", "What's the next paragraph you'd like me to write?"
+    r"|(?:i'?m|i am) (?:ready|here) to (?:help|assist|write|continue)[^.!?\n]*[.!]+"
+    r"|what(?:'s| is) the next " + _META_NOUNS + r"[^?\n]{0,60}\?"
+    r"|what (?:would|do) you (?:like|want) me to (?:write|do)[^?\n]{0,60}\?"
     # "Here is what you asked for:", "Here you go!"
     rf"|{_HERE}\s+(?:what|the (?:text|one)) you (?:asked|requested|wanted)[^.!?:\n]{{0,40}}[.!:：]"
     r"|here you (?:go|are)[!.:]+"
@@ -410,6 +418,16 @@ _ECHO_LINE_RES = (
         re.I | re.M,
     ),
     re.compile(r"\bthis (?:sentence|paragraph) (?:continues|will continue)\b", re.I),
+    # "The next paragraph can be developed further:", "The next paragraph continues:"
+    re.compile(
+        r"^\W*the next (?:paragraph|section|part|sentence) (?:can|could|will|would|should|"
+        r"continues|is|reveals)\b[^.\n]{0,60}[:：]",
+        re.I | re.M,
+    ),
+    # The prompt's section labels as a line's start: "The plan:", "The plan goes like this:",
+    # "Aim: 400 words".
+    re.compile(r"^\W*the plan(?: goes like this| is as follows)?\s*[:：]", re.I | re.M),
+    re.compile(r"\baim\s*[:：]\s*\d[\d,]* words\b", re.I),
     re.compile(
         r"\b(?:we|i|let's|let us)\b[^.!?\n]{0,60}\b(?:in|into) the (?:next|following) paragraph\b",
         re.I,
@@ -422,7 +440,7 @@ _ECHO_LINE_RES = (
 # Every echo pattern holds one of these (lower-cased): a substring test skips the regex for
 # the lines of plain prose, nearly all of them.
 _ECHO_HINTS = (
-    "<", "aim", "asked to write", "task", "word count", "main point", "paragraph",
+    "<", "aim", "asked to write", "task", "word count", "main point", "paragraph", "the plan",
     "instruction", "written",
     "output only", "repeat", "nothing", "(to be", "continued", "this sentence", "section",
     "写作", "字数", "主要内容",
@@ -607,7 +625,10 @@ _SPECIAL_TOKEN_RE = re.compile(
     r"start_of_turn|end_of_turn)>",
     re.IGNORECASE,
 )
-_TAG_RE = re.compile(r"</?[a-zA-Z][\w:-]*(?:\s+[^<>\n]*?)?\s*/?>|<[a-zA-Z][\w-]*=\"[^\"]*\"\s*/?>")
+_TAG_RE = re.compile(
+    r"</?[a-zA-Z][\w:-]*(?:\s+[^<>\n]*?)?\s*/?>|<[a-zA-Z][\w-]*=\"[^\"]*\"\s*/?>"
+    r"|<\s*/?\s*>(?=\s|$)"  # an empty tag, "<>", left where a model's markup was
+)
 _FENCE_LINE_RE = re.compile(r"^\s*(?:```|~~~)[\w+-]*\s*$", re.MULTILINE)
 _PLACEHOLDER_RE = re.compile(r"\{\{[^{}\n]{1,80}\}\}|\{%[^{}\n]{1,80}%\}")
 

@@ -58,6 +58,19 @@ CLEANED = [
     (EN, PROSE + "\nAim for about 400 words (to be completed)", "prompt_echo", "The orchard"),
     (EN, "*Writing the paragraph:\n" + PROSE, "prompt_echo", "The orchard"),
     (EN, "Aiming for 400 words.\n" + PROSE, "prompt_echo", "The orchard"),
+    (
+        EN,
+        "I'm ready to help. What's the next paragraph you'd like me to write?\n" + PROSE,
+        "chatter",
+        "The orchard",
+    ),
+    (
+        EN,
+        "Here is the next paragraph, written with an exciting twist.\n\n" + PROSE,
+        "chatter",
+        "The orchard",
+    ),
+    (EN, PROSE + " <>", "markup", "The orchard"),
     (EN, PROSE + "</div>", "markup", "The orchard"),
     (EN, 'The orchard <blocked=""/> had not been pruned in years.', "markup", "The orchard"),
 ]
@@ -116,6 +129,9 @@ FAILED = [
     ),
     (check_prompt_echo, EN, "You're asked to write a long essay on bees. " + PROSE, {}),
     (check_prompt_echo, ZH, "写一篇关于江南茶文化的长文，介绍它的历史。" + PROSE_ZH, {}),
+    (check_prompt_echo, EN, PROSE + "\nThe next paragraph can be developed further: more.", {}),
+    (check_prompt_echo, EN, PROSE + "\nThe plan goes like this:\n1) A new paragraph", {}),
+    (check_prompt_echo, EN, PROSE + "\nAim: 400 words\n" + PROSE, {}),
     # The writer narrating its own work (SmolLM2 in the demo).
     (
         check_prompt_echo,
