@@ -25,9 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from tests.benchmarks import (
+    bench_audit,
     bench_export,
     bench_orchestration,
     bench_paper_baseline,
+    bench_quality,
+    bench_rate_limit,
     bench_real_model,
     bench_startup,
     bench_tokens,
@@ -49,6 +52,10 @@ BENCHES: dict[str, tuple[Callable[..., BenchResult], dict[str, Any], dict[str, A
     "export": (bench_export.run, {"samples": 6000, "words": 5000}, {"samples": 600, "words": 5000}),
     "tokens": (bench_tokens.run, {"instructions": 20}, {"instructions": 5}),
     "startup": (bench_startup.run, {"samples": 6000}, {"samples": 600, "repeats": 3}),
+    # --quick leaves quality_results.json as the last full run wrote it.
+    "quality": (bench_quality.run, {}, {"write": False}),
+    "audit": (bench_audit.run, {"samples": 6000, "words": 5000}, {"samples": 600, "words": 5000}),
+    "rate_limit": (bench_rate_limit.run, {"instructions": 500}, {"instructions": 100}),
 }
 
 
