@@ -1,6 +1,8 @@
 """The labelled quality corpus (tests/data/quality_corpus.jsonl): loading, validating, and
 scoring the checks of tasks/quality.py against it. Shared by tests/tasks/test_quality_corpus.py
-(asserts the targets) and tests/benchmarks/bench_quality.py (prints the table).
+(asserts the targets) and tests/benchmarks/bench_quality.py (prints the table). The held-out
+corpus (tests/data/quality_holdout.jsonl, tests/tasks/test_quality_holdout.py) uses the same
+format and scorer, with one more class (refusal): pass classes=HOLDOUT_CLASSES.
 
 A defective record counts as detected for its class C when C is among the review's reasons or
 one of its cleanings has check C (plans: the verdict rejects it with reason C). A clean record
@@ -20,6 +22,7 @@ from typing import Any
 from tasks.wordcount import detect_lang
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "quality_corpus.jsonl"
+HOLDOUT = CORPUS.with_name("quality_holdout.jsonl")
 
 SAMPLE_CLASSES: tuple[str, ...] = (
     "prompt_echo",
@@ -35,6 +38,9 @@ PLAN_CLASSES: tuple[str, ...] = (
     "plan_echoes_instruction",
 )
 DEFECT_CLASSES: tuple[str, ...] = SAMPLE_CLASSES + PLAN_CLASSES
+# The held-out corpus also labels refusals (the model declines the piece), which the issue's
+# list of checks does not name; the development corpus has none.
+HOLDOUT_CLASSES: tuple[str, ...] = SAMPLE_CLASSES + ("refusal",) + PLAN_CLASSES
 ID_PREFIX: dict[str, str] = {
     "prompt_echo": "echo",
     "chatter": "chatter",
@@ -42,6 +48,7 @@ ID_PREFIX: dict[str, str] = {
     "wrong_language": "wronglang",
     "restated_paragraph": "restated",
     "reasoning": "reasoning",
+    "refusal": "refusal",
     "plan_duplicate_points": "plandup",
     "plan_meta_points": "planmeta",
     "plan_echoes_instruction": "planecho",
@@ -103,7 +110,7 @@ def load_corpus(path: Path = CORPUS) -> list[Record]:
     return records
 
 
-def validate_corpus(records: list[Record]) -> list[str]:
+def validate_corpus(records: list[Record], classes: tuple[str, ...] = DEFECT_CLASSES) -> list[str]:
     """Problems with the corpus itself (empty when it is sound): schema, unique ids, the
     minimum size of every class, Chinese records everywhere, both directions of
     wrong_language, and clean texts that really are in their instruction's language."""
@@ -121,9 +128,9 @@ def validate_corpus(records: list[Record]) -> list[str]:
             problems.append(f"{where} kind {r.kind!r}")
         if r.lang not in ("en", "zh"):
             problems.append(f"{where} lang {r.lang!r}")
-        if r.label != "clean" and r.label not in DEFECT_CLASSES:
+        if r.label != "clean" and r.label not in classes:
             problems.append(f"{where} unknown label {r.label!r}")
-        if r.label in SAMPLE_CLASSES and r.kind != "sample":
+        if r.label in classes and r.label not in PLAN_CLASSES and r.kind != "sample":
             problems.append(f"{where} {r.label} must be kind=sample")
         if r.label in PLAN_CLASSES and r.kind != "plan":
             problems.append(f"{where} {r.label} must be kind=plan")
@@ -149,7 +156,7 @@ def validate_corpus(records: list[Record]) -> list[str]:
                 problems.append(f"{where} lang {r.lang} but the instruction is not")
         elif r.response or r.plan is None:
             problems.append(f"{where} a plan has main points and no response")
-    for c in DEFECT_CLASSES:
+    for c in classes:
         mine = [r for r in records if r.label == c]
         zh = sum(r.lang == "zh" for r in mine)
         if len(mine) < MIN_PER_CLASS:
@@ -295,13 +302,18 @@ def review_record(rec: Record, review_sample: ReviewSample, review_plan: ReviewP
     )
 
 
-def score(records: Iterable[Record], review_sample: ReviewSample, review_plan: ReviewPlan) -> Score:
+def score(
+    records: Iterable[Record],
+    review_sample: ReviewSample,
+    review_plan: ReviewPlan,
+    classes: tuple[str, ...] = DEFECT_CLASSES,
+) -> Score:
     records = list(records)
     t0 = time.perf_counter()
     outcomes = {r.id: review_record(r, review_sample, review_plan) for r in records}
     seconds = time.perf_counter() - t0
-    classes: dict[str, ClassScore] = {}
-    for c in DEFECT_CLASSES:
+    by_class: dict[str, ClassScore] = {}
+    for c in classes:
         mine = [outcomes[r.id] for r in records if r.label == c]
         cs = ClassScore(c, len(mine), sum(o.lang == "zh" for o in mine), 0, 0)
         for o in mine:
@@ -311,7 +323,7 @@ def score(records: Iterable[Record], review_sample: ReviewSample, review_plan: R
                 cs.missed.append(o.id)
                 if not o.keep or o.cleanings:
                     cs.flagged_other += 1
-        classes[c] = cs
+        by_class[c] = cs
     clean: dict[str, CleanScore] = {}
     for kind in ("sample", "plan"):
         mine = [outcomes[r.id] for r in records if r.label == "clean" and r.kind == kind]
@@ -320,14 +332,16 @@ def score(records: Iterable[Record], review_sample: ReviewSample, review_plan: R
         cl.false_cleanings = [o.id for o in mine if o.cleanings]
         clean[kind] = cl
     tag_left = [o.id for o in outcomes.values() if o.tag_left]
-    return Score(classes, clean, outcomes, tag_left, seconds)
+    return Score(by_class, clean, outcomes, tag_left, seconds)
 
 
-def score_with_tasks_quality(records: Iterable[Record]) -> Score:
+def score_with_tasks_quality(
+    records: Iterable[Record], classes: tuple[str, ...] = DEFECT_CLASSES
+) -> Score:
     """Score the corpus with the real checks (imports tasks.quality)."""
     from tasks.quality import review_plan, review_sample
 
-    return score(records, review_sample, review_plan)
+    return score(records, review_sample, review_plan, classes)
 
 
 # -- reporting -------------------------------------------------------------------------------
