@@ -20,14 +20,19 @@ from pathlib import Path
 from typing import Any
 
 # None of these imports Prefect (which must not be imported before `_quiet_prefect_defaults`).
-from flows.console import console_logs_without_tracebacks_for, fail, start_prefect_api
-from tasks.flags import SettingsError, default_of
+from flows.console import (
+    add_command,
+    console_logs_without_tracebacks_for,
+    fail,
+    start_prefect_api,
+)
+from tasks.flags import SettingsError
 from tasks.settings import (
+    BUILD,
     BUILD_FLAGS,
     DRY_RUN_FLAGS,
     EXPORT_FLAGS,
     RUN_LABEL_FLAGS,
-    BuildSettings,
     db_url_from_env,
 )
 
@@ -64,16 +69,17 @@ def _quiet_prefect_defaults() -> None:
 
 def add_build_parser(sub: Any) -> None:
     # Every flag is made from a settings field (tasks/settings.py): its default and help.
-    p = sub.add_parser(
+    add_command(
+        sub,
         "build",
-        help="ingest, plan, write, filter and export a dataset",
-        description="Ingest instructions, plan and write each sample with AgentWrite, filter "
-        "and export shards. Rerunning the same command resumes from the store.",
+        "ingest, plan, write, filter and export a dataset",
+        cmd_build,
+        BUILD_FLAGS,
+        RUN_LABEL_FLAGS,
+        DRY_RUN_FLAGS,  # tasks.forecast.add_dry_run_arguments' flags
+        doc="Ingest instructions, plan and write each sample with AgentWrite, filter and "
+        "export shards. Rerunning the same command resumes from the store.",
     )
-    BUILD_FLAGS.add_to(p)
-    RUN_LABEL_FLAGS.add_to(p)
-    DRY_RUN_FLAGS.add_to(p)  # tasks.forecast.add_dry_run_arguments' flags
-    p.set_defaults(handler=cmd_build)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -87,7 +93,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     if instructions and not Path(instructions).is_file():
         return fail(f"instructions file not found: {instructions}")
     partition = values.get("partition")
-    partitions = values.get("partitions", default_of(BuildSettings, "partitions"))
+    partitions = values.get("partitions", BUILD.partitions)
     if partition is not None and not 0 <= partition < partitions:
         return fail(f"--partition must be in 0..{partitions - 1}")
     try:
@@ -133,9 +139,7 @@ def _summary_table(summary: dict[str, Any]) -> str:
 
 
 def add_export_parser(sub: Any) -> None:
-    p = sub.add_parser("export", help="write shards + manifest from the store")
-    EXPORT_FLAGS.add_to(p)
-    p.set_defaults(handler=cmd_export)
+    add_command(sub, "export", "write shards + manifest from the store", cmd_export, EXPORT_FLAGS)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -7,9 +7,31 @@ environment defaults.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
+
+from tasks.flags import Flags
+
+
+def add_command(
+    sub: Any,
+    name: str,
+    help: str,
+    handler: Callable[[argparse.Namespace], int],
+    *flags: Flags,
+    doc: str | None = None,
+) -> argparse.ArgumentParser:
+    """A subcommand whose flags are made from settings models (tasks.flags); its description
+    is the first paragraph of `doc` (the command module's docstring)."""
+    description = (doc or "").split("\n\n")[0] or None
+    p = sub.add_parser(name, help=help, description=description)
+    for f in flags:
+        f.add_to(p)
+    p.set_defaults(handler=handler)
+    return p
 
 
 def fail(message: str, code: int = 2) -> int:

@@ -52,7 +52,7 @@ from flows.common import (
     retry_policy,
     ticking,
 )
-from flows.console import fail
+from flows.console import add_command, fail
 from prompts import prompt_version
 
 # Importing the eval tables registers them on SQLModel's metadata, so the Store(url) the flow
@@ -669,13 +669,15 @@ def run_eval_sync(settings: EvalSettings) -> dict[str, Any]:
 
 
 def add_cli(sub: Any) -> None:
-    p = sub.add_parser(
+    # Every flag from an EvalSettings field (tasks/settings.py).
+    add_command(
+        sub,
         "eval",
-        help="LongBench-Write: length score S_l, judged quality S_q, S per length bucket",
-        description=(__doc__ or "").split("\n\n")[0],
+        "LongBench-Write: length score S_l, judged quality S_q, S per length bucket",
+        cmd_eval,
+        EVAL_FLAGS,
+        doc=__doc__,
     )
-    EVAL_FLAGS.add_to(p)  # every flag from an EvalSettings field (tasks/settings.py)
-    p.set_defaults(handler=cmd_eval)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
-from flows.console import start_prefect_api
+from flows.console import add_command, start_prefect_api
 from tasks.flags import Flag, Flags, SettingsError
 from tasks.lineage import write_model_lineage
 from tasks.train import (
@@ -150,13 +150,14 @@ TRAIN_FLAGS = Flags(
 
 
 def add_cli(sub: Any) -> None:
-    p = sub.add_parser(
+    add_command(
+        sub,
         "train",
-        help="SFT (or --dpo) a base model on shards with TRL; saves HF model + GGUF",
-        description=(__doc__ or "").split("\n\n")[0],
+        "SFT (or --dpo) a base model on shards with TRL; saves HF model + GGUF",
+        cmd_train,
+        TRAIN_FLAGS,
+        doc=__doc__,
     )
-    TRAIN_FLAGS.add_to(p)
-    p.set_defaults(handler=cmd_train)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -39,7 +39,7 @@ class EvalGeneration(SQLModel, table=True):
     finish_reason: str | None = None
     call_key: str | None = None  # llm_call.key of the stored answer, when there is one
     max_tokens: int | None = None
-    temperature: float = 0.5
+    temperature: float  # the request's (flows.eval: EvalSettings.temperature)
     created_at: datetime = Field(default_factory=utcnow)
 
 

@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from tasks.llm_client import Endpoint
+from tasks.settings import BUILD
 
 EMBEDDED_CONTEXT_WINDOW = 8192
 REMOTE_CONTEXT_WINDOW = 32768
@@ -46,7 +47,7 @@ def split_urls(values: Sequence[str] | None) -> list[str]:
 
 def api_key_from_env(api_key_env: str | None) -> str | None:
     """The key is read from the environment at run time and never stored anywhere else."""
-    for var in (api_key_env, "LONGWRITER_API_KEY"):
+    for var in (api_key_env, BUILD.api_key_env):
         if var and os.environ.get(var):
             return os.environ[var]
     return None

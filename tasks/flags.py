@@ -89,6 +89,24 @@ def default_of(model: type[BaseModel], name: str) -> Any:
     return field_default(model.model_fields[name])
 
 
+class Defaults:
+    """A settings model's defaults as read-only attributes (`BUILD.max_paragraph_tokens`):
+    what a lower layer's own default (a dataclass field, a function parameter) names instead
+    of repeating the value. A misspelt name fails at import."""
+
+    def __init__(self, model: type[BaseModel]) -> None:
+        object.__setattr__(self, "_model", model)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return default_of(self._model, name)
+        except KeyError:
+            raise AttributeError(f"{self._model.__name__} has no field {name!r}") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("settings defaults are read-only: change them in tasks/settings.py")
+
+
 def derive(cls: type[Any], source: Any, **given: Any) -> Any:
     """A stage config (a dataclass) from settings: every field of `cls` that `source` has
     under the same name, then `given` (renamed or computed fields) on top. A stage config
@@ -148,7 +166,9 @@ class Flags:
         spec = self.spec(name)
         text = info.description or name.replace("_", " ")
         kind = self._kind(name)
-        default = None if info.is_required() else field_default(info)
+        # A flag the command requires has no default to show (the model's is for deployments).
+        required = info.is_required() or spec.required
+        default = None if required else field_default(info)
         if kind == "negate":
             text = f"turn off: {text}"
         elif spec.absent_help:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.endpoints import EMBEDDED_CONTEXT_WINDOW, REMOTE_CONTEXT_WINDOW, split_urls
-from tasks.flags import default_of, derive
+from tasks.flags import derive
 from tasks.plan import (
     TYPICAL_STEP_WORDS,
     PlanStep,
@@ -38,7 +38,7 @@ from tasks.plan import (
     min_steps_for,
     steps_from_json,
 )
-from tasks.settings import BUILD_FLAGS, DRY_RUN_FLAGS, BuildSettings, DryRunSettings
+from tasks.settings import BUILD, BUILD_FLAGS, DRY_RUN_FLAGS, BuildSettings, DryRunSettings
 from tasks.write import (
     ContextBudget,
     build_write_request,
@@ -102,16 +102,16 @@ def _tokens(chars: int, cjk: int) -> int:
 class ForecastConfig:
     """What the forecast assumes; `forecast_config` derives it from a build's settings."""
 
-    min_words: int = default_of(BuildSettings, "min_words")
+    min_words: int = BUILD.min_words
     # Words of a piece whose instruction gives no length (None: min_words, what the plan
     # prompt asks for at least).
     default_words: int | None = None
     paragraph_words: int = TYPICAL_STEP_WORDS
     context_window: int = REMOTE_CONTEXT_WINDOW
-    max_paragraph_tokens: int = default_of(BuildSettings, "max_paragraph_tokens")
-    json_plan: bool = default_of(BuildSettings, "json_plan")
+    max_paragraph_tokens: int = BUILD.max_paragraph_tokens
+    json_plan: bool = BUILD.json_plan
     json_style: str = "json_schema"
-    max_steps: int = default_of(BuildSettings, "max_paragraphs")
+    max_steps: int = BUILD.max_paragraphs
     price_in: float | None = None  # USD per million input (prompt) tokens
     price_out: float | None = None  # USD per million output (completion) tokens
     # USD per million cached input tokens (OpenAI: a prefix of 1,024+ tokens seen recently);

@@ -40,6 +40,8 @@ from tenacity import (
     retry_if_not_exception_type,
 )
 
+from tasks.settings import BUILD
+
 T = TypeVar("T")
 _log = logging.getLogger(__name__)
 
@@ -162,15 +164,16 @@ class Endpoint:
 class RetryPolicy:
     """Plain data so tests can assert the policy, not just its effects."""
 
-    max_attempts: int = 6
-    initial_backoff_s: float = 0.5
-    max_backoff_s: float = 30.0
+    # The commands' settings (tasks/settings.py) say how often and how long by default.
+    max_attempts: int = BUILD.max_attempts
+    initial_backoff_s: float = BUILD.initial_backoff_s
+    max_backoff_s: float = BUILD.max_backoff_s
     max_retry_after_s: float = 120.0
     connect_timeout_s: float = 10.0
-    read_timeout_s: float = 600.0
+    read_timeout_s: float = BUILD.request_timeout_s
     # 429s are not counted against max_attempts: a throttled call keeps waiting (as the
     # server asks, capped) until it has waited this long in all.
-    max_throttle_wait_s: float = 600.0
+    max_throttle_wait_s: float = BUILD.max_throttle_wait_min * 60.0
     # A 429 with no hint of how long to wait pauses its endpoint this long.
     throttle_pause_s: float = 1.0
     # Streamed answers: the longest silence between two chunks (the read timeout of a stream).
@@ -598,7 +601,7 @@ class LLMClient:
         transport: httpx.AsyncBaseTransport | None = None,
         reasoning_effort: str | None = None,
         extra_body: dict[str, Any] | None = None,
-        api_dialect: str = "auto",
+        api_dialect: str = BUILD.api_dialect,
         rpm: float | None = None,
         tpm: float | None = None,
         stream: bool = False,

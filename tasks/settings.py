@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from tasks.flags import Flag, Flags, default_of
+from tasks.flags import Defaults, Flag, Flags
 
 DEFAULT_DB_URL = "sqlite:///longwriter.db"
 
@@ -101,7 +101,16 @@ class ClientPolicy(BaseModel):
     max_backoff_s: float = Field(30.0, ge=0, description="longest backoff between attempts")
 
 
-class Drafting(BaseModel):
+class RepetitionCheck(BaseModel):
+    """The sample filters' repetition check (tasks.filters)."""
+
+    max_repetition: float = Field(
+        0.3, ge=0, le=1, description="reject text whose share of repeated 13-grams is above this"
+    )
+    ngram: int = Field(13, ge=2, description="n of the n-grams the repetition check counts")
+
+
+class Drafting(RepetitionCheck):
     """How a paragraph is drafted and checked: the build and the pairs variants alike."""
 
     max_paragraph_tokens: int = Field(
@@ -112,9 +121,6 @@ class Drafting(BaseModel):
         ge=0,
         le=1,
         description="continue a paragraph that ends under this share of its planned words (0-1)",
-    )
-    max_repetition: float = Field(
-        0.3, ge=0, le=1, description="reject text whose share of repeated 13-grams is above this"
     )
 
 
@@ -389,7 +395,7 @@ class DryRunSettings(BaseModel):
     json_output: bool = Field(False, description="with --dry-run: print JSON")
 
 
-class AuditSettings(BaseModel):
+class AuditSettings(RepetitionCheck):
     """The rule checks of `longwriter audit` (tasks.audit)."""
 
     model_config = ConfigDict(frozen=True)
@@ -401,13 +407,12 @@ class AuditSettings(BaseModel):
         description="reject samples shorter than this (CJK characters + English words); 0: "
         "keep any length",
     )
-    max_repetition: float = Field(
-        default_of(Drafting, "max_repetition"),
-        ge=0,
-        le=1,
-        description="reject above this share of repeated 13-grams (as in build)",
-    )
-    ngram: int = Field(13, ge=2, description="n of the repeated n-grams")
+
+
+# The defaults by model, for lower layers: `max_paragraph_tokens: int = BUILD.max_paragraph_tokens`.
+BUILD = Defaults(BuildSettings)
+PAIRS = Defaults(PairsSettings)
+EVAL = Defaults(EvalSettings)
 
 
 def _redact(url: str) -> str:
@@ -440,7 +445,9 @@ FLAGS: dict[str, Flag] = {
 OUT_REQUIRED = {"out_dir": Flag(name="--out", required=True)}
 
 
-BUILD_FLAGS = Flags(BuildSettings, flags=FLAGS)
+# ngram is no flag: a command line that changed it would make its repetition check another
+# check than the build's (the settings field is there for a deployment that means to).
+BUILD_FLAGS = Flags(BuildSettings, exclude=("ngram",), flags=FLAGS)
 # `longwriter export` writes what a build's export step writes.
 EXPORT_FLAGS = Flags(
     BuildSettings,
@@ -449,7 +456,7 @@ EXPORT_FLAGS = Flags(
 )
 RUN_LABEL_FLAGS = Flags(RunLabels)
 DRY_RUN_FLAGS = Flags(DryRunSettings, flags={"json_output": Flag(name="--json")})
-PAIRS_FLAGS = Flags(PairsSettings, flags={**FLAGS, **OUT_REQUIRED})
+PAIRS_FLAGS = Flags(PairsSettings, exclude=("ngram",), flags={**FLAGS, **OUT_REQUIRED})
 # eval's --db has no environment variable: its store defaults to OUT/eval.db.
 EVAL_FLAGS = Flags(EvalSettings, flags={**FLAGS, **OUT_REQUIRED, "db_url": Flag(name="--db")})
 
