@@ -3,8 +3,8 @@
     longwriter audit --data PATH --out DIR [--min-words N] [--json] [--workers N]
 
 Not a Prefect flow: an audit is one pass over a file, with nothing to schedule, retry or
-resume (tasks.audit holds the work). It imports no Prefect of its own; the sample filters and
-the shard writer it reuses (tasks.filters, tasks.export) still pull Prefect in at import.
+resume (tasks.audit holds the work). It imports neither Prefect nor torch, nor does anything
+it reuses (the sample filters, the shard writer): tests/tasks/test_audit.py checks.
 """
 
 from __future__ import annotations

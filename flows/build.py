@@ -38,16 +38,21 @@ from flows.common import (
     summary_with_histogram,
     ticking,
 )
+from flows.stages import (
+    export_task,
+    filter_batch,
+    ingest_task,
+    judge_batch,
+    plan_batch,
+    write_batch,
+)
 from storage.store import Store
 from tasks.endpoints import ResolvedEndpoints, sampling_extras
-from tasks.export import export_task
-from tasks.filters import FilterConfig, filter_batch
+from tasks.filters import FilterConfig
 from tasks.flags import derive
-from tasks.ingest import ingest_task
 from tasks.judge import judge_format_for
 from tasks.llm_client import ClientStats, RetryPolicy
-from tasks.plan import plan_batch
-from tasks.quality_gate import JudgeGate, judge_batch
+from tasks.quality_gate import JudgeGate
 from tasks.report import build_summary
 from tasks.runtime import (
     BuildRuntime,
@@ -58,7 +63,7 @@ from tasks.runtime import (
     unregister,
 )
 from tasks.settings import BuildSettings
-from tasks.write import ContextBudget, write_batch
+from tasks.write import ContextBudget
 
 __all__ = ["BuildSettings", "build_flow", "run_build", "stage_config"]
 
@@ -75,6 +80,11 @@ def stage_config(settings: BuildSettings, resolved: ResolvedEndpoints) -> StageC
         json_style=resolved.json_style,
         context_window=resolved.context_window,
         max_plan_steps=settings.max_paragraphs,
+        write_prompt=(
+            ("turns" if resolved.embedded else "paper")
+            if settings.write_prompt == "auto"
+            else settings.write_prompt
+        ),
         extra_params=sampling_extras(
             resolved, settings.frequency_penalty, settings.presence_penalty
         ),

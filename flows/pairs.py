@@ -43,6 +43,7 @@ from flows.common import (
     retry_policy,
 )
 from flows.console import fail, start_prefect_api
+from flows.stages import judge_variants_batch, select_and_export_task, write_variants_batch
 from prompts import prompt_version
 from storage.store import Store, redact_db_url
 from tasks.endpoints import ConfigError
@@ -53,12 +54,9 @@ from tasks.pairs import (
     PairsRuntime,
     eligible_ids,
     judge_format_for,
-    judge_variants_batch,
     register,
-    select_and_export_task,
     skipped_details,
     unregister,
-    write_variants_batch,
 )
 from tasks.runtime import gather_all
 from tasks.settings import PAIRS_FLAGS, PairsSettings

@@ -29,10 +29,9 @@ from prefect.context import FlowRunContext
 from prefect.deployments import arun_deployment
 
 from flows.common import publish_markdown, recorded_run, summary_with_histogram
+from flows.stages import export_task, ingest_task
 from storage.store import Store
-from tasks.export import export_task
 from tasks.flags import default_of
-from tasks.ingest import ingest_task
 from tasks.report import build_summary
 from tasks.settings import BuildSettings
 

@@ -30,14 +30,18 @@ from pathlib import Path
 from typing import Any
 
 from tasks.files import atomic_write_text
+from tasks.filters import (
+    FilterConfig,
+    SampleCandidate,
+    check_empty,
+    check_error_text,
+    check_refusal,
+    check_repetition,
+)
 from tasks.quality import Cleaning, SampleReview, Verdict, review_sample
 from tasks.settings import AuditSettings
+from tasks.shards import SCHEMA, export_shards
 from tasks.wordcount import count_words
-
-# NOTE: tasks.filters and tasks.export import Prefect at module level (their thin store
-# stages live in the same files), so importing them costs ~2 s and ~150 MB. They are imported
-# lazily, where needed, so parsing and the report stay light; see the lead's note in the
-# audit report about splitting those stage wrappers out.
 
 BAD_RECORD = "bad_record"
 EXCERPT_CHARS = 240
@@ -258,7 +262,7 @@ def _excerpt(text: str) -> str:
 
 
 def export_record(rec: AuditRecord, text: str, words: int) -> dict[str, Any]:
-    """The kept sample in the export's shard format (tasks.export.SCHEMA), cleaned text as both
+    """The kept sample in the export's shard format (tasks.shards.SCHEMA), cleaned text as both
     the assistant message and `response`."""
     return {
         "messages": [
@@ -280,8 +284,6 @@ def _sample_filters() -> tuple[Callable[..., Verdict], ...]:
     # The build's sample filters that need neither a plan nor the writing history: the
     # paragraph count and truncation checks have nothing to read in a finished file, and
     # language and length are already in review_sample.
-    from tasks.filters import check_empty, check_error_text, check_refusal, check_repetition
-
     return (check_empty, check_error_text, check_refusal, check_repetition)
 
 
@@ -290,8 +292,6 @@ def audit_record(item: AuditRecord | BadRecord, settings: AuditSettings) -> Audi
     Every failing check is listed (not only the first), so the counts show every defect."""
     if isinstance(item, BadRecord):
         return AuditRow(item.id, False, [BAD_RECORD], [item.detail], [])
-    from tasks.filters import FilterConfig, SampleCandidate
-
     review = review_sample(
         item.instruction,
         item.response,
@@ -537,8 +537,6 @@ def run_audit(
     rows_spool = out / ".audit-rows.jsonl.tmp"
     kept_spool = out / ".audit-kept.jsonl.tmp"
     tally = AuditTally()
-    from tasks.export import SCHEMA, export_shards
-
     # Every field of the shard schema, null where audit has nothing to say (quality,
     # length_score...), so the jsonl twin has the same keys as the factory's own export.
     fields = SCHEMA.names

@@ -21,22 +21,21 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
-from dataclasses import dataclass, field
-from functools import cache
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from sqlmodel import col, select
 
 from storage.models import LLMCall
 from storage.store import Store
 from tasks.files import atomic_write_text
-from tasks.wordcount import detect_lang
+from tasks.report_html import template_env, write_report
 
-TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+# Read from here by older callers (tests): the scan lives with the shard format.
+from tasks.shards import ShardScan
+from tasks.shards import scan_shards as scan_shards
+
 TAGS = ["synthetic", "long-form", "sft", "longwriter"]
 # No license can be inferred: it depends on the generating model's terms and on where the
 # instructions came from, which only the person building knows. "unknown" is one of the Hub's
@@ -52,22 +51,6 @@ _SIZE_BUCKETS = (
     (100_000_000, "10M<n<100M"),
 )
 _SECRET_KEY = re.compile(r"(secret|password|passwd|token|api_key$|apikey|credential)", re.I)
-LANG_PREFIX_CHARS = 4000  # language of a sample: its opening is enough, and cheap
-
-
-@cache
-def template_env() -> Environment:
-    """Templates for the card (markdown, not escaped) and report (HTML, escaped): files that
-    ship next to this module, never prompts/ (those are LLM prompts rendered in a sandbox).
-    Autoescaping is keyed on the file name, so the HTML report escapes all model text."""
-    return Environment(
-        loader=FileSystemLoader(str(TEMPLATES_DIR)),
-        autoescape=select_autoescape(["html", "html.j2"], default_for_string=False),
-        undefined=StrictUndefined,  # a missing variable is a bug, not an empty string
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
 
 
 def size_category(n: int) -> str:
@@ -75,77 +58,6 @@ def size_category(n: int) -> str:
         if n < limit:
             return name
     return "n>100M"
-
-
-@dataclass
-class QualityStat:
-    """One numeric quality dimension over the judged samples."""
-
-    n: int = 0
-    total: float = 0.0
-    low: float = float("inf")
-    high: float = float("-inf")
-
-    def add(self, x: float) -> None:
-        self.n += 1
-        self.total += x
-        self.low = min(self.low, x)
-        self.high = max(self.high, x)
-
-    @property
-    def mean(self) -> float:
-        return self.total / self.n if self.n else 0.0
-
-
-def _numeric_leaves(value: Any, prefix: str = "") -> list[tuple[str, float]]:
-    """`quality` may be a number or a (nested) dict of numbers; its shape is the judge's, so
-    every numeric leaf is a dimension, named by its dotted path."""
-    if isinstance(value, bool) or value is None:
-        return []
-    if isinstance(value, int | float):
-        return [(prefix or "quality", float(value))]
-    if isinstance(value, dict):
-        out: list[tuple[str, float]] = []
-        for k, v in value.items():
-            out += _numeric_leaves(v, f"{prefix}.{k}" if prefix else str(k))
-        return out
-    return []
-
-
-@dataclass
-class ShardScan:
-    """What the card and the report need that the manifest does not hold."""
-
-    records: int = 0
-    languages: Counter[str] = field(default_factory=Counter)
-    judged: int = 0
-    quality: dict[str, QualityStat] = field(default_factory=dict)
-
-
-def parquet_files(out_dir: Path, manifest: dict[str, Any]) -> list[Path]:
-    return [
-        out_dir / f["path"] for f in manifest.get("files", []) if f["path"].endswith(".parquet")
-    ]
-
-
-def scan_shards(out_dir: Path, manifest: dict[str, Any], batch_size: int = 256) -> ShardScan:
-    """Stream the parquet shards once (two columns, batch by batch: flat memory)."""
-    scan = ShardScan()
-    for path in parquet_files(out_dir, manifest):
-        pf = pq.ParquetFile(path)
-        # The `quality` field exists only when the build judged its samples (issue 15).
-        cols = ["response"] + (["quality"] if "quality" in pf.schema_arrow.names else [])
-        for batch in pf.iter_batches(batch_size=batch_size, columns=cols):
-            rows = batch.to_pylist()
-            for row in rows:
-                scan.records += 1
-                scan.languages[detect_lang((row["response"] or "")[:LANG_PREFIX_CHARS])] += 1
-                leaves = _numeric_leaves(row.get("quality"))
-                if leaves:
-                    scan.judged += 1
-                for name, x in leaves:
-                    scan.quality.setdefault(name, QualityStat()).add(x)
-    return scan
 
 
 def _safe_settings(settings: dict[str, Any]) -> dict[str, Any]:
@@ -281,8 +193,6 @@ def write_card(out_dir: Path, manifest: dict[str, Any], store: Store | None, **k
 def write_card_and_report(store: Store, out_dir: Path, manifest: dict[str, Any]) -> None:
     """The export's last step: report.html, then README.md (which mentions the report). The
     shards are scanned once for both."""
-    from tasks.report_html import write_report
-
     scan = scan_shards(out_dir, manifest)
     write_report(store, out_dir, manifest, scan=scan)
     write_card(out_dir, manifest, store, scan=scan)

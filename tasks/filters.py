@@ -9,10 +9,16 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from prompts import prompt_version
+from storage.models import Sample
+from storage.store import InstructionState
+from tasks.plan import steps_from_json
 from tasks.quality import KEEP, REFUSAL_RE, ParagraphContext, Verdict
 from tasks.quality import check_language as check_text_language
+from tasks.runtime import BuildRuntime, get_runtime
 from tasks.scoring import length_score
-from tasks.wordcount import count_words, repetition_share
+from tasks.stage_config import FilterConfig
+from tasks.wordcount import count_words, join_paragraphs, repetition_share
 
 # Text that only ever comes from a failed call or a crashed script, never from writing.
 _ERROR_TEXT_RE = re.compile(
@@ -36,16 +42,6 @@ class SampleCandidate:
     required_words: int | None = None  # the instruction's required length, when given
     instruction: str = ""
     lang: str | None = None
-
-
-@dataclass(frozen=True)
-class FilterConfig:
-    min_words: int = 2000
-    max_repetition: float = 0.3  # share of 13-gram occurrences that repeat an earlier one
-    ngram: int = 13
-    # Reject samples whose length score S_l (LongBench-Write's formula, against the
-    # instruction's required length) is below this; 0 keeps every length.
-    min_length_score: float = 0.0
 
 
 def check_empty(c: SampleCandidate, _cfg: FilterConfig) -> Verdict:
@@ -170,20 +166,10 @@ def run_filters(c: SampleCandidate, cfg: FilterConfig) -> Verdict:
     return KEEP
 
 
-# -- stage over the store (thin) ------------------------------------------------------------
-from prefect import task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-
-from prompts import prompt_version  # noqa: E402
-from storage.models import Sample  # noqa: E402
-from storage.store import InstructionState  # noqa: E402
-from tasks.runtime import BuildRuntime, get_runtime  # noqa: E402
+# -- stage over the store (its Prefect task is flows.stages.filter_batch) --------------------
 
 
 def build_candidate(state: InstructionState) -> SampleCandidate:
-    from tasks.plan import steps_from_json
-    from tasks.write import join_paragraphs
-
     assert state.plan is not None
     paragraphs = [p.text for p in state.paragraphs]
     steps = steps_from_json(state.plan.steps_json)
@@ -227,7 +213,6 @@ def filter_instruction(rt: BuildRuntime, state: InstructionState) -> bool:
     return True
 
 
-@task(name="filter", cache_policy=NO_CACHE, persist_result=False)
 async def filter_batch(runtime_id: str, instruction_ids: list[int]) -> int:
     """Filter the written instructions of a batch. Returns how many were accepted."""
     rt = get_runtime(runtime_id)

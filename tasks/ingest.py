@@ -23,6 +23,8 @@ from typing import Any
 
 from sqlmodel import select
 
+from storage.models import Instruction, Rejection, SourceFile
+from storage.store import Store
 from tasks.files import sha256_file
 from tasks.wordcount import detect_lang
 
@@ -393,12 +395,7 @@ def ingest_records(
     return IngestResult(out, rejections, already, n)
 
 
-# -- stage over the store (thin) ------------------------------------------------------------
-from prefect import task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-
-from storage.models import Instruction, Rejection, SourceFile  # noqa: E402
-from storage.store import Store  # noqa: E402
+# -- stage over the store (its Prefect task is flows.stages.ingest_task) ----------------------
 
 
 class InputError(ValueError):
@@ -475,12 +472,3 @@ def ingest_file(
         "rejected": len(result.rejections),
         "skipped_file": 0,
     }
-
-
-@task(name="ingest", cache_policy=NO_CACHE, persist_result=False)
-def ingest_task(db_url: str, path: str, decontaminate: bool = True) -> dict[str, int]:
-    store = Store(db_url)
-    try:
-        return ingest_file(store, Path(path), decontaminate=decontaminate)
-    finally:
-        store.close()

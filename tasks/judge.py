@@ -31,7 +31,7 @@ from tasks.llm_client import (
 )
 from tasks.runtime import Progress, generate
 from tasks.scoring import DIMENSIONS
-from tasks.write import estimate_tokens
+from tasks.wordcount import estimate_tokens
 
 JUDGE_TEMPLATE = "judge"
 STAGE = "judge"

@@ -26,16 +26,18 @@ skipped, with the reason stored, when fewer than two variants were scored (unsco
 answers are counted, never dropped silently), when no clean variant was scored, or when no
 variant is `min_margin` below the best (a tie is never a preference).
 
-Pure core first (scores, selection, records, export); the stages over the store and the thin
-Prefect tasks follow. The flow is flows/pairs.py.
+Pure core first (scores, selection, records, export); the stages over the store follow.
+Their thin Prefect tasks are in flows/stages.py, the flow in flows/pairs.py.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
 import random
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -44,8 +46,21 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from sqlmodel import col, select
 
+from prompts import prompt_version
+from storage.models import Instruction, Plan, Sample
+from storage.pair_models import PairDecision, PairJudgement, VariantParagraph, VariantSample
+from storage.store import Store
+from tasks.filters import FilterConfig, SampleCandidate, run_filters
+from tasks.judge import judge_answer
+from tasks.judge import judge_format_for as judge_format_for  # flows.pairs reads it from here
+from tasks.llm_client import LLMClient
+from tasks.plan import PlanStep, steps_from_json
+from tasks.runtime import Progress, gather_all
 from tasks.scoring import DIMENSIONS, dimension_score, length_score
+from tasks.wordcount import count_words, join_paragraphs
+from tasks.write import ContextBudget, DraftFailed, DraftSettings, draft_paragraph
 
 RejectedMode = Literal["random", "worst"]
 
@@ -301,37 +316,7 @@ def export_pairs(
     return manifest
 
 
-# -- stages over the store (thin) ------------------------------------------------------------
-# Imported late so the pure core above stays importable without Prefect or a database.
-import asyncio  # noqa: E402
-import uuid  # noqa: E402
-
-from prefect import task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-from sqlmodel import col, select  # noqa: E402
-
-from prompts import prompt_version  # noqa: E402
-from storage.models import Instruction, Plan, Sample  # noqa: E402
-from storage.pair_models import (  # noqa: E402
-    PairDecision,
-    PairJudgement,
-    VariantParagraph,
-    VariantSample,
-)
-from storage.store import Store  # noqa: E402
-from tasks.filters import FilterConfig, SampleCandidate, run_filters  # noqa: E402
-from tasks.judge import FORMATS, judge_answer, judge_format_for  # noqa: E402, F401
-from tasks.llm_client import LLMClient  # noqa: E402
-from tasks.plan import PlanStep, steps_from_json  # noqa: E402
-from tasks.runtime import Progress, gather_all, retry_unless_llm_error  # noqa: E402
-from tasks.wordcount import count_words  # noqa: E402
-from tasks.write import (  # noqa: E402
-    ContextBudget,
-    DraftFailed,
-    DraftSettings,
-    draft_paragraph,
-    join_paragraphs,
-)
+# -- stages over the store (their Prefect tasks are in flows.stages) ----------------------------
 
 # Instructions whose plan is accepted: the build planned them and did not reject them.
 ELIGIBLE_STATUSES = ("accepted", "written", "planned")
@@ -611,14 +596,6 @@ def _variant_numbers(item: _Item, k: int) -> list[int]:
     return ([0] if item.sample is not None else []) + list(range(1, k + 1))
 
 
-@task(
-    name="pairs-write",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    retries=1,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_unless_llm_error,
-)
 async def write_variants_batch(runtime_id: str, instruction_ids: list[int]) -> int:
     """Write the K extra variants of every instruction of a batch, all chains at once (each
     chain one variant, step by step). Returns how many variants are written now."""
@@ -632,14 +609,6 @@ async def write_variants_batch(runtime_id: str, instruction_ids: list[int]) -> i
     return sum(r.status == "written" for r in rows)
 
 
-@task(
-    name="judge",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    retries=1,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_unless_llm_error,
-)
 async def judge_variants_batch(runtime_id: str, instruction_ids: list[int]) -> int:
     """Judge every written variant of a batch. Returns how many verdicts are scored."""
     rt = get_runtime(runtime_id)
@@ -761,8 +730,7 @@ def select_and_record(
     return result
 
 
-@task(name="pairs-select-export", cache_policy=NO_CACHE, persist_result=False)
-def select_and_export_task(
+def select_and_export(
     db_url: str,
     ids: list[int],
     judge_model: str,
@@ -801,5 +769,3 @@ def skipped_details(store: Store, ids: Iterable[int]) -> list[tuple[int, str, st
             .order_by(col(PairDecision.instruction_id))
         ).all()
     return [(r.instruction_id, r.reason, r.detail) for r in rows]
-
-

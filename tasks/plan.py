@@ -18,13 +18,25 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from prompts import prompt_version, render
-from tasks.llm_client import ChatRequest
+from storage.models import Instruction, LLMCall
+from storage.models import Plan as PlanRow
+from tasks.llm_client import (
+    BadOutputError,
+    ChatRequest,
+    ContentPolicyError,
+    ContextLengthError,
+    EndpointDownError,
+    FatalLLMError,
+    LLMError,
+    ReasoningBudgetError,
+)
 from tasks.quality import (
     DUPLICATE_POINT_SIMILARITY,
     expected_language,
     point_similarity,
     review_plan,
 )
+from tasks.runtime import BuildRuntime, gather_all, generate, get_runtime, in_chain_slot
 from tasks.wordcount import cjk_share, count_words
 
 MAX_STEPS = 50
@@ -404,30 +416,7 @@ def format_step(index: int, step: PlanStep) -> str:
     )
 
 
-# -- stage over the store (thin) ------------------------------------------------------------
-# Imported late so the pure core above stays importable without Prefect or a database.
-from prefect import task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-
-from storage.models import Instruction, LLMCall  # noqa: E402
-from storage.models import Plan as PlanRow  # noqa: E402
-from tasks.llm_client import (  # noqa: E402
-    BadOutputError,
-    ContentPolicyError,
-    ContextLengthError,
-    EndpointDownError,
-    FatalLLMError,
-    LLMError,
-    ReasoningBudgetError,
-)
-from tasks.runtime import (  # noqa: E402
-    BuildRuntime,
-    gather_all,
-    generate,
-    get_runtime,
-    in_chain_slot,
-    retry_unless_llm_error,
-)
+# -- stage over the store (its Prefect task is flows.stages.plan_batch) -----------------------
 
 
 def _json_unsupported(exc: LLMError) -> bool:
@@ -536,14 +525,6 @@ async def plan_instruction(rt: BuildRuntime, inst: Instruction) -> bool:
     return False
 
 
-@task(
-    name="plan",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    retries=1,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_unless_llm_error,
-)
 async def plan_batch(runtime_id: str, instruction_ids: list[int]) -> int:
     """Plan every pending instruction of a batch concurrently. Returns how many were planned."""
     rt = get_runtime(runtime_id)

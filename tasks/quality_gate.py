@@ -13,26 +13,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from storage.models import Sample
 from tasks.judge import judge_answer
-from tasks.runtime import BuildRuntime, gather_all, get_runtime, retry_unless_llm_error
+from tasks.runtime import BuildRuntime, gather_all, get_runtime
 from tasks.scoring import DIMENSIONS, dimension_score
 
-
-@dataclass
-class JudgeGate:
-    """The gate's settings and the judge endpoint's structured-output format (a fallback
-    found by one call serves the rest of the run)."""
-
-    min_quality: float = 0.0
-    judge_format: str = "json_schema"
-    attempts: int = 3
-    max_tokens: int = 512
-    temperature: float = 0.0
-    context_window: int = 8192
+# The gate's settings; defined where no stage is imported (the runtime holds one), read from
+# here too.
+from tasks.stage_config import JudgeGate as JudgeGate
 
 
 @dataclass
@@ -95,14 +83,7 @@ async def judge_sample(rt: BuildRuntime, sample: Sample, prompt: str) -> bool:
     return True
 
 
-@task(
-    name="judge",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    retries=1,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_unless_llm_error,
-)
+# Its Prefect task is flows.stages.judge_batch.
 async def judge_batch(runtime_id: str, instruction_ids: list[int]) -> int:
     """Judge the accepted, not yet scored samples of a batch. Returns how many passed."""
     rt = get_runtime(runtime_id)

@@ -21,21 +21,41 @@ import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from sqlmodel import col, func, select
 
 from storage.models import Instruction, Paragraph, Rejection
 from storage.store import Store
-from tasks.card import ShardScan, _numeric_leaves, scan_shards, template_env
 from tasks.files import atomic_write_text
+from tasks.report import build_summary
+from tasks.shards import ShardScan, numeric_leaves, scan_shards, to_record
 from tasks.wordcount import detect_lang
 
+# The card's and the report's templates (tasks.card renders with this environment too).
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 TEXT_BUDGET_BYTES = 16_000_000
 MAX_SCATTER_POINTS = 20_000
 PAGE_SIZE = 50
 EXCERPT = 600  # characters of a rejection's raw output / detail shown as its example
+
+
+@cache
+def template_env() -> Environment:
+    """Templates for the card (markdown, not escaped) and report (HTML, escaped): files that
+    ship next to this module, never prompts/ (those are LLM prompts rendered in a sandbox).
+    Autoescaping is keyed on the file name, so the HTML report escapes all model text."""
+    return Environment(
+        loader=FileSystemLoader(str(TEMPLATES_DIR)),
+        autoescape=select_autoescape(["html", "html.j2"], default_for_string=False),
+        undefined=StrictUndefined,  # a missing variable is a bug, not an empty string
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
 
 
 @dataclass
@@ -160,8 +180,6 @@ def collect_samples(
 ) -> Collected:
     """Stream the accepted samples (export order) with their paragraphs; keep full text only
     while the budget lasts, and every paragraph's (planned, written) point."""
-    from tasks.export import to_record  # the shard's own record (quality etc. when present)
-
     samples: list[SampleView] = []
     points: list[tuple[int, int]] = []
     used = 0
@@ -174,7 +192,7 @@ def collect_samples(
             break
         paras = _paragraphs_of(store, [s.instruction_id for s, _, _ in chunk])
         for sample, inst, plan in chunk:
-            rec = to_record(sample, inst, plan)
+            rec = to_record(sample, inst, plan)  # the shard's own record (quality...)
             written = {p.step: p for p in paras.get(sample.instruction_id, [])}
             steps = rec["plan"]
             size = len(sample.text.encode("utf-8"))
@@ -215,7 +233,7 @@ def collect_samples(
                     location=next(locations),
                     embedded=keep,
                     paragraphs=views,
-                    quality=_numeric_leaves(_quality_of(rec, sample)),
+                    quality=numeric_leaves(_quality_of(rec, sample)),
                     scores=[
                         (name, float(v))
                         for name in ("length_score", "plan_fidelity")
@@ -372,8 +390,6 @@ def render_report(
     text_budget: int = TEXT_BUDGET_BYTES,
     max_points: int = MAX_SCATTER_POINTS,
 ) -> str:
-    from tasks.report import build_summary
-
     collected = collect_samples(store, manifest, text_budget)
     scan = scan or scan_shards(out_dir, manifest)
     summary = build_summary(store)

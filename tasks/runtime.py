@@ -11,28 +11,15 @@ import time
 import uuid
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from storage.models import LLMCall
 from storage.store import Store
 from tasks.llm_client import ChatRequest, LLMClient, LLMError
 
-if TYPE_CHECKING:  # the stage modules import this one; only their types are needed here
-    from tasks.filters import FilterConfig
-    from tasks.quality_gate import JudgeGate
-    from tasks.write import ContextBudget
-
-
-def _filter_config() -> FilterConfig:
-    from tasks.filters import FilterConfig
-
-    return FilterConfig()
-
-
-def _context_budget() -> ContextBudget:
-    from tasks.write import ContextBudget
-
-    return ContextBudget()
+# The stages' own configs, from the module that imports no stage: every stage imports this
+# runtime, so it must import none of them (issue 14's cycle).
+from tasks.stage_config import ContextBudget, FilterConfig, JudgeGate
 
 
 @dataclass
@@ -100,8 +87,11 @@ class StageConfig:
     context_window: int = 8192
     # Plan and paragraph quality checks (tasks.quality) on every draft.
     quality_checks: bool = True
+    # The write prompt: "paper" (AgentWrite's one message) or "turns" (a conversation, for
+    # small models); the build resolves the setting's "auto" from the endpoints.
+    write_prompt: str = "paper"
     extra_params: dict[str, Any] = field(default_factory=dict)  # e.g. frequency_penalty
-    filters: FilterConfig = field(default_factory=_filter_config)
+    filters: FilterConfig = field(default_factory=FilterConfig)
 
 
 @dataclass
@@ -114,7 +104,7 @@ class BuildRuntime:
     # at the HTTP concurrency finishes samples progressively instead of starting every
     # instruction at once (a crash then leaves whole samples, not thousands of half-written ones).
     chain_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(16))
-    budget: ContextBudget = field(default_factory=_context_budget)
+    budget: ContextBudget = field(default_factory=ContextBudget)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     # Set when a chain failed on the endpoint: the build is stopping, start no new chain.
     halted: bool = False

@@ -4,6 +4,10 @@ The paper (and LongBench-Write's scorer) counts `[a-zA-Z]+` runs as words and ev
 ideograph as one unit, so a Chinese sample of 3,000 字 and an English one of 3,000 words score
 alike. Digits and punctuation do not count. Every stage (filters, export, eval) uses this one
 function so lengths agree everywhere.
+
+The other text helpers every stage shares live here too (units and n-grams, repetition, the
+token estimate, joining paragraphs into a sample): this module imports no stage, so any stage
+can use them without an import cycle.
 """
 
 from __future__ import annotations
@@ -70,3 +74,16 @@ def repetition_share(text: str, n: int = 13) -> float:
         return 0.0
     grams = ngrams(tokens, n)
     return (len(grams) - len(set(grams))) / len(grams)
+
+
+def estimate_tokens(text: str) -> int:
+    """Conservative token estimate without a tokenizer: ~3 characters per token for Latin
+    text, 1.5 tokens per CJK character (small models' vocabularies split Chinese finely).
+    Over-estimating only costs context; under-estimating costs a failed call."""
+    cjk = len(_CJK_RE.findall(text))
+    return int((len(text) - cjk) / 3 + cjk * 1.5) + 1
+
+
+def join_paragraphs(paragraphs: list[str]) -> str:
+    """The sample: paragraphs in order, separated by blank lines."""
+    return "\n\n".join(p.strip() for p in paragraphs if p.strip())

@@ -16,30 +16,32 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from prompts import prompt_version, render
-from tasks.llm_client import ChatRequest
-from tasks.plan import PlanStep
-from tasks.wordcount import count_words
+from storage.models import DraftCheck, Instruction, Paragraph
+from storage.store import InstructionState, Store
+from tasks.llm_client import (
+    BadOutputError,
+    ChatRequest,
+    ContentPolicyError,
+    ContextLengthError,
+    LLMClient,
+    ReasoningBudgetError,
+)
+from tasks.plan import PlanStep, steps_from_json
+from tasks.quality import (
+    KEEP,
+    Cleaning,
+    ParagraphContext,
+    ParagraphReview,
+    Verdict,
+    review_paragraph,
+)
+from tasks.runtime import BuildRuntime, Progress, gather_all, generate, get_runtime, in_chain_slot
 
-_CJK_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-
-
-def estimate_tokens(text: str) -> int:
-    """Conservative token estimate without a tokenizer: ~3 characters per token for Latin
-    text, 1.5 tokens per CJK character (small models' vocabularies split Chinese finely).
-    Over-estimating only costs context; under-estimating costs a failed call."""
-    cjk = len(_CJK_RE.findall(text))
-    return int((len(text) - cjk) / 3 + cjk * 1.5) + 1
-
-
-@dataclass(frozen=True)
-class ContextBudget:
-    """Token budget of one write call."""
-
-    context_window: int = 8192
-    reserve_tokens: int = 256  # chat template tokens, estimate error
-
-    def prompt_budget(self, max_tokens: int) -> int:
-        return self.context_window - max_tokens - self.reserve_tokens
+# Defined in modules that import no stage (the runtime holds a ContextBudget); callers still
+# read all three as tasks.write.*.
+from tasks.stage_config import ContextBudget
+from tasks.wordcount import count_words, estimate_tokens, repetition_share
+from tasks.wordcount import join_paragraphs as join_paragraphs
 
 
 def fit_written_text(paragraphs: list[str], budget_tokens: int, keep_opening: int = 1) -> str:
@@ -87,6 +89,9 @@ def paragraph_max_tokens(word_count: int, lang: str, cap: int) -> int:
     return max(64, min(cap, int(word_count * per_unit) + 128))
 
 
+WRITE_PROMPTS = ("paper", "turns")
+
+
 def build_write_request(
     instruction: str,
     steps: list[PlanStep],
@@ -98,24 +103,134 @@ def build_write_request(
     max_paragraph_tokens: int = 2048,
     temperature: float = 0.7,
     extra_params: dict[str, Any] | None = None,
+    style: str = "paper",
 ) -> ChatRequest:
-    """Request for paragraph `current` (1-based) given the paragraphs written before it."""
+    """Request for paragraph `current` (1-based) given the paragraphs written before it.
+
+    `style` "paper" is the AgentWrite prompt (prompts/write.j2: one message holding the
+    instruction, the plan and the text so far); "turns" gives a small model the same inputs as
+    a conversation (prompts/write_turns.j2), see `turn_messages`."""
     max_tokens = paragraph_max_tokens(steps[current - 1].word_count, lang, max_paragraph_tokens)
-    skeleton = render("write", instruction=instruction, steps=steps, written="", current=current)
-    room = budget.prompt_budget(max_tokens) - estimate_tokens(skeleton)
-    text_so_far = fit_written_text(written, max(room, 0)) if written else ""
-    content = render(
-        "write", instruction=instruction, steps=steps, written=text_so_far, current=current
-    )
+    if style == "turns":
+        messages = turn_messages(
+            instruction, steps, written, current, budget.prompt_budget(max_tokens)
+        )
+        version = prompt_version("write_turns")
+    else:
+        skeleton = render(
+            "write", instruction=instruction, steps=steps, written="", current=current
+        )
+        room = budget.prompt_budget(max_tokens) - estimate_tokens(skeleton)
+        text_so_far = fit_written_text(written, max(room, 0)) if written else ""
+        content = render(
+            "write", instruction=instruction, steps=steps, written=text_so_far, current=current
+        )
+        messages = [{"role": "user", "content": content}]
+        version = prompt_version("write")
     # If even the skeleton crowds the window, give the answer what room is left: the server
     # would otherwise reject the call outright.
-    spare = budget.context_window - budget.reserve_tokens - estimate_tokens(content)
+    used = sum(estimate_tokens(m["content"]) for m in messages)
+    spare = budget.context_window - budget.reserve_tokens - used
     max_tokens = max(64, min(max_tokens, spare))
     params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature}
     params.update(extra_params or {})
-    return ChatRequest.of(
-        "write", [{"role": "user", "content": content}], prompt_version("write"), **params
-    )
+    return ChatRequest.of("write", messages, version, **params)
+
+
+def _turn_points(steps: list[PlanStep]) -> list[str]:
+    # "Write part 2: <point>. About 400 words.": a point's own closing stop would double up.
+    return [s.main_point.strip().rstrip(".。;；:：") for s in steps]
+
+
+def turn_messages(
+    instruction: str,
+    steps: list[PlanStep],
+    written: list[str],
+    current: int,
+    budget_tokens: int,
+) -> list[dict[str, str]]:
+    """The "turns" prompt: a system line; for each written part, the ask for it and the
+    paragraph as the writer's own answer; then the ask for part `current`. The first ask
+    carries the instruction and the outline. When the text so far does not fit
+    `budget_tokens`, part 1 and the latest parts are kept and the middle ones left out (each
+    ask names its part, so the gap is visible), as `fit_written_text` does for the paper
+    prompt; when not even the latest fits, its end is kept."""
+    points = _turn_points(steps)
+
+    def ask(i: int, first: bool) -> dict[str, str]:
+        content = render(
+            "write_turns",
+            part="first" if first else "next",
+            instruction=instruction,
+            points=points,
+            current=i,
+            words=steps[i - 1].word_count,
+        )
+        return {"role": "user", "content": content}
+
+    system = {"role": "system", "content": render("write_turns", part="system")}
+    done = list(range(1, current))
+    used = estimate_tokens(system["content"]) + estimate_tokens(ask(current, True)["content"])
+    used += 20 * (len(done) + 1)  # the one-line asks
+    opening: list[int] = []
+    if done and used + estimate_tokens(written[0]) <= budget_tokens:
+        opening = [1]  # the opening sets the voice and the story: kept first
+        used += estimate_tokens(written[0])
+    kept: list[int] = []
+    for i in reversed(done[1:]):  # then the latest parts: what the next part follows
+        cost = estimate_tokens(written[i - 1])
+        if used + cost > budget_tokens:
+            break
+        kept.insert(0, i)
+        used += cost
+    if len(done) > 1 and not kept and opening:
+        # The latest part does not fit beside the opening: its end matters more.
+        used -= estimate_tokens(written[0])
+        opening = []
+    kept = opening + kept
+    answers = {i: written[i - 1] for i in kept}
+    if done and not kept:
+        last = done[-1]
+        keep_chars = max(0, (budget_tokens - used) * 3)
+        kept, answers = [last], {last: written[last - 1][-keep_chars:] if keep_chars else ""}
+    messages = [system]
+    for n, i in enumerate(kept):
+        messages += [ask(i, n == 0), {"role": "assistant", "content": answers[i]}]
+    return messages + [ask(current, not kept)]
+
+
+def build_continue_turns_request(
+    instruction: str,
+    steps: list[PlanStep],
+    written: list[str],
+    current: int,
+    partial: str,
+    *,
+    cut: bool,
+    budget: ContextBudget,
+    lang: str,
+    max_paragraph_tokens: int = 2048,
+    temperature: float = 0.7,
+    extra_params: dict[str, Any] | None = None,
+) -> ChatRequest:
+    """Continue paragraph `current` in the "turns" prompt: the conversation so far, the
+    partial paragraph as the writer's answer, and one line asking it to go on."""
+    step = steps[current - 1]
+    words = count_words(partial)
+    missing = step.word_count // 2 if cut else max(step.word_count - words, 50)
+    max_tokens = paragraph_max_tokens(missing, lang, max_paragraph_tokens)
+    room = budget.prompt_budget(max_tokens) - estimate_tokens(partial) - 40
+    messages = turn_messages(instruction, steps, written, current, max(room, 0))
+    messages += [
+        {"role": "assistant", "content": partial},
+        {
+            "role": "user",
+            "content": render("write_turns", part="continue", current=current, more_words=missing),
+        },
+    ]
+    params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature}
+    params.update(extra_params or {})
+    return ChatRequest.of("write", messages, prompt_version("write_turns"), **params)
 
 
 def build_continue_request(
@@ -231,43 +346,7 @@ def trim_to_sentence(text: str, min_keep: float = 0.6) -> str | None:
     return cut if len(cut) >= min_keep * len(text.rstrip()) else None
 
 
-def join_paragraphs(paragraphs: list[str]) -> str:
-    """The sample: paragraphs in order, separated by blank lines."""
-    return "\n\n".join(p.strip() for p in paragraphs if p.strip())
-
-
-# -- stage over the store (thin) ------------------------------------------------------------
-from prefect import task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-
-from storage.models import DraftCheck, Instruction, Paragraph  # noqa: E402
-from storage.store import InstructionState, Store  # noqa: E402
-from tasks.llm_client import (  # noqa: E402
-    BadOutputError,
-    ContentPolicyError,
-    ContextLengthError,
-    LLMClient,
-    ReasoningBudgetError,
-)
-from tasks.plan import steps_from_json  # noqa: E402
-from tasks.quality import (  # noqa: E402
-    KEEP,
-    Cleaning,
-    ParagraphContext,
-    ParagraphReview,
-    Verdict,
-    review_paragraph,
-)
-from tasks.runtime import (  # noqa: E402
-    BuildRuntime,
-    Progress,
-    gather_all,
-    generate,
-    get_runtime,
-    in_chain_slot,
-    retry_unless_llm_error,
-)
-from tasks.wordcount import repetition_share  # noqa: E402
+# -- stage over the store (its Prefect task is flows.stages.write_batch) ----------------------
 
 _ENDS_CJK = re.compile(r"[\u3400-\u9fff\uff00-\uffef\u3000-\u303f]$")
 
@@ -288,6 +367,7 @@ class DraftSettings:
     # A paragraph under this share of its planned words is continued (up to max_continuations).
     min_paragraph_share: float = 0.5
     extra_params: dict[str, Any] = field(default_factory=dict)
+    write_prompt: str = "paper"  # or "turns" (build_write_request)
 
 
 class DraftingRuntime(Protocol):
@@ -367,6 +447,7 @@ async def write_step(
         max_continuations=cfg.max_continuations,
         min_paragraph_share=cfg.min_paragraph_share,
         extra_params=cfg.extra_params,
+        write_prompt=cfg.write_prompt,
     )
     ctx = paragraph_context(inst, steps, written, step)
     best: tuple[Draft, ParagraphReview] | None = None
@@ -477,6 +558,7 @@ async def draft_paragraph(
             max_paragraph_tokens=settings.max_paragraph_tokens,
             temperature=settings.temperature,
             extra_params=extra,
+            style=settings.write_prompt,
         )
         request = dataclasses.replace(request, affinity=affinity)
         try:
@@ -506,17 +588,32 @@ async def draft_paragraph(
         needs_continuation(text, finish, planned, settings.min_paragraph_share)
         and len(continuation_keys) < settings.max_continuations
     ):
-        creq = build_continue_request(
-            inst.prompt,
-            steps[step - 1],
-            text,
-            cut=finish == "length",
-            lang=inst.lang,
-            budget=rt.budget,
-            max_paragraph_tokens=settings.max_paragraph_tokens,
-            temperature=settings.temperature,
-            extra_params=extra,
-        )
+        if settings.write_prompt == "turns":
+            creq = build_continue_turns_request(
+                inst.prompt,
+                steps,
+                written,
+                step,
+                text,
+                cut=finish == "length",
+                lang=inst.lang,
+                budget=rt.budget,
+                max_paragraph_tokens=settings.max_paragraph_tokens,
+                temperature=settings.temperature,
+                extra_params=extra,
+            )
+        else:
+            creq = build_continue_request(
+                inst.prompt,
+                steps[step - 1],
+                text,
+                cut=finish == "length",
+                lang=inst.lang,
+                budget=rt.budget,
+                max_paragraph_tokens=settings.max_paragraph_tokens,
+                temperature=settings.temperature,
+                extra_params=extra,
+            )
         creq = dataclasses.replace(creq, affinity=affinity)
         try:
             more = await generate(rt.store, rt.client, creq, progress)
@@ -562,14 +659,6 @@ async def write_instruction(rt: BuildRuntime, state: InstructionState) -> bool:
     return True
 
 
-@task(
-    name="write",
-    cache_policy=NO_CACHE,
-    persist_result=False,
-    retries=1,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_unless_llm_error,
-)
 async def write_batch(runtime_id: str, instruction_ids: list[int]) -> int:
     """Write the planned instructions of a batch, many at once, each one step by step."""
     rt = get_runtime(runtime_id)

@@ -395,11 +395,6 @@ def test_empty_input(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "out" / "audit.json").read_text())["rows"] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tasks.filters and tasks.export import Prefect at module level (their store stage "
-    "wrappers); audit imports them for the checks and the shard writer",
-)
 def test_audit_imports_neither_prefect_nor_torch() -> None:
     code = (
         "import sys, tasks.audit, flows.audit;"

@@ -1,0 +1,49 @@
+"""The configs of single stages that the build's runtime (tasks.runtime.BuildRuntime) carries:
+the sample filters', the write call's context budget and the judge gate's.
+
+They live apart from their stages because the runtime holds them and every stage imports the
+runtime: defined in tasks/filters.py, tasks/write.py and tasks/quality_gate.py they made the
+runtime import those stages back (the import cycle of issue 14). This module imports nothing
+of the project; each stage module re-exports its own config under its old name
+(`from tasks.filters import FilterConfig` still works).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    """The sample filters' thresholds (tasks.filters)."""
+
+    min_words: int = 2000
+    max_repetition: float = 0.3  # share of 13-gram occurrences that repeat an earlier one
+    ngram: int = 13
+    # Reject samples whose length score S_l (LongBench-Write's formula, against the
+    # instruction's required length) is below this; 0 keeps every length.
+    min_length_score: float = 0.0
+
+
+@dataclass(frozen=True)
+class ContextBudget:
+    """Token budget of one write call (tasks.write)."""
+
+    context_window: int = 8192
+    reserve_tokens: int = 256  # chat template tokens, estimate error
+
+    def prompt_budget(self, max_tokens: int) -> int:
+        return self.context_window - max_tokens - self.reserve_tokens
+
+
+@dataclass
+class JudgeGate:
+    """The build's judge gate (tasks.quality_gate): its settings and the judge endpoint's
+    structured-output format (a fallback found by one call serves the rest of the run)."""
+
+    min_quality: float = 0.0
+    judge_format: str = "json_schema"
+    attempts: int = 3
+    max_tokens: int = 512
+    temperature: float = 0.0
+    context_window: int = 8192
