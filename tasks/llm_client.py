@@ -46,6 +46,7 @@ T = TypeVar("T")
 _log = logging.getLogger(__name__)
 
 POOL_CONNECTIONS = 4  # connections per httpx pool (see LLMClient.__init__)
+POOL_KEEPALIVE = 4  # of those kept open between requests (0: a new connection each time)
 MAX_AFFINITIES = 4096  # endpoint bindings remembered (chains in flight are far fewer)
 # 520-524: Cloudflare in front of an endpoint (unknown error, down, unreachable, timed out).
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524})
@@ -637,7 +638,7 @@ class LLMClient:
         capacity = sum(e.max_concurrency for e in endpoints)
         n_pools = max(1, -(-capacity // POOL_CONNECTIONS))
         limits = httpx.Limits(
-            max_connections=POOL_CONNECTIONS + 2, max_keepalive_connections=POOL_CONNECTIONS
+            max_connections=POOL_CONNECTIONS + 2, max_keepalive_connections=POOL_KEEPALIVE
         )
         self._pools = [
             httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport)
@@ -765,14 +766,15 @@ class LLMClient:
         same logical call, whichever parameter names the endpoint wants)."""
         return request.key(self.model, self.body_extras)
 
-    async def chat(self, request: ChatRequest) -> ChatResult:
+    async def chat(self, request: ChatRequest, key: str | None = None) -> ChatResult:
         """Send one logical call, retrying transient faults; raises FatalLLMError (its
         QuotaExceededError when the account is out of quota), ContentPolicyError,
         ContextLengthError (its SilentTruncationError when the server cut the prompt),
         BadOutputError (retries exhausted on unusable bodies; its ReasoningBudgetError when
         the budget ran out inside the reasoning) or EndpointDownError (retries exhausted on
-        transport/5xx, or 429s outlasting max_throttle_wait_s)."""
-        key = self.key_for(request)
+        transport/5xx, or 429s outlasting max_throttle_wait_s). `key`: `key_for(request)` when
+        the caller already has it (the store lookup needed it first; hashed once per call)."""
+        key = key or self.key_for(request)
         try:
             return await self._chat(request, key, request.max_tokens)
         except ReasoningBudgetError:

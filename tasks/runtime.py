@@ -174,7 +174,7 @@ async def generate(
 async def _call_and_store(
     store: Store, client: LLMClient, request: ChatRequest, key: str, progress: Progress | None
 ) -> LLMCall:
-    result = await client.chat(request)
+    result = await client.chat(request, key)
     call = LLMCall(
         key=key,
         stage=request.stage,
@@ -191,7 +191,8 @@ async def _call_and_store(
         cached_tokens=result.cached_tokens,
         reasoning_tokens=result.reasoning_tokens,
     )
-    store.insert(call)
+    # Batched with the other chains' writes of this loop turn; returns once committed.
+    await store.asave(call)
     if progress is not None:
         progress.calls += 1
         progress.prompt_tokens += result.prompt_tokens

@@ -462,7 +462,7 @@ async def write_step(
                 rt, inst, steps, written, step, settings, rt.progress, seed=resample or None
             )
         except DraftFailed as exc:
-            rt.store.reject(
+            await rt.store.areject(
                 inst.id, "write", exc.reason, exc.detail, raw=exc.raw, extra_rows=checks
             )
             return None
@@ -501,7 +501,7 @@ async def write_step(
     if best is None:  # every draft failed a quality check
         reasons = [c.reason for c in checks if c.reason]
         reason = max(set(reasons), key=reasons.count) if reasons else "rejected"
-        rt.store.reject(
+        await rt.store.areject(
             inst.id,
             "write",
             reason,
@@ -524,7 +524,7 @@ async def write_step(
         cleanings_json=_cleanings_json(review.cleanings),
     )
     # Committed as it finishes: a crash loses at most calls in flight.
-    rt.store.insert(para, *checks)
+    await rt.store.asave(para, *checks)
     rt.progress.paragraphs += 1
     rt.progress.words += para.words
     return para
@@ -655,7 +655,7 @@ async def write_instruction(rt: BuildRuntime, state: InstructionState) -> bool:
             written.append(para.text)
     finally:
         rt.client.release_affinity(instruction_affinity(state.instruction))
-    rt.store.save(status=(state.instruction.id, "written"))
+    await rt.store.asave(status=(state.instruction.id, "written"))
     return True
 
 
