@@ -19,7 +19,7 @@ from tasks.audit import AuditInputError, default_workers, run_audit
 from tasks.flags import Flags, SettingsError
 from tasks.settings import AuditSettings
 
-# ngram stays the filters' own: a flag would let an audit disagree with the build's check.
+# ngram is no flag: the audit's repetition check is the build's (tasks/settings.py).
 AUDIT_FLAGS = Flags(AuditSettings, exclude=("ngram",))
 
 

@@ -42,7 +42,7 @@ from flows.common import (
     require_judge_model,
     retry_policy,
 )
-from flows.console import fail, start_prefect_api
+from flows.console import add_command, fail, start_prefect_api
 from flows.stages import judge_variants_batch, select_and_export_task, write_variants_batch
 from prompts import prompt_version
 from storage.store import Store, redact_db_url
@@ -170,13 +170,15 @@ def run_pairs(settings: PairsSettings) -> dict[str, Any]:
 
 
 def add_cli(sub: Any) -> None:
-    p = sub.add_parser(
+    # Every flag from a PairsSettings field (tasks/settings.py).
+    add_command(
+        sub,
         "pairs",
-        help="DPO preference pairs: K AgentWrite variants per plan, judged, best vs lower",
-        description=(__doc__ or "").split("\n\n")[0],
+        "DPO preference pairs: K AgentWrite variants per plan, judged, best vs lower",
+        cmd_pairs,
+        PAIRS_FLAGS,
+        doc=__doc__,
     )
-    PAIRS_FLAGS.add_to(p)  # every flag from a PairsSettings field (tasks/settings.py)
-    p.set_defaults(handler=cmd_pairs)
 
 
 def settings_from_args(args: argparse.Namespace) -> PairsSettings:

@@ -31,9 +31,8 @@ from prefect.deployments import arun_deployment
 from flows.common import publish_markdown, recorded_run, summary_with_histogram
 from flows.stages import export_task, ingest_task
 from storage.store import Store
-from tasks.flags import default_of
 from tasks.report import build_summary
-from tasks.settings import BuildSettings
+from tasks.settings import BUILD, BuildSettings
 
 PARTITION_DEPLOYMENT = "longwriter-build/partition"
 # A partition that ended in one of these states is worth running again: it resumes from the
@@ -187,9 +186,9 @@ async def partitioned_build(
 
 @flow(name="longwriter-export", log_prints=True)
 async def export_flow(
-    db_url: str = default_of(BuildSettings, "db_url"),
-    out_dir: str = default_of(BuildSettings, "out_dir"),
-    shard_size: int = default_of(BuildSettings, "shard_size"),
+    db_url: str = BUILD.db_url,
+    out_dir: str = BUILD.out_dir,
+    shard_size: int = BUILD.shard_size,
 ) -> dict[str, Any]:
     """Write shards + manifest.json from the store (what `longwriter export` does), and
     publish the summary table and length histogram."""

@@ -39,7 +39,7 @@ from tasks.filters import (
     check_repetition,
 )
 from tasks.quality import Cleaning, SampleReview, Verdict, review_sample
-from tasks.settings import AuditSettings
+from tasks.settings import BUILD, AuditSettings
 from tasks.shards import SCHEMA, export_shards
 from tasks.wordcount import count_words
 
@@ -518,7 +518,7 @@ def run_audit(
     settings: AuditSettings | None = None,
     *,
     workers: int = 1,
-    shard_size: int = 1000,
+    shard_size: int = BUILD.shard_size,
     on_row: Callable[[AuditRow], None] | None = None,
 ) -> dict[str, Any]:
     """Audit `data` into `out` (audit.json, audit.md, kept/); return the summary.

@@ -53,12 +53,14 @@ from storage.models import Instruction, Plan, Sample
 from storage.pair_models import PairDecision, PairJudgement, VariantParagraph, VariantSample
 from storage.store import Store
 from tasks.filters import FilterConfig, SampleCandidate, run_filters
+from tasks.flags import derive
 from tasks.judge import judge_answer
 from tasks.judge import judge_format_for as judge_format_for  # flows.pairs reads it from here
 from tasks.llm_client import LLMClient
 from tasks.plan import PlanStep, steps_from_json
 from tasks.runtime import Progress, gather_all
 from tasks.scoring import DIMENSIONS, dimension_score, length_score
+from tasks.settings import PAIRS
 from tasks.wordcount import count_words, join_paragraphs
 from tasks.write import ContextBudget, DraftFailed, DraftSettings, draft_paragraph
 
@@ -139,7 +141,7 @@ def select_pair(
     candidates: Sequence[VariantScore],
     *,
     min_margin: float = 0.0,
-    rejected: RejectedMode = "random",
+    rejected: RejectedMode = PAIRS.rejected,
     rng_key: str = "",
 ) -> Decision:
     """Chosen and rejected among one instruction's candidates, or why there is no pair."""
@@ -324,18 +326,21 @@ ELIGIBLE_STATUSES = ("accepted", "written", "planned")
 
 @dataclass
 class PairsConfig:
-    variants: int = 4
-    temperature: float = 0.8
-    max_paragraph_tokens: int = 2048
-    max_continuations: int = 1
-    min_paragraph_share: float = 0.5  # continue a paragraph under this share of its words
-    max_repetition: float = 0.3
-    judge_attempts: int = 3
-    judge_max_tokens: int = 512
-    judge_temperature: float = 0.0
+    """What the pair stages read of PairsSettings (flows.pairs derives it in one call)."""
+
+    variants: int = PAIRS.variants
+    temperature: float = PAIRS.temperature
+    max_paragraph_tokens: int = PAIRS.max_paragraph_tokens
+    max_continuations: int = PAIRS.max_continuations
+    # Continue a paragraph under this share of its words.
+    min_paragraph_share: float = PAIRS.min_paragraph_share
+    max_repetition: float = PAIRS.max_repetition
+    judge_attempts: int = PAIRS.judge_attempts
+    judge_max_tokens: int = PAIRS.judge_max_tokens
+    judge_temperature: float = PAIRS.judge_temperature
     judge_context_window: int | None = None
-    min_margin: float = 5.0
-    rejected: RejectedMode = "random"
+    min_margin: float = PAIRS.min_margin
+    rejected: RejectedMode = PAIRS.rejected
 
 
 @dataclass
@@ -428,7 +433,7 @@ def variant_filter_reason(
     left out: length is what S_l scores."""
     verdict = run_filters(
         SampleCandidate(join_paragraphs(paragraphs), paragraphs, planned, truncated),
-        FilterConfig(min_words=0, max_repetition=cfg.max_repetition),
+        derive(FilterConfig, cfg, min_words=0),
     )
     return None if verdict.keep else verdict.reason
 
@@ -468,12 +473,7 @@ async def _write_paragraph(
     inst = item.instruction
     assert inst.id is not None
     cfg = rt.config
-    settings = DraftSettings(
-        temperature=cfg.temperature,
-        max_paragraph_tokens=cfg.max_paragraph_tokens,
-        max_continuations=cfg.max_continuations,
-        min_paragraph_share=cfg.min_paragraph_share,
-    )
+    settings = derive(DraftSettings, cfg)
     try:
         draft = await draft_paragraph(
             rt,
