@@ -36,16 +36,42 @@ from tasks.settings import (
     db_url_from_env,
 )
 
-# Modules that add their own subcommands through `add_cli(subparsers)`. Missing ones (an
-# optional extra not installed) just do not appear.
-CLI_MODULES = (
-    "flows.serve",
-    "flows.eval",
-    "flows.train",
-    "flows.pairs",
-    "flows.publish",
-    "flows.audit",
-)
+# Every subcommand: the module that registers it (this one, or a module's
+# `add_cli(subparsers)`) and its one-line help. `longwriter --help` lists the commands from
+# here, and a command's module is imported only when that command runs: most of them import
+# Prefect or torch, which `--help`, `stats`, `export`, `audit` and `build --dry-run` never
+# need (tests/flows/test_cli.py checks each help line against what its module registers).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "build": ("flows.cli", "ingest, plan, write, filter and export a dataset"),
+    "export": ("flows.cli", "write shards + manifest from the store"),
+    "stats": ("flows.cli", "where every instruction ended, words and tokens"),
+    "serve": (
+        "flows.serve",
+        "run the embedded llama.cpp OpenAI-compatible server in the foreground",
+    ),
+    "eval": (
+        "flows.eval",
+        "LongBench-Write: length score S_l, judged quality S_q, S per length bucket",
+    ),
+    "train": (
+        "flows.train",
+        "SFT (or --dpo) a base model on shards with TRL; saves HF model + GGUF",
+    ),
+    "pairs": (
+        "flows.pairs",
+        "DPO preference pairs: K AgentWrite variants per plan, judged, best vs lower",
+    ),
+    "publish": (
+        "flows.publish",
+        "upload OUT (card, manifest, report, shards) to the Hugging Face Hub",
+    ),
+    "audit": (
+        "flows.audit",
+        "run the build's rule checks over an existing LongWriter-format dataset",
+    ),
+}
+# Modules that add their own subcommands through `add_cli(subparsers)`.
+CLI_MODULES = tuple(dict.fromkeys(m for m, _ in COMMANDS.values() if m != "flows.cli"))
 
 
 def _db_default() -> str:
@@ -83,7 +109,6 @@ def add_build_parser(sub: Any) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from flows.build import run_build
     from tasks.endpoints import ConfigError
     from tasks.ingest import InputError
     from tasks.llm_client import LLMError
@@ -105,6 +130,8 @@ def cmd_build(args: argparse.Namespace) -> int:
             return run_dry_run(args, settings.db_url)
     except SettingsError as exc:
         return fail(str(exc))
+    from flows.build import run_build  # Prefect: only once the build really runs
+
     expected = (ConfigError, InputError, LLMError)
     console_logs_without_tracebacks_for(expected)
     try:
@@ -230,28 +257,42 @@ def cmd_stats(args: argparse.Namespace) -> int:
 _fail = fail  # the name cmd_stats calls
 
 
-def build_parser() -> argparse.ArgumentParser:
+_OWN_PARSERS = {"build": add_build_parser, "export": add_export_parser, "stats": add_stats_parser}
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser. With `argv`, only the command it names is set up in full (its module
+    imported, its flags added); the others are listed by name and help line, so a command
+    costs the imports of its own module only. Without `argv`, every command is set up."""
     parser = argparse.ArgumentParser(
         prog="longwriter", description="AgentWrite long-output SFT data factory"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    add_build_parser(sub)
-    add_export_parser(sub)
-    add_stats_parser(sub)
-    for name in CLI_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:
+    # The command is the first word: the top-level parser has no option that takes a value.
+    chosen = next((a for a in argv or () if not a.startswith("-")), None)
+    added: set[str] = set()
+    for name, (module_name, help_line) in COMMANDS.items():
+        if name in added:
             continue
-        add = getattr(module, "add_cli", None)
-        if add is not None:
-            add(sub)
+        if argv is not None and name != chosen:
+            sub.add_parser(name, help=help_line)
+            continue
+        if module_name == "flows.cli":
+            _OWN_PARSERS[name](sub)
+        else:
+            try:
+                module = importlib.import_module(module_name)
+            except ImportError:  # an optional extra not installed: as before, no such command
+                continue
+            module.add_cli(sub)
+        added.update(sub.choices)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     _quiet_prefect_defaults()  # before anything imports Prefect
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
     return int(args.handler(args) or 0)
 
 
