@@ -47,7 +47,7 @@ from flows.stages import (
     write_batch,
 )
 from storage.store import Store
-from tasks.endpoints import ResolvedEndpoints, sampling_extras
+from tasks.endpoints import ResolvedEndpoints, sampling_extras, writer_languages
 from tasks.filters import FilterConfig
 from tasks.flags import derive
 from tasks.judge import judge_format_for
@@ -80,6 +80,7 @@ def stage_config(settings: BuildSettings, resolved: ResolvedEndpoints) -> StageC
         json_style=resolved.json_style,
         context_window=resolved.context_window,
         max_plan_steps=settings.max_paragraphs,
+        languages=writer_languages(resolved, settings.languages),
         write_prompt=(
             ("turns" if resolved.embedded else "paper")
             if settings.write_prompt == "auto"

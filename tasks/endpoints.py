@@ -18,6 +18,19 @@ REMOTE_CONTEXT_WINDOW = 32768
 # (measured: 2 of 3 plans degenerate at default sampling). These penalties are its defaults;
 # flags override them, and other endpoints keep their own defaults.
 EMBEDDED_SAMPLING: dict[str, float] = {"frequency_penalty": 0.8, "presence_penalty": 0.5}
+# What the embedded SmolLM2-135M-Instruct writes: English (its model card). Asked in Chinese it
+# writes word salad in Chinese characters (measured in the demo: "美食是一种搏剧，但可能有一个
+# 方面多少迳茧毛" repeated, plans of run-together characters) that passes a language check and
+# would poison a dataset, so other languages are rejected before any call.
+EMBEDDED_LANGUAGES: tuple[str, ...] = ("en",)
+
+
+def writer_languages(resolved: ResolvedEndpoints, languages: list[str] | None) -> tuple[str, ...]:
+    """Instruction languages the writer is given: the user's list, else the embedded model's,
+    else every language (empty: no gate; a remote model's languages are the user's to know)."""
+    if languages:
+        return tuple(languages)
+    return EMBEDDED_LANGUAGES if resolved.embedded else ()
 
 
 class ConfigError(ValueError):

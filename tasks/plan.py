@@ -37,9 +37,10 @@ from tasks.quality import (
     review_plan,
 )
 from tasks.runtime import BuildRuntime, gather_all, generate, get_runtime, in_chain_slot
+from tasks.settings import BUILD, MAX_PLAN_STEPS
 from tasks.wordcount import cjk_share, count_words
 
-MAX_STEPS = 50
+MAX_STEPS = MAX_PLAN_STEPS  # the most paragraphs a plan may have (tasks/settings.py)
 MIN_STEP_WORDS = 20  # the paper asks for 200-1000; anything below this is not a paragraph
 MAX_STEP_WORDS = 5000
 # Total planned words over required words: the paper's plans overshoot or undershoot a little;
@@ -187,8 +188,8 @@ def build_plan_request(
     json_mode: bool = True,
     json_style: str = "json_schema",
     max_steps: int = MAX_STEPS,
-    max_tokens: int = 2048,
-    temperature: float = 0.5,
+    max_tokens: int = BUILD.plan_max_tokens,
+    temperature: float = BUILD.plan_temperature,
     extra_params: dict[str, Any] | None = None,
 ) -> ChatRequest:
     """The plan request: the worked example (prompt and answer) as an earlier turn, then the
@@ -481,6 +482,16 @@ async def plan_instruction(rt: BuildRuntime, inst: Instruction) -> bool:
     plan on some seeds only. Each seed is its own stored call, so a rerun re-pays none."""
     assert inst.id is not None
     cfg = rt.config
+    if cfg.languages and inst.lang not in cfg.languages:
+        # Before any call: the writer model does not write this language (tasks.endpoints).
+        rt.store.reject(
+            inst.id,
+            "plan",
+            "unsupported_language",
+            f"instruction is {inst.lang!r}; the writer model is given {', '.join(cfg.languages)}"
+            " (--languages)",
+        )
+        return False
     failures: list[str] = []
     # Greedy decoding ignores the seed: another attempt would repeat the same plan.
     resamples = cfg.max_plan_resamples if cfg.plan_temperature > 0 else 0

@@ -16,6 +16,7 @@ from typing import Any
 from storage.models import LLMCall
 from storage.store import Store
 from tasks.llm_client import ChatRequest, LLMClient, LLMError
+from tasks.settings import BUILD
 
 # The stages' own configs, from the module that imports no stage: every stage imports this
 # runtime, so it must import none of them (issue 14's cycle).
@@ -67,29 +68,32 @@ class Progress:
 class StageConfig:
     """Sampling and budget settings of the plan and write stages."""
 
-    min_words: int = 2000
-    json_plan: bool = True
+    # Defaults: BuildSettings' (tasks/settings.py); the build derives it (flows.build).
+    min_words: int = BUILD.min_words
+    json_plan: bool = BUILD.json_plan
     json_style: str = "json_schema"  # or "llama_cpp" (see tasks.plan.response_format)
-    plan_max_tokens: int = 2048
-    plan_temperature: float = 0.5
-    write_temperature: float = 0.7
-    max_paragraph_tokens: int = 2048
-    max_continuations: int = 2
+    plan_max_tokens: int = BUILD.plan_max_tokens
+    plan_temperature: float = BUILD.plan_temperature
+    write_temperature: float = BUILD.write_temperature
+    max_paragraph_tokens: int = BUILD.max_paragraph_tokens
+    max_continuations: int = BUILD.max_continuations
     # A paragraph that loops is written again with another seed up to this many times.
-    max_resamples: int = 2
+    max_resamples: int = BUILD.max_resamples
     # A plan that fails to parse or validate is asked for again with a new seed this many times.
-    max_plan_resamples: int = 2
-    # Most paragraphs a plan may have (tasks.plan.MAX_STEPS, 50, unless capped): a cap bounds
+    max_plan_resamples: int = BUILD.max_plan_resamples
+    # Most paragraphs a plan may have (tasks.plan.MAX_STEPS unless capped): a cap bounds
     # the calls and words per sample, for a budget or a quick demo.
-    max_plan_steps: int = 50
+    max_plan_steps: int = BUILD.max_paragraphs
     # A paragraph under this share of its planned words is continued (up to max_continuations).
-    min_paragraph_share: float = 0.5
+    min_paragraph_share: float = BUILD.min_paragraph_share
     context_window: int = 8192
     # Plan and paragraph quality checks (tasks.quality) on every draft.
-    quality_checks: bool = True
+    quality_checks: bool = BUILD.quality_checks
     # The write prompt: "paper" (AgentWrite's one message) or "turns" (a conversation, for
     # small models); the build resolves the setting's "auto" from the endpoints.
     write_prompt: str = "paper"
+    # Instruction languages the writer is given (empty: all); see tasks.endpoints.
+    languages: tuple[str, ...] = ()
     extra_params: dict[str, Any] = field(default_factory=dict)  # e.g. frequency_penalty
     filters: FilterConfig = field(default_factory=FilterConfig)
 

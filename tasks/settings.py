@@ -28,6 +28,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tasks.flags import Defaults, Flag, Flags
 
 DEFAULT_DB_URL = "sqlite:///longwriter.db"
+# The most paragraphs a plan may have (tasks.plan.MAX_STEPS): the plan schema's limit and the
+# default of --max-paragraphs.
+MAX_PLAN_STEPS = 50
 
 DEFAULT_PROMPTS = "longbench_write.jsonl"
 
@@ -178,9 +181,9 @@ class BuildSettings(WriterEndpoint, JudgeEndpoint, ClientPolicy, Drafting):
         2, ge=0, description="continuation calls per paragraph (cut at max_tokens or short)"
     )
     max_paragraphs: int = Field(
-        50,
+        MAX_PLAN_STEPS,
         ge=1,
-        le=50,
+        le=MAX_PLAN_STEPS,
         description="most paragraphs per plan, 1-50: bounds the calls and words of each sample",
     )
     max_plan_resamples: int = Field(
@@ -188,6 +191,12 @@ class BuildSettings(WriterEndpoint, JudgeEndpoint, ClientPolicy, Drafting):
     )
     max_resamples: int = Field(
         2, ge=0, description="rewrites (new seed) of a paragraph that loops; best one kept"
+    )
+    languages: list[str] | None = Field(
+        None,
+        description="an instruction language the writer model is given (en, zh); others are "
+        "rejected at plan as unsupported_language before any call (default: en for the "
+        "embedded model, which writes English only; every language otherwise)",
     )
     write_prompt: Literal["auto", "paper", "turns"] = Field(
         "auto",

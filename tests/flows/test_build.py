@@ -299,3 +299,29 @@ def test_looping_paragraphs_are_resampled_then_rejected(tmp_path, db_url):
     assert summary["rejections"]["filter"] == {"repetition": 1}
     assert writes == 2 * 3  # two paragraphs, each drafted three times (no seed, seed 1, 2)
     assert ids == 1 + writes  # every draft had its own key
+
+
+def test_languages_the_writer_is_not_given_are_rejected_before_any_call(tmp_path, db_url):
+    """--languages en (the embedded model's default): a Chinese instruction is rejected at plan
+    as unsupported_language, with no LLM call for it; the English ones are built."""
+    src = write_jsonl(tmp_path / "in.jsonl", GOOD[:2] + [SPECIAL[0]])
+    with FakeOpenAIServer(FakeConfig()).running() as fake:
+        summary = run(
+            BuildSettings(
+                instructions=str(src),
+                db_url=db_url,
+                out_dir=str(tmp_path / "out"),
+                base_urls=[fake.base_url],
+                model="m",
+                languages=["en"],
+            )
+        )
+        plan_prompts = fake.stats.by_stage["plan"]
+    assert summary["accepted"] == 2
+    assert summary["rejections"]["plan"] == {"unsupported_language": 1}
+    assert plan_prompts == 2  # none for the Chinese instruction
+    store = Store(db_url)
+    with store.session() as s:
+        (rej,) = s.exec(select(Rejection)).all()
+    store.close()
+    assert "'zh'" in rej.detail and "en" in rej.detail
