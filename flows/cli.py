@@ -19,22 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# None of these imports Prefect (which must not be imported before `_quiet_prefect_defaults`).
-from flows.console import (
-    add_command,
-    console_logs_without_tracebacks_for,
-    fail,
-    start_prefect_api,
-)
-from tasks.flags import SettingsError
-from tasks.settings import (
-    BUILD,
-    BUILD_FLAGS,
-    DRY_RUN_FLAGS,
-    EXPORT_FLAGS,
-    RUN_LABEL_FLAGS,
-    db_url_from_env,
-)
+# Imports no Prefect (which must not be imported before `_quiet_prefect_defaults`), nor
+# pydantic: the settings models are imported by the command that reads them, so `--help`
+# costs little more than the interpreter's start.
+from flows.console import add_command, console_logs_without_tracebacks_for, fail, start_prefect_api
 
 # Every subcommand: the module that registers it (this one, or a module's
 # `add_cli(subparsers)`) and its one-line help. `longwriter --help` lists the commands from
@@ -75,6 +63,8 @@ CLI_MODULES = tuple(dict.fromkeys(m for m, _ in COMMANDS.values() if m != "flows
 
 
 def _db_default() -> str:
+    from tasks.settings import db_url_from_env
+
     return db_url_from_env()
 
 
@@ -94,6 +84,8 @@ def _quiet_prefect_defaults() -> None:
 
 
 def add_build_parser(sub: Any) -> None:
+    from tasks.settings import BUILD_FLAGS, DRY_RUN_FLAGS, RUN_LABEL_FLAGS
+
     # Every flag is made from a settings field (tasks/settings.py): its default and help.
     add_command(
         sub,
@@ -110,8 +102,10 @@ def add_build_parser(sub: Any) -> None:
 
 def cmd_build(args: argparse.Namespace) -> int:
     from tasks.endpoints import ConfigError
+    from tasks.flags import SettingsError
     from tasks.ingest import InputError
     from tasks.llm_client import LLMError
+    from tasks.settings import BUILD, BUILD_FLAGS, DRY_RUN_FLAGS, RUN_LABEL_FLAGS
 
     values = BUILD_FLAGS.values(args)
     instructions = values.get("instructions")
@@ -166,12 +160,16 @@ def _summary_table(summary: dict[str, Any]) -> str:
 
 
 def add_export_parser(sub: Any) -> None:
+    from tasks.settings import EXPORT_FLAGS
+
     add_command(sub, "export", "write shards + manifest from the store", cmd_export, EXPORT_FLAGS)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from storage.store import Store
     from tasks.export import export_store
+    from tasks.flags import SettingsError
+    from tasks.settings import EXPORT_FLAGS
 
     try:
         settings = EXPORT_FLAGS.settings(args)

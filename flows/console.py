@@ -11,9 +11,10 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tasks.flags import Flags
+if TYPE_CHECKING:  # a type only: `longwriter --help` must not pay for pydantic's import
+    from tasks.flags import Flags
 
 
 def add_command(
