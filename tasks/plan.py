@@ -124,27 +124,28 @@ PLAN_EXAMPLES: dict[str, tuple[str, tuple[PlanStep, ...]]] = {
     "en": (
         "Write a long, detailed guide to baking sourdough bread at home.",
         (
-            PlanStep("What sourdough is and why people bake it at home", 300),
-            PlanStep("Making a starter from flour and water, and feeding it", 450),
+            PlanStep("What sourdough is and why people bake it at home", 350),
+            PlanStep("Making a starter from flour and water, and feeding it", 500),
             PlanStep("Mixing the dough, resting it and folding it", 450),
             PlanStep("Shaping the loaf and proofing it overnight", 400),
             PlanStep("Scoring and baking in a covered pot", 400),
-            PlanStep("Reading the crumb and fixing the usual mistakes", 400),
+            PlanStep("Reading the crumb and fixing the usual mistakes", 450),
         ),
     ),
     "zh": (
         "写一篇详细的长文，介绍如何在家烤制酸面包。",
         (
-            PlanStep("什么是酸面包，人们为什么喜欢在家自己烤", 300),
-            PlanStep("用面粉和水培养酵头，以及每天如何喂养它", 450),
+            PlanStep("什么是酸面包，人们为什么喜欢在家自己烤", 350),
+            PlanStep("用面粉和水培养酵头，以及每天如何喂养它", 500),
             PlanStep("和面、静置与折叠面团的方法", 450),
             PlanStep("面包的整形和冷藏过夜发酵", 400),
             PlanStep("割包和用带盖铸铁锅烘烤", 400),
-            PlanStep("观察面包组织，纠正常见的失误", 400),
+            PlanStep("观察面包组织，纠正常见的失误", 450),
         ),
     ),
 }
-# The example turn's own length request: no target, 2000 words at least (5 to 10 paragraphs).
+# The example turn's own length request: no target, 2000 words at least (5 to 10 paragraphs;
+# the prompt asks for 2,500 with the headroom, and the example's plan totals 2,550).
 PLAN_EXAMPLE_MIN_WORDS = 2000
 
 
@@ -153,11 +154,18 @@ def plan_example(instruction: str) -> tuple[str, tuple[PlanStep, ...]]:
     return PLAN_EXAMPLES["zh" if expected_language(instruction) == "zh" else "en"]
 
 
+# With no required length the prompt asks for this much over --min-words: writers under-shoot
+# their plan (SmolLM2 wrote 1,892 words for a 2,050-word plan, rejected as too short), and a
+# plan only at the floor leaves no room for it. Validation still checks the floor itself.
+PLAN_LENGTH_HEADROOM = 1.25
+
+
 def _plan_prompt(
     instruction: str, target_words: int | None, min_words: int, json_mode: bool, max_steps: int
 ) -> tuple[str, dict[str, Any]]:
     """The plan prompt for one instruction, and its schema's step bounds."""
     min_steps = min_steps_for(target_words or min_words, max_steps)
+    asked_words = -(-int(min_words * PLAN_LENGTH_HEADROOM) // 100) * 100  # up to a round 100
     # The ceiling follows the target too: with room for 50 items, small models keep appending
     # near-copies of earlier items until the token limit cuts the JSON off.
     ceiling = min(max_steps, max(2 * min_steps, min_steps + 4))
@@ -165,7 +173,7 @@ def _plan_prompt(
         "plan",
         instruction=instruction,
         target_words=target_words,
-        min_words=min_words,
+        min_words=asked_words,
         json_mode=json_mode,
         min_steps=min_steps,
         max_steps=ceiling,

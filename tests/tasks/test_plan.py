@@ -198,6 +198,8 @@ def test_plan_request_shows_a_worked_example_in_the_instructions_language():
     assert roles == ["user", "assistant", "user"]
     example_prompt, example_answer = req.messages[0][1], req.messages[1][1]
     assert "sourdough" in example_prompt and "a fox" not in example_prompt
+    # Writers under-shoot their plans: with no required length the ask is above the floor.
+    assert "at least 2500 words in total" in req.messages[-1][1]
     assert "a fox" in req.messages[-1][1]
     steps = parse_plan(example_answer)
     assert steps == list(PLAN_EXAMPLES["en"][1])
