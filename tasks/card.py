@@ -31,6 +31,7 @@ from storage.models import LLMCall
 from storage.store import Store
 from tasks.files import atomic_write_text
 from tasks.report_html import template_env, write_report
+from tasks.settings import BUILD
 
 # Read from here by older callers (tests): the scan lives with the shard format.
 from tasks.shards import ShardScan
@@ -40,7 +41,7 @@ TAGS = ["synthetic", "long-form", "sft", "longwriter"]
 # No license can be inferred: it depends on the generating model's terms and on where the
 # instructions came from, which only the person building knows. "unknown" is one of the Hub's
 # license identifiers and says exactly that; "other" would claim a custom licence text.
-DEFAULT_LICENSE = "unknown"
+DEFAULT_LICENSE = BUILD.license
 # The Hub's size buckets (the `size_categories` values its dataset search filters on).
 _SIZE_BUCKETS = (
     (1_000, "n<1K"),

@@ -16,6 +16,7 @@ from typing import Any
 from storage.store import Store
 from tasks.card import write_card_and_report
 from tasks.near_duplicates import THRESHOLD, find_near_duplicates
+from tasks.settings import BUILD
 
 # The shard format, read from here by its older callers (the CLI, flows, audit, tests).
 from tasks.shards import SCHEMA as SCHEMA
@@ -46,7 +47,10 @@ def drop_near_duplicates(store: Store, threshold: float = THRESHOLD) -> int:
 
 
 def export_store(
-    store: Store, out_dir: Path, settings: dict[str, Any] | None = None, shard_size: int = 1000
+    store: Store,
+    out_dir: Path,
+    settings: dict[str, Any] | None = None,
+    shard_size: int = BUILD.shard_size,
 ) -> dict[str, Any]:
     """Stream every accepted sample from the store into shards + manifest. Near-duplicate
     samples (MinHash) are rejected first, so two instructions that produced the same text do

@@ -31,6 +31,7 @@ from tasks.llm_client import (
 )
 from tasks.runtime import Progress, generate
 from tasks.scoring import DIMENSIONS
+from tasks.settings import BUILD
 from tasks.wordcount import estimate_tokens
 
 JUDGE_TEMPLATE = "judge"
@@ -104,8 +105,8 @@ def build_judge_request(
     *,
     attempt: int = 0,
     fmt: str = "json_schema",
-    max_tokens: int = 512,
-    temperature: float = 0.0,
+    max_tokens: int = BUILD.judge_max_tokens,
+    temperature: float = BUILD.judge_temperature,
     context_window: int | None = None,
 ) -> tuple[ChatRequest, bool]:
     """The judge call for one (prompt, response) and whether the response was cut to fit."""

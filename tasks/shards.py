@@ -33,6 +33,7 @@ from storage.models import Instruction, Plan, Sample
 from tasks.files import atomic_write_text, sha256_file
 from tasks.plan import steps_from_json
 from tasks.scoring import DIMENSIONS
+from tasks.settings import BUILD
 from tasks.wordcount import detect_lang
 
 SCHEMA = pa.schema(
@@ -164,7 +165,7 @@ def export_shards(
     total: int,
     out_dir: Path,
     *,
-    shard_size: int = 1000,
+    shard_size: int = BUILD.shard_size,
     settings: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     write_batch: int = 200,

@@ -3,8 +3,9 @@ the sample filters', the write call's context budget and the judge gate's.
 
 They live apart from their stages because the runtime holds them and every stage imports the
 runtime: defined in tasks/filters.py, tasks/write.py and tasks/quality_gate.py they made the
-runtime import those stages back (the import cycle of issue 14). This module imports nothing
-of the project; each stage module re-exports its own config under its old name
+runtime import those stages back (the import cycle of issue 14). This module imports only
+tasks.settings, where the defaults live (it imports no stage); each stage module re-exports
+its own config under its old name
 (`from tasks.filters import FilterConfig` still works).
 """
 
@@ -12,17 +13,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tasks.settings import BUILD
+
 
 @dataclass(frozen=True)
 class FilterConfig:
     """The sample filters' thresholds (tasks.filters)."""
 
-    min_words: int = 2000
-    max_repetition: float = 0.3  # share of 13-gram occurrences that repeat an earlier one
-    ngram: int = 13
+    min_words: int = BUILD.min_words
+    # Share of n-gram occurrences that repeat an earlier one.
+    max_repetition: float = BUILD.max_repetition
+    ngram: int = BUILD.ngram
     # Reject samples whose length score S_l (LongBench-Write's formula, against the
     # instruction's required length) is below this; 0 keeps every length.
-    min_length_score: float = 0.0
+    min_length_score: float = BUILD.min_length_score
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ class JudgeGate:
 
     min_quality: float = 0.0
     judge_format: str = "json_schema"
-    attempts: int = 3
-    max_tokens: int = 512
-    temperature: float = 0.0
+    attempts: int = BUILD.judge_attempts
+    max_tokens: int = BUILD.judge_max_tokens
+    temperature: float = BUILD.judge_temperature
     context_window: int = 8192

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from prompts import prompt_version, render
 from storage.models import DraftCheck, Instruction, Paragraph
 from storage.store import InstructionState, Store
+from tasks.flags import derive
 from tasks.llm_client import (
     BadOutputError,
     ChatRequest,
@@ -36,6 +37,7 @@ from tasks.quality import (
     review_paragraph,
 )
 from tasks.runtime import BuildRuntime, Progress, gather_all, generate, get_runtime, in_chain_slot
+from tasks.settings import BUILD
 
 # Defined in modules that import no stage (the runtime holds a ContextBudget); callers still
 # read all three as tasks.write.*.
@@ -100,8 +102,8 @@ def build_write_request(
     *,
     lang: str,
     budget: ContextBudget,
-    max_paragraph_tokens: int = 2048,
-    temperature: float = 0.7,
+    max_paragraph_tokens: int = BUILD.max_paragraph_tokens,
+    temperature: float = BUILD.write_temperature,
     extra_params: dict[str, Any] | None = None,
     style: str = "paper",
 ) -> ChatRequest:
@@ -209,8 +211,8 @@ def build_continue_turns_request(
     cut: bool,
     budget: ContextBudget,
     lang: str,
-    max_paragraph_tokens: int = 2048,
-    temperature: float = 0.7,
+    max_paragraph_tokens: int = BUILD.max_paragraph_tokens,
+    temperature: float = BUILD.write_temperature,
     extra_params: dict[str, Any] | None = None,
 ) -> ChatRequest:
     """Continue paragraph `current` in the "turns" prompt: the conversation so far, the
@@ -241,8 +243,8 @@ def build_continue_request(
     cut: bool = True,
     lang: str,
     budget: ContextBudget,
-    max_paragraph_tokens: int = 2048,
-    temperature: float = 0.7,
+    max_paragraph_tokens: int = BUILD.max_paragraph_tokens,
+    temperature: float = BUILD.write_temperature,
     extra_params: dict[str, Any] | None = None,
 ) -> ChatRequest:
     """Continue a paragraph from where it stopped: `cut` when max_tokens stopped it, else
@@ -361,11 +363,11 @@ def join_continuation(partial: str, more: str) -> str:
 class DraftSettings:
     """How one paragraph is drafted; the build and the pairs stage draft the same way."""
 
-    temperature: float = 0.7
-    max_paragraph_tokens: int = 2048
-    max_continuations: int = 2
+    temperature: float = BUILD.write_temperature
+    max_paragraph_tokens: int = BUILD.max_paragraph_tokens
+    max_continuations: int = BUILD.max_continuations
     # A paragraph under this share of its planned words is continued (up to max_continuations).
-    min_paragraph_share: float = 0.5
+    min_paragraph_share: float = BUILD.min_paragraph_share
     extra_params: dict[str, Any] = field(default_factory=dict)
     write_prompt: str = "paper"  # or "turns" (build_write_request)
 
@@ -441,14 +443,8 @@ async def write_step(
     cfg = rt.config
     inst = state.instruction
     assert inst.id is not None
-    settings = DraftSettings(
-        temperature=cfg.write_temperature,
-        max_paragraph_tokens=cfg.max_paragraph_tokens,
-        max_continuations=cfg.max_continuations,
-        min_paragraph_share=cfg.min_paragraph_share,
-        extra_params=cfg.extra_params,
-        write_prompt=cfg.write_prompt,
-    )
+    # The stage config's fields of the same names; the write temperature under its own.
+    settings = derive(DraftSettings, cfg, temperature=cfg.write_temperature)
     ctx = paragraph_context(inst, steps, written, step)
     best: tuple[Draft, ParagraphReview] | None = None
     best_share = 2.0
