@@ -29,6 +29,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+# Run as a script, Python puts deploy/ on sys.path, not the repository: without this the
+# settings would be validated by whatever `flows` the environment has installed (another
+# checkout's, under an editable install), not the code the deployments point workers at.
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 DEFAULT_POOL = "longwriter"
 DEFAULT_CRON = "0 3 * * *"
 ZOMBIE_AUTOMATION = "longwriter: crash zombie flow runs"
