@@ -25,9 +25,10 @@ import json
 import logging
 import random
 import re
+import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Coroutine, Sequence
+from collections.abc import Awaitable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -42,11 +43,23 @@ from tenacity import (
 
 from tasks.settings import BUILD
 
+try:  # Prefect depends on orjson; a few times faster than json on the request and answer
+    import orjson
+
+    _dumps: Any = orjson.dumps
+    _loads: Any = orjson.loads
+except ImportError:  # pragma: no cover - the same bytes, slower
+
+    def _dumps(obj: Any) -> bytes:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+    _loads = json.loads
+
 T = TypeVar("T")
 _log = logging.getLogger(__name__)
 
-POOL_CONNECTIONS = 4  # connections per httpx pool (see LLMClient.__init__)
-POOL_KEEPALIVE = 4  # of those kept open between requests (0: a new connection each time)
+POOL_CONNECTIONS = 2  # connections per httpx pool (see LLMClient.__init__)
+POOL_KEEPALIVE = 2  # of those kept open between requests (0: a new connection each time)
 MAX_AFFINITIES = 4096  # endpoint bindings remembered (chains in flight are far fewer)
 # 520-524: Cloudflare in front of an endpoint (unknown error, down, unreachable, timed out).
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524})
@@ -542,9 +555,19 @@ def low_prompt_tokens(messages: Sequence[tuple[str, str]]) -> int:
 _CJK_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
 
+def _tls_context(base_urls: Iterable[str]) -> ssl.SSLContext:
+    """The verifying TLS context the pools share. With only plain-http endpoints TLS is never
+    used: a client context without CA certificates (cheap to make) fails closed should a
+    request ever meet TLS."""
+    if any(url.lower().startswith("https:") for url in base_urls):
+        return httpx.create_ssl_context()
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+
+
 class _EndpointState:
     def __init__(self, endpoint: Endpoint, dialect: Dialect) -> None:
         self.endpoint = endpoint
+        self.chat_url = httpx.URL(endpoint.chat_url)  # parsed once, not on every request
         self.in_flight = 0  # slots taken, counted under LLMClient._slot_freed
         self.bound = 0  # affinities bound here and not yet released
         self.consecutive_failures = 0
@@ -632,16 +655,19 @@ class LLMClient:
             self.policy.read_timeout_s, connect=self.policy.connect_timeout_s, pool=None
         )
         # Several small connection pools instead of one big one: httpcore scans every pooled
-        # connection on each request, so one pool of 64 cost 5.6 ms CPU per request against
-        # 0.84 ms for 16 pools of 4 (measured, tests/benchmarks). Requests go to the least
-        # busy pool.
+        # connection on each request, so the CPU per request grows with the pool's size
+        # (tests/benchmarks/bench_http_pool.py: 1 pool of 64 cost ~3x what 32 pools of 2
+        # did). Requests go to the least busy pool.
         capacity = sum(e.max_concurrency for e in endpoints)
         n_pools = max(1, -(-capacity // POOL_CONNECTIONS))
         limits = httpx.Limits(
             max_connections=POOL_CONNECTIONS + 2, max_keepalive_connections=POOL_KEEPALIVE
         )
+        # One TLS context for every pool: httpx builds one per client otherwise, loading the
+        # CA bundle each time (32 clients took 4.4 s of start-up on the loaded 2-core box).
+        verify = _tls_context(e.base_url for e in endpoints)
         self._pools = [
-            httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport)
+            httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport, verify=verify)
             for _ in range(n_pools)
         ]
         self._pool_busy = [0] * n_pools
@@ -823,6 +849,18 @@ class LLMClient:
                 return w
             return self.policy.backoff(faults, retry_after)
 
+        # The first attempt runs outside tenacity: nearly every call succeeds at once, and
+        # setting up and stepping the retry loop cost more CPU than the rest of the call's
+        # bookkeeping (profile, issue 12). A retryable failure is handed to the loop, which
+        # decides on it exactly as on any later one.
+        first: TransientLLMError | None = None
+        attempts = 1
+        try:
+            return await self._send_once(request, key, 1, max_tokens)
+        except ReasoningBudgetError:
+            raise
+        except TransientLLMError as exc:
+            first = exc
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(TransientLLMError)
             & retry_if_not_exception_type(ReasoningBudgetError),
@@ -833,9 +871,11 @@ class LLMClient:
         try:
             async for attempt in retrying:
                 with attempt:
+                    if first is not None:
+                        failed, first = first, None
+                        raise failed
                     attempts += 1
-                    if attempts > 1:
-                        self.stats.retries += 1
+                    self.stats.retries += 1
                     return await self._send_once(request, key, attempts, max_tokens)
         except BadOutputError:
             raise
@@ -904,7 +944,7 @@ class LLMClient:
                         return await self._stream_once(
                             state, request, key, attempt, body, headers, started
                         )
-                    response = await self._post(endpoint.chat_url, body, headers)
+                    response = await self._post(state.chat_url, body, headers)
                 except _DialectLearned:
                     continue
                 except (httpx.TimeoutException, httpx.TransportError) as exc:
@@ -924,7 +964,7 @@ class LLMClient:
         if status != 200:
             self._classify_http_error(state, response, sent_at)
         try:
-            data = response.json()
+            data = _loads(response.content)
             choice = data["choices"][0]
             message = choice["message"]
             content = message.get("content")
@@ -1086,12 +1126,17 @@ class LLMClient:
         )
 
     async def _post(
-        self, url: str, body: dict[str, Any], headers: dict[str, str]
+        self, url: httpx.URL | str, body: dict[str, Any], headers: dict[str, str]
     ) -> httpx.Response:
+        # The body encoded here (orjson) rather than by httpx's json= (the stdlib encoder);
+        # the URL arrives parsed once per endpoint, not once per request.
+        content = _dumps(body)
         i = min(range(len(self._pools)), key=self._pool_busy.__getitem__)
         self._pool_busy[i] += 1
         try:
-            return await self._pools[i].post(url, json=body, headers=headers)
+            return await self._pools[i].post(
+                url, content=content, headers={**headers, "Content-Type": "application/json"}
+            )
         finally:
             self._pool_busy[i] -= 1
 

@@ -37,7 +37,8 @@ def install_recorder(path: Path) -> None:
             json.dumps(
                 {
                     "url": str(url),
-                    "body": kwargs.get("json"),
+                    # LLMClient sends the body encoded (content=), older code as json=
+                    "body": kwargs.get("json") or json.loads(kwargs.get("content") or b"null"),
                     "status": response.status_code,
                     "answer": answer,
                     "started": started,
