@@ -22,42 +22,14 @@ from typing import Any
 # Imports no Prefect (which must not be imported before `_quiet_prefect_defaults`), nor
 # pydantic: the settings models are imported by the command that reads them, so `--help`
 # costs little more than the interpreter's start.
-from flows.console import add_command, console_logs_without_tracebacks_for, fail, start_prefect_api
+from flows.console import (
+    COMMANDS,
+    add_command,
+    console_logs_without_tracebacks_for,
+    fail,
+    start_prefect_api,
+)
 
-# Every subcommand: the module that registers it (this one, or a module's
-# `add_cli(subparsers)`) and its one-line help. `longwriter --help` lists the commands from
-# here, and a command's module is imported only when that command runs: most of them import
-# Prefect or torch, which `--help`, `stats`, `export`, `audit` and `build --dry-run` never
-# need (tests/flows/test_cli.py checks each help line against what its module registers).
-COMMANDS: dict[str, tuple[str, str]] = {
-    "build": ("flows.cli", "ingest, plan, write, filter and export a dataset"),
-    "export": ("flows.cli", "write shards + manifest from the store"),
-    "stats": ("flows.cli", "where every instruction ended, words and tokens"),
-    "serve": (
-        "flows.serve",
-        "run the embedded llama.cpp OpenAI-compatible server in the foreground",
-    ),
-    "eval": (
-        "flows.eval",
-        "LongBench-Write: length score S_l, judged quality S_q, S per length bucket",
-    ),
-    "train": (
-        "flows.train",
-        "SFT (or --dpo) a base model on shards with TRL; saves HF model + GGUF",
-    ),
-    "pairs": (
-        "flows.pairs",
-        "DPO preference pairs: K AgentWrite variants per plan, judged, best vs lower",
-    ),
-    "publish": (
-        "flows.publish",
-        "upload OUT (card, manifest, report, shards) to the Hugging Face Hub",
-    ),
-    "audit": (
-        "flows.audit",
-        "run the build's rule checks over an existing LongWriter-format dataset",
-    ),
-}
 # Modules that add their own subcommands through `add_cli(subparsers)`.
 CLI_MODULES = tuple(dict.fromkeys(m for m, _ in COMMANDS.values() if m != "flows.cli"))
 
@@ -90,7 +62,6 @@ def add_build_parser(sub: Any) -> None:
     add_command(
         sub,
         "build",
-        "ingest, plan, write, filter and export a dataset",
         cmd_build,
         BUILD_FLAGS,
         RUN_LABEL_FLAGS,
@@ -162,7 +133,7 @@ def _summary_table(summary: dict[str, Any]) -> str:
 def add_export_parser(sub: Any) -> None:
     from tasks.settings import EXPORT_FLAGS
 
-    add_command(sub, "export", "write shards + manifest from the store", cmd_export, EXPORT_FLAGS)
+    add_command(sub, "export", cmd_export, EXPORT_FLAGS)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

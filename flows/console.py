@@ -17,18 +17,54 @@ if TYPE_CHECKING:  # a type only: `longwriter --help` must not pay for pydantic'
     from tasks.flags import Flags
 
 
+# Every subcommand: the module that registers it (flows.cli, or a module's
+# `add_cli(subparsers)`) and its one-line help, which `add_command` registers. `longwriter
+# --help` lists the commands from here, and a command's module is imported only when that
+# command runs: most of them import Prefect or torch, which `--help`, `stats`, `export`,
+# `audit` and `build --dry-run` never need (tests/flows/test_cli.py checks each help line
+# against what its module registers).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "build": ("flows.cli", "ingest, plan, write, filter and export a dataset"),
+    "export": ("flows.cli", "write shards + manifest from the store"),
+    "stats": ("flows.cli", "where every instruction ended, words and tokens"),
+    "serve": (
+        "flows.serve",
+        "run the embedded llama.cpp OpenAI-compatible server in the foreground",
+    ),
+    "eval": (
+        "flows.eval",
+        "LongBench-Write: length score S_l, judged quality S_q, S per length bucket",
+    ),
+    "train": (
+        "flows.train",
+        "SFT (or --dpo) a base model on shards with TRL; saves HF model + GGUF",
+    ),
+    "pairs": (
+        "flows.pairs",
+        "DPO preference pairs: K AgentWrite variants per plan, judged, best vs lower",
+    ),
+    "publish": (
+        "flows.publish",
+        "upload OUT (card, manifest, report, shards) to the Hugging Face Hub",
+    ),
+    "audit": (
+        "flows.audit",
+        "run the build's rule checks over an existing LongWriter-format dataset",
+    ),
+}
+
+
 def add_command(
     sub: Any,
     name: str,
-    help: str,
     handler: Callable[[argparse.Namespace], int],
     *flags: Flags,
     doc: str | None = None,
 ) -> argparse.ArgumentParser:
-    """A subcommand whose flags are made from settings models (tasks.flags); its description
-    is the first paragraph of `doc` (the command module's docstring)."""
+    """A subcommand whose flags are made from settings models (tasks.flags): its help line
+    from COMMANDS, its description the first paragraph of `doc` (the module's docstring)."""
     description = (doc or "").split("\n\n")[0] or None
-    p = sub.add_parser(name, help=help, description=description)
+    p = sub.add_parser(name, help=COMMANDS[name][1], description=description)
     for f in flags:
         f.add_to(p)
     p.set_defaults(handler=handler)

@@ -673,7 +673,6 @@ def add_cli(sub: Any) -> None:
     add_command(
         sub,
         "eval",
-        "LongBench-Write: length score S_l, judged quality S_q, S per length bucket",
         cmd_eval,
         EVAL_FLAGS,
         doc=__doc__,

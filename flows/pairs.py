@@ -174,7 +174,6 @@ def add_cli(sub: Any) -> None:
     add_command(
         sub,
         "pairs",
-        "DPO preference pairs: K AgentWrite variants per plan, judged, best vs lower",
         cmd_pairs,
         PAIRS_FLAGS,
         doc=__doc__,

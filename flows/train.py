@@ -153,7 +153,6 @@ def add_cli(sub: Any) -> None:
     add_command(
         sub,
         "train",
-        "SFT (or --dpo) a base model on shards with TRL; saves HF model + GGUF",
         cmd_train,
         TRAIN_FLAGS,
         doc=__doc__,

@@ -65,6 +65,7 @@ UNRELATED: dict[tuple[str, object], str] = {
     ("tasks/card.py", 1000): "the Hub's size category edges",
     ("tasks/llama_server.py", 512): "the embedded server's batch size",
     ("tasks/quality.py", 512): "characters a quality check reads",
+    ("flows/prefect_api.py", 2000): "characters of the API server's output shown on failure",
 }
 
 
