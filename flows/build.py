@@ -46,6 +46,7 @@ from flows.stages import (
     plan_batch,
     write_batch,
 )
+from storage.models import UNFINISHED, InstructionStatus
 from storage.store import Store
 from tasks.endpoints import ResolvedEndpoints, sampling_extras, writer_languages
 from tasks.filters import FilterConfig
@@ -66,8 +67,6 @@ from tasks.settings import BuildSettings
 from tasks.write import ContextBudget
 
 __all__ = ["BuildSettings", "build_flow", "run_build", "stage_config"]
-
-UNFINISHED = ("pending", "planned", "written")
 
 
 def stage_config(settings: BuildSettings, resolved: ResolvedEndpoints) -> StageConfig:
@@ -282,9 +281,7 @@ async def build_flow(settings: BuildSettings) -> dict[str, Any]:
             logger.info("ingest %s: %s", settings.instructions, counts)
             for line in monitoring.ingest_rejection_lines(store, seen):
                 logger.warning(line)
-        first = store.instruction_ids(
-            ["pending", "planned", "written", "accepted", "rejected"], settings.limit
-        )
+        first = store.instruction_ids(list(InstructionStatus), settings.limit)
         ids = store.instruction_ids(UNFINISHED)
         scope = set(first)
         ids = [i for i in ids if i in scope and settings.in_partition(i)]

@@ -26,6 +26,7 @@ from prefect.artifacts import (
     aupdate_progress_artifact,
 )
 
+from storage.models import RunStatus
 from storage.store import Store
 from tasks.endpoints import ConfigError, ResolvedEndpoints, open_endpoints
 from tasks.llm_client import LLMClient, RetryPolicy
@@ -53,9 +54,9 @@ def recorded_run(store_url: str, command: str, settings: dict[str, Any]) -> Iter
     run = RecordedRun(store, store.start_run(command, settings))
     try:
         yield run
-        store.finish_run(run.id, "completed", run.summary)
+        store.finish_run(run.id, RunStatus.COMPLETED, run.summary)
     except BaseException as exc:
-        store.finish_run(run.id, "failed", {}, error=f"{type(exc).__name__}: {exc}")
+        store.finish_run(run.id, RunStatus.FAILED, {}, error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
         store.close()

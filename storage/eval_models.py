@@ -1,8 +1,7 @@
 """Records of `longwriter eval` (LongBench-Write), kept apart from the build's tables.
 
-Import this module before constructing `Store(url)`: the store's `create_all` creates every
-table registered on SQLModel's metadata at that moment, so importing it first is what gives an
-eval database these tables.
+Registered on import of the storage package (storage/__init__.py), like every table, so
+`Store(url)` creates them whichever module was imported first.
 
   eval_generation  one answer of the evaluated model to one prompt, keyed by the generation
                    request's idempotency key (model + prompt + sampling parameters): a rerun of

@@ -15,6 +15,7 @@ Tables:
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from enum import StrEnum
 
 from sqlalchemy import Column, Index, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
@@ -24,13 +25,39 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class InstructionStatus(StrEnum):
+    """Where an instruction is: pending -> planned -> written -> accepted | rejected.
+
+    The values are the strings stores have always held (the column stays a plain string, so
+    a store written before this enum reads the same); a member is a `str` and compares equal
+    to its value."""
+
+    PENDING = "pending"
+    PLANNED = "planned"
+    WRITTEN = "written"
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+
+
+# Statuses a build still has work for (a rerun resumes them), in pipeline order.
+UNFINISHED = (InstructionStatus.PENDING, InstructionStatus.PLANNED, InstructionStatus.WRITTEN)
+
+
+class RunStatus(StrEnum):
+    """A `run` row's status; the values are those stores hold, as for InstructionStatus."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
 class Run(SQLModel, table=True):
     __tablename__ = "run"
     id: int | None = Field(default=None, primary_key=True)
     kind: str = Field(index=True)  # build | eval | export
     started_at: datetime = Field(default_factory=utcnow)
     finished_at: datetime | None = None
-    status: str = "running"  # running | completed | failed
+    status: str = RunStatus.RUNNING
     settings_json: str = Field(default="{}", sa_column=Column(Text))
     summary_json: str = Field(default="{}", sa_column=Column(Text))
     error: str | None = Field(default=None, sa_column=Column(Text))
@@ -48,8 +75,7 @@ class Instruction(SQLModel, table=True):
     source: str = ""  # the record's own `source` field, else the input file
     input_file: str = Field(default="", index=True)  # for per-file line accounting
     line_no: int | None = None
-    # pending -> planned -> written -> accepted | rejected
-    status: str = Field(default="pending", index=True)
+    status: str = Field(default=InstructionStatus.PENDING, index=True)  # InstructionStatus
     created_at: datetime = Field(default_factory=utcnow)
 
 

@@ -1,8 +1,7 @@
 """Records of `longwriter pairs` (DPO preference pairs), kept apart from the build's tables.
 
-Import this module before constructing `Store(url)`: the store's `create_all` creates every
-table registered on SQLModel's metadata at that moment, so importing it first is what gives a
-store these tables (the build's own tables are untouched).
+Registered on import of the storage package (storage/__init__.py), like every table, so
+`Store(url)` creates them whichever module was imported first.
 
   pair_variant_paragraph  one paragraph of one extra AgentWrite sample: the instruction's
                           stored plan written again with other sampling (variant >= 1),

@@ -29,11 +29,13 @@ from sqlmodel import Session, SQLModel, col, create_engine, select
 from storage.models import (
     DraftCheck,
     Instruction,
+    InstructionStatus,
     LLMCall,
     Paragraph,
     Plan,
     Rejection,
     Run,
+    RunStatus,
     Sample,
     SourceFile,
     utcnow,
@@ -162,7 +164,7 @@ class Store:
     # the writers go on: each output is durable before its caller uses it, and 64 chains
     # share one commit instead of paying one each.
 
-    def save(self, *rows: SQLModel, status: tuple[int, str] | None = None) -> None:
+    def save(self, *rows: SQLModel, status: tuple[int, InstructionStatus] | None = None) -> None:
         """Write rows (insert or update by primary key) and optionally move one instruction to a
         new status, all in one transaction, so a crash never leaves half a step behind.
         Another process writing the same key (a second build, a partition) is no error: the
@@ -174,7 +176,9 @@ class Store:
         are the same upsert now)."""
         self._apply(self._ops(rows, None))
 
-    async def asave(self, *rows: SQLModel, status: tuple[int, str] | None = None) -> None:
+    async def asave(
+        self, *rows: SQLModel, status: tuple[int, InstructionStatus] | None = None
+    ) -> None:
         """`save` through the event loop's batched writer: returns once the rows are
         committed, in one transaction with whatever else was written in the same turn."""
         await self._writer().submit(self._ops(rows, status))
@@ -209,7 +213,9 @@ class Store:
         ops = self._reject_ops(instruction_id, stage, reason, detail, raw, extra_rows)
         await self._writer().submit(ops)
 
-    def _ops(self, rows: Iterable[SQLModel], status: tuple[int, str] | None) -> list[_Op]:
+    def _ops(
+        self, rows: Iterable[SQLModel], status: tuple[int, InstructionStatus] | None
+    ) -> list[_Op]:
         ops: list[_Op] = []
         for row in rows:
             table = row.__table__  # type: ignore[attr-defined]
@@ -234,7 +240,7 @@ class Store:
         raw: str | None,
         extra_rows: Iterable[SQLModel],
     ) -> list[_Op]:
-        ops = self._ops(extra_rows, (instruction_id, "rejected"))
+        ops = self._ops(extra_rows, (instruction_id, InstructionStatus.REJECTED))
         values = {
             "b_iid": instruction_id,
             "b_stage": stage,
@@ -378,7 +384,7 @@ class Store:
             return run.id
 
     def finish_run(
-        self, run_id: int, status: str, summary: dict[str, Any], error: str | None = None
+        self, run_id: int, status: RunStatus, summary: dict[str, Any], error: str | None = None
     ) -> None:
         with self.session() as s:
             run = s.get(Run, run_id)
@@ -409,7 +415,9 @@ class Store:
             rows = s.exec(select(Instruction.norm_hash, Instruction.id, Instruction.uid)).all()
         return {h: (i, u) for h, i, u in rows if i is not None}
 
-    def instruction_ids(self, statuses: Iterable[str], limit: int | None = None) -> list[int]:
+    def instruction_ids(
+        self, statuses: Iterable[InstructionStatus], limit: int | None = None
+    ) -> list[int]:
         with self.session() as s:
             q = (
                 select(Instruction.id)
@@ -455,7 +463,7 @@ class Store:
                     .where(col(Sample.instruction_id) > last_id)
                     # a sample rejected after acceptance (a near-duplicate at export) stays
                     # in the store with its reason, but is not exported
-                    .where(col(Instruction.status) == "accepted")
+                    .where(col(Instruction.status) == InstructionStatus.ACCEPTED)
                     .order_by(col(Sample.instruction_id))
                     .limit(batch_size)
                 ).all()
@@ -472,7 +480,7 @@ class Store:
                 select(Sample, Instruction.prompt)
                 .join(Instruction, col(Instruction.id) == col(Sample.instruction_id))
                 .where(col(Sample.instruction_id).in_(ids))
-                .where(col(Instruction.status) == "accepted")
+                .where(col(Instruction.status) == InstructionStatus.ACCEPTED)
                 .where(col(Sample.quality_json).is_(None))
                 .order_by(col(Sample.instruction_id))
             ).all()
@@ -492,12 +500,12 @@ class Store:
                 select(Paragraph.cleanings_json)
                 .join(Instruction, col(Instruction.id) == col(Paragraph.instruction_id))
                 .where(col(Paragraph.cleanings_json) != "[]")
-                .where(col(Instruction.status) == "accepted")
+                .where(col(Instruction.status) == InstructionStatus.ACCEPTED)
             ).all()
             means = s.exec(
                 select(func.avg(Sample.length_score), func.avg(Sample.plan_fidelity))
                 .join(Instruction, col(Instruction.id) == col(Sample.instruction_id))
-                .where(col(Instruction.status) == "accepted")
+                .where(col(Instruction.status) == InstructionStatus.ACCEPTED)
             ).one()
         failed_drafts: dict[str, dict[str, int]] = {}
         for stage, reason, n in failed:
@@ -539,7 +547,7 @@ class Store:
             samples = s.exec(
                 select(func.count(), func.coalesce(func.sum(Sample.words), 0))
                 .join(Instruction, col(Instruction.id) == col(Sample.instruction_id))
-                .where(col(Instruction.status) == "accepted")
+                .where(col(Instruction.status) == InstructionStatus.ACCEPTED)
             ).one()
             sources = s.exec(select(SourceFile)).all()
             ingest_rej = Counter(

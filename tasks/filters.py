@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from prompts import prompt_version
-from storage.models import Sample
+from storage.models import InstructionStatus, Sample
 from storage.store import InstructionState
 from tasks.plan import steps_from_json
 from tasks.quality import KEEP, REFUSAL_RE, ParagraphContext, Verdict
@@ -207,7 +207,7 @@ def filter_instruction(rt: BuildRuntime, state: InstructionState) -> bool:
             plan_fidelity=plan_fidelity(candidate),
             prompt_version=f"{prompt_version('plan')},{prompt_version('write')}",
         ),
-        status=(inst.id, "accepted"),
+        status=(inst.id, InstructionStatus.ACCEPTED),
     )
     rt.progress.accepted += 1
     return True
@@ -217,4 +217,8 @@ async def filter_batch(runtime_id: str, instruction_ids: list[int]) -> int:
     """Filter the written instructions of a batch. Returns how many were accepted."""
     rt = get_runtime(runtime_id)
     states = rt.store.load_states(instruction_ids)
-    return sum(filter_instruction(rt, s) for s in states if s.instruction.status == "written")
+    return sum(
+        filter_instruction(rt, s)
+        for s in states
+        if s.instruction.status == InstructionStatus.WRITTEN
+    )

@@ -28,6 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from storage.models import InstructionStatus
 from tasks.endpoints import EMBEDDED_CONTEXT_WINDOW, REMOTE_CONTEXT_WINDOW, split_urls
 from tasks.flags import derive
 from tasks.plan import (
@@ -406,11 +407,13 @@ def pending_from_store(
             return [], 0, 0
     store = Store(url)
     try:
-        scope = store.instruction_ids(
-            ("pending", "planned", "written", "accepted", "rejected"), limit
-        )
+        scope = store.instruction_ids(list(InstructionStatus), limit)
         in_scope = set(scope)
-        todo = [i for i in store.instruction_ids(("pending", "planned")) if i in in_scope]
+        todo = [
+            i
+            for i in store.instruction_ids((InstructionStatus.PENDING, InstructionStatus.PLANNED))
+            if i in in_scope
+        ]
         out = []
         for st in store.load_states(todo):
             plan = tuple(steps_from_json(st.plan.steps_json)) if st.plan else None

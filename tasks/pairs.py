@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 from sqlmodel import col, select
 
 from prompts import prompt_version
-from storage.models import Instruction, Plan, Sample
+from storage.models import Instruction, InstructionStatus, Plan, Sample
 from storage.pair_models import PairDecision, PairJudgement, VariantParagraph, VariantSample
 from storage.store import Store
 from tasks.filters import FilterConfig, SampleCandidate, run_filters
@@ -321,7 +321,11 @@ def export_pairs(
 # -- stages over the store (their Prefect tasks are in flows.stages) ----------------------------
 
 # Instructions whose plan is accepted: the build planned them and did not reject them.
-ELIGIBLE_STATUSES = ("accepted", "written", "planned")
+ELIGIBLE_STATUSES = (
+    InstructionStatus.ACCEPTED,
+    InstructionStatus.WRITTEN,
+    InstructionStatus.PLANNED,
+)
 
 
 @dataclass
@@ -421,7 +425,7 @@ def _load_items(store: Store, ids: list[int]) -> list[_Item]:
     for i in ids:
         if i in insts and i in plans:
             inst = insts[i]
-            sample = samples.get(i) if inst.status == "accepted" else None
+            sample = samples.get(i) if inst.status == InstructionStatus.ACCEPTED else None
             items.append(_Item(inst, steps_from_json(plans[i].steps_json), sample))
     return items
 

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from prompts import prompt_version, render
-from storage.models import Instruction, LLMCall
+from storage.models import Instruction, InstructionStatus, LLMCall
 from storage.models import Plan as PlanRow
 from tasks.llm_client import (
     BadOutputError,
@@ -536,7 +536,7 @@ async def plan_instruction(rt: BuildRuntime, inst: Instruction) -> bool:
                 total_words=sum(s.word_count for s in steps),
                 prompt_version=request.prompt_version,
             ),
-            status=(inst.id, "planned"),
+            status=(inst.id, InstructionStatus.PLANNED),
         )
         rt.progress.plans += 1
         rt.progress.paragraphs_planned += len(steps)
@@ -548,7 +548,7 @@ async def plan_batch(runtime_id: str, instruction_ids: list[int]) -> int:
     """Plan every pending instruction of a batch concurrently. Returns how many were planned."""
     rt = get_runtime(runtime_id)
     states = rt.store.load_states(instruction_ids)
-    todo = [s.instruction for s in states if s.instruction.status == "pending"]
+    todo = [s.instruction for s in states if s.instruction.status == InstructionStatus.PENDING]
 
     async def one(inst: Instruction) -> bool:
         ok = await in_chain_slot(rt, plan_instruction(rt, inst))

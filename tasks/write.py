@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from prompts import prompt_version, render
-from storage.models import DraftCheck, Instruction, Paragraph
+from storage.models import DraftCheck, Instruction, InstructionStatus, Paragraph
 from storage.store import InstructionState, Store
 from tasks.flags import derive
 from tasks.llm_client import (
@@ -651,14 +651,18 @@ async def write_instruction(rt: BuildRuntime, state: InstructionState) -> bool:
             written.append(para.text)
     finally:
         rt.client.release_affinity(instruction_affinity(state.instruction))
-    await rt.store.asave(status=(state.instruction.id, "written"))
+    await rt.store.asave(status=(state.instruction.id, InstructionStatus.WRITTEN))
     return True
 
 
 async def write_batch(runtime_id: str, instruction_ids: list[int]) -> int:
     """Write the planned instructions of a batch, many at once, each one step by step."""
     rt = get_runtime(runtime_id)
-    states = [s for s in rt.store.load_states(instruction_ids) if s.instruction.status == "planned"]
+    states = [
+        s
+        for s in rt.store.load_states(instruction_ids)
+        if s.instruction.status == InstructionStatus.PLANNED
+    ]
 
     async def one(state: InstructionState) -> bool:
         ok = await in_chain_slot(rt, write_instruction(rt, state))

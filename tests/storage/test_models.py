@@ -1,0 +1,185 @@
+"""storage/: every table is registered whatever was imported first, and statuses are one
+StrEnum per status column whose values are the strings stores have always held."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect
+
+from storage.models import UNFINISHED, Instruction, InstructionStatus, Run, RunStatus
+from storage.store import Store
+
+REPO = Path(__file__).resolve().parents[2]
+PRODUCT = ("flows", "tasks", "storage", "prompts", "deploy")
+EVERY_TABLE = {
+    "run",
+    "instruction",
+    "rejection",
+    "llm_call",
+    "plan",
+    "paragraph",
+    "sample",
+    "draft_check",
+    "source_file",
+    "eval_generation",
+    "eval_judgement",
+    "pair_variant_paragraph",
+    "pair_variant_sample",
+    "pair_judgement",
+    "pair_decision",
+}
+
+
+@pytest.mark.parametrize(
+    "first_import",
+    ["storage.store", "storage.models", "storage.eval_models", "storage.pair_models", "tasks.plan"],
+)
+def test_a_store_creates_every_table_whichever_module_came_first(
+    tmp_path: Path, first_import: str
+) -> None:
+    # A fresh interpreter: in this one every module is imported already.
+    db = tmp_path / "store.db"
+    code = (
+        f"import {first_import}\n"
+        "import sys\n"
+        "from storage.store import Store\n"
+        f"Store({str(db)!r}).close()\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
+    tables = {r[0] for r in sqlite3.connect(db).execute("select name from sqlite_master")}
+    assert EVERY_TABLE <= tables
+
+
+def test_statuses_keep_the_values_stores_hold() -> None:
+    assert [s.value for s in InstructionStatus] == [
+        "pending",
+        "planned",
+        "written",
+        "accepted",
+        "rejected",
+    ]
+    assert [s.value for s in RunStatus] == ["running", "completed", "failed"]
+    assert UNFINISHED == ("pending", "planned", "written")
+    assert Instruction(uid="u", prompt="p", norm_hash="h").status == "pending"
+    assert Run(kind="build").status == "running"
+    assert json.dumps([InstructionStatus.ACCEPTED]) == '["accepted"]'
+
+
+def test_a_store_written_with_plain_strings_reads_the_same(tmp_path: Path) -> None:
+    """A store from before the enum (statuses as plain text) is read by the enum's code, and
+    what the enum's code writes is the same plain text."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    store = Store(url)
+    try:
+        with store.engine.begin() as conn:
+            conn.exec_driver_sql(
+                "insert into instruction (id, uid, prompt, norm_hash, lang, source, input_file,"
+                " status, created_at) values (1, 'a', 'Write.', 'h1', 'en', '', '', 'planned',"
+                " '2025-01-01 00:00:00'), (2, 'b', 'Write.', 'h2', 'en', '', '', 'accepted',"
+                " '2025-01-01 00:00:00')"
+            )
+        assert store.instruction_ids([InstructionStatus.PLANNED]) == [1]
+        assert store.stats()["instructions"]["by_status"] == {"planned": 1, "accepted": 1}
+        store.save(status=(1, InstructionStatus.WRITTEN))
+        store.reject(2, "filter", "too_short")
+        run_id = store.start_run("build", {})
+        store.finish_run(run_id, RunStatus.COMPLETED, {})
+    finally:
+        store.close()
+    db = sqlite3.connect(tmp_path / "old.db")
+    rows = db.execute("select id, status, typeof(status) from instruction order by id").fetchall()
+    assert rows == [(1, "written", "text"), (2, "rejected", "text")]
+    assert db.execute("select status from run").fetchall() == [("completed",)]
+
+
+@pytest.mark.postgres
+def test_statuses_are_stored_as_their_values_on_postgres(pg_url: str) -> None:
+    # psycopg dumps a plain Enum by its *name*; a StrEnum must reach it as its value.
+    store = Store(pg_url)
+    try:
+        inst = Instruction(uid="a", prompt="Write.", norm_hash="h")
+        store.add_all([inst])
+        [iid] = store.instruction_ids([InstructionStatus.PENDING])
+        store.save(status=(iid, InstructionStatus.PLANNED))
+        with store.engine.connect() as conn:
+            raw = conn.exec_driver_sql("select status from instruction").scalar_one()
+    finally:
+        store.close()
+    assert raw == "planned"
+
+
+# -- no bare status strings in product code ------------------------------------------------
+
+_VALUES = {s.value for s in InstructionStatus} | {s.value for s in RunStatus}
+
+
+# An instruction's or a run's status (a pairs variant's written/failed is its own field).
+_STATUS_OF = re.compile(r"\b(?:inst|instruction|Instruction|run|Run)\)?\.status\b")
+
+
+def _bare_statuses(tree: ast.AST) -> list[int]:
+    """Lines comparing an instruction's or run's `.status` with a status literal, or handing
+    one to the store (`status=`, `finish_run`, `instruction_ids`)."""
+    found: list[int] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            on_status = any(
+                _STATUS_OF.search(ast.unparse(s)) and not isinstance(s, ast.Constant) for s in sides
+            )
+            literal = any(isinstance(s, ast.Constant) and s.value in _VALUES for s in sides)
+            if on_status and literal:
+                found.append(node.lineno)
+        elif isinstance(node, ast.keyword) and node.arg == "status":
+            if any(isinstance(c, ast.Constant) and c.value in _VALUES for c in ast.walk(node)):
+                found.append(node.value.lineno)
+        elif isinstance(node, ast.Call):
+            name = ast.unparse(node.func)
+            if name.endswith(("finish_run", "instruction_ids")):
+                args = [c for a in node.args for c in ast.walk(a)]
+                if any(isinstance(c, ast.Constant) and c.value in _VALUES for c in args):
+                    found.append(node.lineno)
+    return found
+
+
+def test_no_bare_status_strings_in_product_code() -> None:
+    found = [
+        f"{path.relative_to(REPO)}:{line}"
+        for package in PRODUCT
+        for path in sorted((REPO / package).rglob("*.py"))
+        if path.name != "models.py" or path.parent.name != "storage"
+        for line in _bare_statuses(ast.parse(path.read_text(encoding="utf-8")))
+    ]
+    assert not found, "use storage.models.InstructionStatus / RunStatus: " + ", ".join(found)
+
+
+def test_the_bare_status_check_sees_them() -> None:
+    code = (
+        "if inst.status == 'written': pass\n"
+        "store.save(row, status=(1, 'accepted'))\n"
+        "store.finish_run(run_id, 'failed', {})\n"
+        "ids = store.instruction_ids(['pending'])\n"
+        "ok = inst.status == InstructionStatus.WRITTEN\n"
+        "label = 'written'\n"
+        "done = variant.status == 'written'\n"  # a pairs variant's own status
+        "if col(Instruction.status) == 'accepted': pass\n"
+    )
+    assert sorted(_bare_statuses(ast.parse(code))) == [1, 2, 3, 4, 8]
+
+
+def test_status_columns_stay_plain_strings(tmp_path: Path) -> None:
+    """The column is a string (no database enum type): old stores need no migration."""
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    try:
+        cols = {c["name"]: c for c in inspect(store.engine).get_columns("instruction")}
+    finally:
+        store.close()
+    assert "VARCHAR" in str(cols["status"]["type"]).upper()
