@@ -379,8 +379,14 @@ def run_build(
     flow run (default: flows.monitoring.build_run_name); `tags` tag it and its task runs."""
     from prefect import tags as prefect_tags
 
+    from flows import prefect_api
+
+    # Prefect's temporary API server (none when one is to be reused: PREFECT_API_URL, or the
+    # CLI's already started) boots in its own process while this one goes on; the flow waits
+    # for it only as it starts (flows/prefect_api.py).
+    api = prefect_api.launch()
     flow_ = build_flow.with_options(flow_run_name=run_name) if run_name else build_flow
-    with prefect_tags(*tags):
+    with prefect_api.serving(api), prefect_tags(*tags):
         summary = asyncio.run(flow_(settings=settings))
     if on_summary:
         on_summary(summary)
