@@ -11,18 +11,26 @@ Two kinds of outcome, both with a named reason that is stored:
   prompt text inside the prose, a paragraph restating an earlier one); the write stage
   redrafts it with a new seed and only rejects the sample when every draft fails.
 
-Reason codes: reasoning, chatter, prompt_echo, markup, wrong_language, restated_paragraph
-(paragraph level); plan_duplicate_points, plan_meta_points, plan_echoes_instruction (plans).
-Each check errs on the side of passing real prose: dialogue, quoted speech, a letter that asks
-for a reply, an essay about HTML, a poem with a refrain, Chinese quoting English terms.
+Reason codes: reasoning, chatter, prompt_echo, markup, wrong_language, restated_paragraph,
+refusal (paragraph level); plan_duplicate_points, plan_meta_points, plan_echoes_instruction
+(plans). Each check errs on the side of passing real prose: dialogue, quoted speech, a letter
+that asks for a reply, an essay about HTML, a poem or song whose refrain repeats, Chinese quoting
+English terms, parallel plan points ("... in China" / "... in Japan").
+
+The rules describe each defect family, not particular texts: they were widened after the blind
+held-out measurement (tests/tasks/test_quality_holdout.py) showed the families they missed, and
+every rule has must-pass cases beside its catches in tests/tasks/test_quality.py.
 """
 
 from __future__ import annotations
 
 import functools
+import html
 import re
+import threading
 import unicodedata
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 from pathlib import Path
@@ -161,9 +169,15 @@ def expected_language(instruction: str) -> str:
 # -- reasoning blocks -----------------------------------------------------------------------
 
 _THINK_TAGS = r"(?:think|thinking|thought|reasoning|reflection)"
-_THINK_BLOCK_RE = re.compile(rf"<{_THINK_TAGS}>.*?</{_THINK_TAGS}>\s*", re.IGNORECASE | re.DOTALL)
-_THINK_OPEN_RE = re.compile(rf"^\s*<{_THINK_TAGS}>", re.IGNORECASE)
-_THINK_CLOSE_RE = re.compile(rf"</{_THINK_TAGS}>\s*", re.IGNORECASE)
+# The spellings reasoning models use for the block's delimiters: <think> (DeepSeek-R1, Qwen3),
+# ◁think▷ (Kimi), [THINK] (Magistral), <|begin_of_thought|> (Sky-T1, OpenThoughts).
+_THINK_OPEN = rf"(?:<{_THINK_TAGS}>|◁{_THINK_TAGS}▷|\[think\]|<\|begin_of_(?:thought|reasoning)\|>)"
+_THINK_CLOSE = (
+    rf"(?:</{_THINK_TAGS}>|◁/{_THINK_TAGS}▷|\[/think\]|<\|end_of_(?:thought|reasoning)\|>)"
+)
+_THINK_BLOCK_RE = re.compile(rf"{_THINK_OPEN}.*?{_THINK_CLOSE}\s*", re.IGNORECASE | re.DOTALL)
+_THINK_OPEN_RE = re.compile(rf"^\s*{_THINK_OPEN}", re.IGNORECASE)
+_THINK_CLOSE_RE = re.compile(rf"{_THINK_CLOSE}\s*", re.IGNORECASE)
 
 
 def split_reasoning(text: str) -> tuple[str, str]:
@@ -221,13 +235,24 @@ _CHATTER_START_EN = re.compile(
     # "Here is what you asked for:", "Here you go!"
     rf"|{_HERE}\s+(?:what|the (?:text|one)) you (?:asked|requested|wanted)[^.!?:\n]{{0,40}}[.!:：]"
     r"|here you (?:go|are)[!.:]+"
-    # "I'm glad to see you've...", "I'd be happy to write...", "Thank you for your request."
-    r"|(?:i'?m|i am) (?:glad|happy|delighted|excited|pleased) (?:to|that|you)[^.!?\n]*[.!?]+"
-    r"|i(?:'d| would) (?:be )?(?:happy|glad|love) to[^.!?\n]*[.!?:]+"
-    r"|(?:thank you|thanks) for (?:your|the|this|sharing|asking|providing)[^.!?\n]*[.!?]+"
     r"|as (?:requested|you requested|you asked)[^.!?:\n]*[.!?:,]+"
     r"|(?:let me|i will|i'll|allow me to) (?:write|continue|draft|provide|start|begin|"
     r"present|expand|rewrite|revise)[^.!?:\n]*[.!?:]+"
+    # a disclaimer that goes on to deliver the piece: "As an AI language model, I don't learn
+    # languages the way people do, but here is an encouraging essay for adult learners:"
+    r"|as an ai(?: language model)?\b[^.!?:\n]{0,120}?\bbut here(?:'s| is| are)\b[^.!?:\n]{0,80}"
+    r"[.!:：]"
+    r")\s*",
+    re.IGNORECASE,
+)
+# Openings that thank or greet the reader: chatter before an essay or a story, the form itself
+# in a letter or a reply ("Thank you for your kind letter", "谢谢你的来信").
+_CHATTER_START_EN_ADDRESS = re.compile(
+    r"^(?:"
+    # "I'm glad to see you've...", "I'd be happy to write...", "Thank you for your request."
+    r"(?:i'?m|i am) (?:glad|happy|delighted|excited|pleased) (?:to|that|you)[^.!?\n]*[.!?]+"
+    r"|i(?:'d| would) (?:be )?(?:happy|glad|love) to[^.!?\n]*[.!?:]+"
+    r"|(?:thank you|thanks) for (?:your|the|this|sharing|asking|providing)[^.!?\n]*[.!?]+"
     r")\s*",
     re.IGNORECASE,
 )
@@ -240,9 +265,13 @@ _CHATTER_START_ZH = re.compile(
     r"(?:好的|当然可以|没问题|明白了?|收到|当然)[！!]+|(?:好的|当然可以|没问题|明白了?|收到)[，,。~～]+"
     rf"|(?:以下是|下面是|如下是|这是)[^。！？\n]{{0,30}}?{_ZH_META_NOUNS}[^。！？\n]{{0,15}}?[：:。]"
     r"|(?:以下是|下面是)(?:为(?:你|您)|我为(?:你|您)|(?:你|您)要的|根据)[^。！？\n]{0,30}?[：:。]"
-    r"|(?:很高兴|非常乐意|我很乐意|乐意)(?:为(?:你|您)|帮(?:你|您)|能)[^。！？\n]{0,40}[。！!，,]"
-    r"|(?:感谢|谢谢)(?:你|您)的[^。！？\n]{0,30}[。！!，,]"
     r"|(?:根据|按照)(?:你|您)的要求[^。！？\n]{0,40}?[：:，,。]"
+    r")\s*"
+)
+_CHATTER_START_ZH_ADDRESS = re.compile(
+    r"^(?:"
+    r"(?:很高兴|非常乐意|我很乐意|乐意)(?:为(?:你|您)|帮(?:你|您)|能)[^。！？\n]{0,40}[。！!，,]"
+    r"|(?:感谢|谢谢)(?:你|您)的[^。！？\n]{0,30}[。！!，,]"
     r")\s*"
 )
 # Phrases that address the reader: chatter in an essay or story, the form itself in a letter,
@@ -263,6 +292,8 @@ _CHATTER_END_EN_ADDRESS = re.compile(
     + _SENT
     + r"|if there(?:'s| is) anything (?:else )?(?:you|i)\b"
     + _SENT
+    + r"|(?:just )?say the word\b"
+    + _SENT
     + r")\s*$",
     re.IGNORECASE,
 )
@@ -278,6 +309,13 @@ _CHATTER_END_EN = re.compile(
     + _SENT
     + r"|(?:happy writing|happy reading)!*"
     + r"|i can (?:also )?(?:expand|adjust|revise|rewrite|continue|add|provide|help)\b"
+    + _SENT
+    # An offer to rework the piece: "Happy to expand any section further - just say the word!"
+    # (its object is the text; "I'm glad to continue the tradition" closes an essay)
+    + r"|(?:i(?:'d| would) be |i(?:'m| am) (?:also )?)?(?:happy|glad) to (?:expand|elaborate|"
+    r"adjust|revise|rewrite|continue|tweak|shorten|lengthen|tailor|refine|polish|add)\b"
+    r"[^.!?\n]{0,40}?\b(?:sections?|parts?|paragraphs?|piece|essay|story|article|text|draft|"
+    r"version|further|details?|examples?|tips|points?)\b"
     + _SENT
     + r"|(?:thank you|thanks) for (?:reading|your (?:request|patience|time))\b"
     + _SENT
@@ -300,7 +338,18 @@ _CHATTER_END_ZH = re.compile(
     + _ZH_SENT
     + r"|(?:有任何|有什么)[^。！？\n]{0,20}?(?:告诉我|联系我|提出|告知|随时)"
     + _ZH_SENT
-    + r"|(?:请|欢迎)(?:随时)?(?:告诉我|告知|提出|联系)"
+    # "如有任何问题，欢迎继续提问", not a guide's "如有需要，可拨打服务热线"
+    + r"|如有(?:任何|什么|其他|其它)?(?:问题|疑问|需要|需求|建议|意见|修改)[，,、]?\s*"
+    r"(?:请|欢迎|可以|随时|继续|都|尽管)*(?:告诉我|问我|联系我|找我|提问|追问|留言|交流|指出|指正)"
+    + _ZH_SENT
+    + r"|(?:请|欢迎)(?:随时|继续)?(?:告诉我|告知|提出|联系|提问|追问|指正)"
+    + _ZH_SENT
+    # The writer offering the next part or a rework: "需要我继续写下一段吗？", and the
+    # writer closing its own turn: "这个故事就写到这里".
+    + r"|(?:需要|是否需要|要不要)我(?:继续|接着|再|帮(?:你|您)|为(?:你|您))?(?:写|创作|补充|"
+    r"修改|扩展|扩写|润色|调整|完善|续写)"
+    + _ZH_SENT
+    + r"|(?:这个|这篇|本篇|这段|本段|本文|今天)?[^。！？\n]{0,8}?(?:就|先)写到这(?:里|儿)"
     + _ZH_SENT
     + r"|(?:祝(?:你|您)(?:写作|阅读)?(?:愉快|顺利))"
     + _ZH_SENT
@@ -327,13 +376,15 @@ def _inside_quotes(line: str, start: int, match: str) -> bool:
     return opened > closed or straight % 2 == 1 or any(q in inner for q in _QUOTE_CLOSE + '"')
 
 
-def _strip_start_chatter(text: str) -> tuple[str, list[str]]:
+def _strip_start_chatter(text: str, address: bool = False) -> tuple[str, list[str]]:
     removed: list[str] = []
     while True:
         lead = text.lstrip()
         if not lead or _speech(lead):
             return lead, removed
         m = _CHATTER_START_EN.match(lead) or _CHATTER_START_ZH.match(lead)
+        if m is None and not address:
+            m = _CHATTER_START_EN_ADDRESS.match(lead) or _CHATTER_START_ZH_ADDRESS.match(lead)
         if not m or not m.group(0).strip():
             return lead, removed
         removed.append(m.group(0).strip())
@@ -381,75 +432,189 @@ _PROMPT_TAG_RE = re.compile(
     r"paragraph_so_far|outline|already_written)>",
     re.I,
 )
-_ECHO_LINE_RES = (
-    _PROMPT_TAG_RE,
-    re.compile(
-        r"\baim(?:ing|s)? (?:for|at) (?:about |around |roughly |approximately |a maximum of |"
-        r"only |up to )?\d[\d,]* words\b",
-        re.I,
+# Each pattern with the lower-cased words that every match of it holds: a line is scanned only
+# with the patterns whose words it holds, and most lines of plain prose hold none.
+_ECHO_LINE_RULES: tuple[tuple[tuple[str, ...], re.Pattern[str]], ...] = (
+    (("<",), _PROMPT_TAG_RE),
+    (
+        ("aim",),
+        re.compile(
+            r"\baim(?:ing|s)? (?:for|at) (?:about |around |roughly |approximately |a maximum of |"
+            r"only |up to )?\d[\d,]* words\b",
+            re.I,
+        ),
     ),
     # The writer talking about its task: "You're asked to write a long, detailed story",
     # "The text you're asked to write is not only two paragraphs".
-    re.compile(
-        r"\b(?:you(?:'re| are)|i(?:'m| am)|we(?:'re| are)) (?:being )?asked to write\b"
-        r"|\b(?:your|my|the) task (?:here )?is to write\b",
-        re.I,
+    (
+        ("asked to write", "task"),
+        re.compile(
+            r"\b(?:you(?:'re| are)|i(?:'m| am)|we(?:'re| are)) (?:being )?asked to write\b"
+            r"|\b(?:your|my|the) task (?:here )?is to write\b",
+            re.I,
+        ),
     ),
-    re.compile(r"\bword count\s*[:：]\s*\d", re.I),
-    re.compile(r"\bparagraph \d+\s*[-–—:]\s*main point\s*[:：]", re.I),
-    re.compile(r"\bmain point\s*[:：]", re.I),
-    re.compile(r"\bnow write paragraph \d+", re.I),
-    re.compile(r"\bwrite (?:the )?(?:next|opening|first) paragraph only\b", re.I),
-    re.compile(
-        r"^\W*(?:your|my|the) (?:opening|next|first|final|last|new) paragraph\s*[:：]", re.I
+    (("word count",), re.compile(r"\bword count\s*[:：]\s*\d", re.I)),
+    (("main point",), re.compile(r"\bparagraph \d+\s*[-–—:]\s*main point\s*[:：]", re.I)),
+    (("main point",), re.compile(r"\bmain point\s*[:：]", re.I)),
+    (("paragraph",), re.compile(r"\bnow write paragraph \d+", re.I)),
+    (("paragraph",), re.compile(r"\bwrite (?:the )?(?:next|opening|first) paragraph only\b", re.I)),
+    (
+        ("paragraph",),
+        re.compile(
+            r"^\W*(?:your|my|the) (?:opening|next|first|final|last|new) paragraph\s*[:：]", re.I
+        ),
     ),
-    re.compile(r"\bthe writing instruction\s*[:：]?", re.I),
-    re.compile(r"\bthe text written so far\b", re.I),
-    re.compile(r"\boutput only the (?:new paragraph|continuation)\b", re.I),
-    re.compile(r"\((?:to be (?:completed|continued)|continued|end of paragraph \d+)\)", re.I),
-    re.compile(r"\bdo not repeat (?:any of )?(?:the )?(?:earlier|previous|above) text\b", re.I),
-    re.compile(r"\bparagraph \d+ of \d+\b", re.I),
+    (("instruction",), re.compile(r"\bthe writing instruction\s*[:：]?", re.I)),
+    (("written",), re.compile(r"\bthe text written so far\b", re.I)),
+    (("output only",), re.compile(r"\boutput only the (?:new paragraph|continuation)\b", re.I)),
+    (
+        ("(to be", "(continued", "(end of paragraph"),
+        re.compile(r"\((?:to be (?:completed|continued)|continued|end of paragraph \d+)\)", re.I),
+    ),
+    (
+        ("repeat",),
+        re.compile(r"\bdo not repeat (?:any of )?(?:the )?(?:earlier|previous|above) text\b", re.I),
+    ),
+    (("paragraph",), re.compile(r"\bparagraph \d+ of \d+\b", re.I)),
     # The writer narrating its own work, as small models do: "*Writing the paragraph:",
     # "This sentence continues with the next paragraph", "that's what we need to talk about
     # in the next paragraph". A piece about writing names paragraphs, not its own next one.
-    re.compile(
-        r"^\W*(?:writing|continuing|here is|here's) (?:the |this |my )?"
-        r"(?:next |new |opening |final )?(?:paragraph|section)\s*[:：]",
-        re.I | re.M,
+    (
+        ("paragraph", "section"),
+        re.compile(
+            r"^\W*(?:writing|continuing|here is|here's) (?:the |this |my )?"
+            r"(?:next |new |opening |final )?(?:paragraph|section)\s*[:：]",
+            re.I | re.M,
+        ),
     ),
-    re.compile(r"\bthis (?:sentence|paragraph) (?:continues|will continue)\b", re.I),
+    (
+        ("this sentence", "this paragraph"),
+        re.compile(r"\bthis (?:sentence|paragraph) (?:continues|will continue)\b", re.I),
+    ),
     # "The next paragraph can be developed further:", "The next paragraph continues:"
-    re.compile(
-        r"^\W*the next (?:paragraph|section|part|sentence) (?:can|could|will|would|should|"
-        r"continues|is|reveals)\b[^.\n]{0,60}[:：]",
-        re.I | re.M,
+    (
+        ("the next",),
+        re.compile(
+            r"^\W*the next (?:paragraph|section|part|sentence) (?:can|could|will|would|should|"
+            r"continues|is|reveals)\b[^.\n]{0,60}[:：]",
+            re.I | re.M,
+        ),
     ),
     # The prompt's section labels as a line's start: "The plan:", "The plan goes like this:",
     # "Aim: 400 words".
-    re.compile(r"^\W*the plan(?: goes like this| is as follows)?\s*[:：]", re.I | re.M),
-    re.compile(r"\baim\s*[:：]\s*\d[\d,]* words\b", re.I),
-    re.compile(
-        r"\b(?:we|i|let's|let us)\b[^.!?\n]{0,60}\b(?:in|into) the (?:next|following) paragraph\b",
-        re.I,
+    (
+        ("the plan",),
+        re.compile(r"^\W*the plan(?: goes like this| is as follows)?\s*[:：]", re.I | re.M),
     ),
-    re.compile(r"\(nothing (?:yet|written yet)[^)]*\)", re.I),
-    re.compile(r"写作指令\s*[:：]|(?:主要内容|字数)\s*[:：]\s*\S|段落\s*\d+\s*[-–—]\s*主要内容"),
-    re.compile(r"(?:你的|我的)?(?:开头|下一|第一)段\s*[:：]"),
-    re.compile(r"(?:目前|到目前为止)已(?:经)?写(?:好|完)?的(?:内容|文字|文本)\s*[:：]"),
+    (("aim",), re.compile(r"\baim\s*[:：]\s*\d[\d,]* words\b", re.I)),
+    (
+        ("paragraph",),
+        re.compile(
+            r"\b(?:we|i|let's|let us)\b[^.!?\n]{0,60}\b(?:in|into) the (?:next|following) "
+            r"paragraph\b",
+            re.I,
+        ),
+    ),
+    (("nothing",), re.compile(r"\(nothing (?:yet|written yet)[^)]*\)", re.I)),
+    # The writer announcing its own next step, in the prompt's terms: "I will now write the
+    # next paragraph of this essay", "In this paragraph, I will describe ...", "as the plan
+    # asks". A guide's "In this section we'll cover" is a guide's voice and passes.
+    (
+        ("paragraph",),
+        re.compile(
+            r"\b(?:i|we)(?:'ll| will| shall| am going to|'m going to| are going to|'re going to) "
+            r"(?:now )?(?:write|compose|draft|continue|begin|start)\s+(?:with\s+|writing\s+)?"
+            r"(?:the|this|my|our) (?:next|following|new|opening|first|second|third|final|last|"
+            r"closing) paragraph\b",
+            re.I,
+        ),
+    ),
+    (
+        ("paragraph",),
+        re.compile(
+            r"\bin this paragraph,? (?:i|we)(?:'ll| will| shall| am going to|'m going to| are "
+            r"going to|'re going to)\b",
+            re.I,
+        ),
+    ),
+    (
+        ("plan ", "outline", "instruction", "prompt", "brief"),
+        re.compile(
+            r"\bas (?:the|my|your|our) (?:writing )?(?:plan|outline|instructions?|prompt|brief) "
+            r"(?:asks|asks for|asked for|requests|wants|instructs)\b",
+            re.I,
+        ),
+    ),
+    (
+        ("写作", "字数", "主要内容"),
+        re.compile(
+            r"写作指令\s*[:：]|(?:主要内容|字数)\s*[:：]\s*\S|段落\s*\d+\s*[-–—]\s*主要内容"
+        ),
+    ),
+    (("段",), re.compile(r"(?:你的|我的)?(?:开头|下一|第一)段\s*[:：]")),
+    (("已",), re.compile(r"(?:目前|到目前为止)已(?:经)?写(?:好|完)?的(?:内容|文字|文本)\s*[:：]")),
+    # The write prompt's lines in Chinese: "现在写第2段（共4段）", "（本段约400字，不要重复前文。）"
+    (
+        ("段",),
+        re.compile(
+            r"(?:现在|接下来|下面|请)(?:开始)?(?:写|撰写|续写|创作)第\s*[\d一二三四五六七八九十]+\s*段\s*[（(:：]"
+        ),
+    ),
+    (
+        ("段",),
+        re.compile(
+            r"第\s*[\d一二三四五六七八九十]+\s*段\s*[（(]\s*共\s*[\d一二三四五六七八九十]+\s*段\s*[)）]"
+        ),
+    ),
+    (
+        ("段",),
+        re.compile(
+            r"(?:本段|这一段|此段|这段)(?:约|大约|字数|控制在|不少于|不超过|目标)\s*[:：]?\s*"
+            r"[\d一二三四五六七八九十百千]+\s*字"
+        ),
+    ),
+    # the prompt's closing order, not advice ("结尾不要重复前文的内容")
+    (
+        ("重复",),
+        re.compile(
+            r"不要重复(?:前文|上文|前面的?内容|之前的?内容|已写的?内容|已有的?内容)\s*[。.]?\s*"
+            r"(?:[)）]|$)"
+        ),
+    ),
 )
-# Every echo pattern holds one of these (lower-cased): a substring test skips the regex for
-# the lines of plain prose, nearly all of them.
-_ECHO_HINTS = (
-    "<", "aim", "asked to write", "task", "word count", "main point", "paragraph", "the plan",
-    "instruction", "written",
-    "output only", "repeat", "nothing", "(to be", "continued", "this sentence", "section",
-    "写作", "字数", "主要内容",
-    "段", "已",
-)  # fmt: skip
-# All of them in one pattern: one scan per line instead of one per pattern.
-_ECHO_ANY_RE = re.compile(
-    "|".join(f"(?:{r.pattern})" for r in _ECHO_LINE_RES), re.IGNORECASE | re.MULTILINE
-)
+_ECHO_LINE_RES = tuple(r for _, r in _ECHO_LINE_RULES)
+# hint -> the rules that hold it
+_ECHO_HINT_RULES: dict[str, tuple[int, ...]] = {}
+for _i, (_hints, _) in enumerate(_ECHO_LINE_RULES):
+    for _hint in _hints:
+        _ECHO_HINT_RULES[_hint] = (*_ECHO_HINT_RULES.get(_hint, ()), _i)
+_ECHO_HINTS = tuple(_ECHO_HINT_RULES)
+
+
+@functools.lru_cache(maxsize=512)
+def _echo_regex(rules: tuple[int, ...]) -> re.Pattern[str]:
+    """The rules' patterns in one regex: one scan of the line, the leftmost match first."""
+    return re.compile(
+        "|".join(f"(?:{_ECHO_LINE_RES[i].pattern})" for i in rules),
+        re.IGNORECASE | re.MULTILINE,
+    )
+
+
+def _echo_match(line: str) -> re.Match[str] | None:
+    """The first scaffolding match in one line that is not inside quotation marks (an essay
+    on writing that quotes "In this paragraph, I will" as a habit to avoid is no echo)."""
+    low = line.lower()
+    found = [k for k in _ECHO_HINTS if k in low]
+    if not found:
+        return None
+    rules = tuple(sorted({i for k in found for i in _ECHO_HINT_RULES[k]}))
+    for m in _echo_regex(rules).finditer(line):
+        if not _inside_quotes(line, m.start(), m.group(0)):
+            return m
+    return None
+
+
 _JINJA_RE = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}", re.DOTALL)
 
 
@@ -457,12 +622,20 @@ _JINJA_RE = re.compile(r"\{\{.*?\}\}|\{%.*?%\}|\{#.*?#\}", re.DOTALL)
 TEMPLATE_SENTENCE_MIN_WORDS = 6
 
 
+# Prompts no writer sees: the judge's rubric is ordinary English about writing ("Its sentences
+# are clear, precise and easy to follow") that a book review may well use.
+_NOT_WRITER_PROMPTS = frozenset({"judge"})
+
+
 @functools.lru_cache(maxsize=1)
 def template_sentences() -> tuple[str, ...]:
-    """Normalised sentences (8+ words) of the factory's own prompt templates: a paragraph that
-    holds one is an echo of the prompt, whatever the model's wording around it."""
+    """Normalised sentences (6+ words) of the prompt templates a writer (planner, drafter,
+    continuer) is shown: a paragraph that holds one is an echo of the prompt, whatever the
+    model's wording around it."""
     found: set[str] = set()
     for path in sorted(_PROMPTS_DIR.glob("*.j2")):
+        if path.stem in _NOT_WRITER_PROMPTS:
+            continue
         source = _JINJA_RE.sub("\n", path.read_text(encoding="utf-8"))
         for sentence in re.split(r"(?<=[.:!?])\s+|\n+", source):
             words = units(sentence)
@@ -516,15 +689,18 @@ def _first_line(text: str) -> str:
 _ECHO_EDGE_LINE_MAX_WORDS = 25
 
 
-def _echo_lines(text: str) -> list[tuple[int, str]]:
-    """(line index, matched text) of every line that holds the prompt's scaffolding."""
+def _echo_lines(text: str, grams: Sequence[tuple[str, ...]] | None = None) -> list[tuple[int, str]]:
+    """(line index, matched text) of every line that holds the prompt's scaffolding. `grams`:
+    the text's 6-grams when known; none of them in a template sentence, no line holds one."""
     hits: list[tuple[int, str]] = []
     sentences = template_sentences()
+    look_for_sentences = grams is None or not _template_grams().isdisjoint(grams)
     for i, line in enumerate(text.splitlines()):
-        low = line.lower()
-        m = _ECHO_ANY_RE.search(line) if any(k in low for k in _ECHO_HINTS) else None
+        m = _echo_match(line)
         if m:
             hits.append((i, m.group(0)))
+            continue
+        if not look_for_sentences:
             continue
         norm = _normal(line)
         if len(norm.split()) >= TEMPLATE_SENTENCE_MIN_WORDS:
@@ -534,17 +710,54 @@ def _echo_lines(text: str) -> list[tuple[int, str]]:
     return hits
 
 
+# A run this long copied from a template sentence is the prompt's wording, even when the
+# sentence around it is the model's own: "As a skilled writer working through a long piece one
+# paragraph at a time, I will ..." echoes "You are a skilled writer working through ...".
+TEMPLATE_RUN_WORDS = 8
+_TEMPLATE_N = 6  # the restatement check's English n: the text's n-grams come from its cache
+
+
+@functools.lru_cache(maxsize=1)
+def _template_grams() -> frozenset[tuple[str, ...]]:
+    return frozenset(g for s in template_sentences() for g in ngrams(s.split(), _TEMPLATE_N))
+
+
+def _template_run(grams: Sequence[tuple[str, ...]]) -> str | None:
+    """The first run of TEMPLATE_RUN_WORDS or more words (consecutive n-grams) that a
+    template sentence holds, or None."""
+    known = _template_grams()
+    if known.isdisjoint(grams):
+        return None
+    need = TEMPLATE_RUN_WORDS - _TEMPLATE_N + 1
+    run = 0
+    for i, g in enumerate(grams):
+        run = run + 1 if g in known else 0
+        if run >= need:
+            first = grams[i - need + 1]
+            return " ".join(first + g[_TEMPLATE_N - need + 1 :])
+    return None
+
+
+# A bracketed note closing the paragraph: "（本段约400字，不要重复前文。）", "(Aim: 400 words)".
+_TRAILING_NOTE_RE = re.compile(r"\s*[(（][^()（）\n]{1,80}[)）][.。]?\s*$")
+
+
 def _strip_echo_edges(text: str, ctx: ParagraphContext) -> tuple[str, list[str]]:
     """Drop whole scaffolding lines at the paragraph's start and end (a short line that is
-    only "Your next paragraph:" or "Aim for about 400 words (to be completed)"), and a plan
-    main point pasted as the opening line when prose follows it."""
+    only "Your next paragraph:" or "Aim for about 400 words (to be completed)"), a bracketed
+    scaffolding note at its very end, and a plan main point pasted as the opening line when
+    prose follows it."""
     removed: list[str] = []
     lines = text.strip().splitlines()
 
     def is_scaffold(line: str) -> bool:
         if not line.strip():
             return True
-        return count_words(line) <= _ECHO_EDGE_LINE_MAX_WORDS and bool(_echo_lines(line))
+        if count_words(line) > _ECHO_EDGE_LINE_MAX_WORDS:
+            return False
+        if _echo_lines(line):
+            return True
+        return _template_run(ngrams(units(line), _TEMPLATE_N)) is not None
 
     while lines and is_scaffold(lines[0]):
         if lines[0].strip():
@@ -554,6 +767,11 @@ def _strip_echo_edges(text: str, ctx: ParagraphContext) -> tuple[str, list[str]]
         if lines[-1].strip():
             removed.append(lines[-1].strip())
         lines.pop()
+    tail = lines[-1].rstrip()[-2:] if lines else ""
+    note = _TRAILING_NOTE_RE.search(lines[-1]) if ")" in tail or "）" in tail else None
+    if note and note.start() > 0 and _echo_lines(note.group(0)):
+        removed.append(note.group(0).strip())
+        lines[-1] = lines[-1][: note.start()]
     if len(lines) > 1 and ctx.main_points:
         point = _pasted_main_point(lines[0], ctx.main_points)
         if point is not None and _normal(lines[0]) == _normal(point):
@@ -603,10 +821,16 @@ def _pasted_instruction(text: str, instruction: str) -> str | None:
 
 
 def check_prompt_echo(text: str, ctx: ParagraphContext) -> Verdict:
-    hits = _echo_lines(text)
+    # The templates are English: an English text's 6-grams (shared with the restatement
+    # check's cache) rule most of the template matching out at once.
+    grams = _gram_list(text, _TEMPLATE_N) if cjk_share(text) <= 0.5 else None
+    hits = _echo_lines(text, grams)
     if hits:
         i, what = hits[0]
         return Verdict(False, "prompt_echo", f"line {i + 1} holds prompt text {what[:60]!r}")
+    run = _template_run(grams) if grams is not None else None
+    if run is not None:
+        return Verdict(False, "prompt_echo", f"holds the prompt's wording {run[:60]!r}")
     point = _pasted_main_point(_first_line(text), ctx.main_points)
     if point is not None:
         return Verdict(False, "prompt_echo", f"opens with plan main point {point[:60]!r}")
@@ -630,6 +854,16 @@ _TAG_RE = re.compile(
     r"|<\s*/?\s*>(?=\s|$)"  # an empty tag, "<>", left where a model's markup was
 )
 _FENCE_LINE_RE = re.compile(r"^\s*(?:```|~~~)[\w+-]*\s*$", re.MULTILINE)
+# What a page's source leaves in extracted or model-written prose: an HTML comment
+# ("<!-- end of paragraph 2 -->") and character entities ("&nbsp;", "&#8212;"). Prose writes
+# the character itself; an entity is markup wherever markup was not asked for.
+_HTML_COMMENT_RE = re.compile(r"<!--.{0,2000}?-->", re.DOTALL)
+_ENTITY_RE = re.compile(
+    r"&(?:nbsp|amp|lt|gt|quot|apos|[lr][sd]quo|[mn]dash|hellip|ensp|emsp|thinsp|shy|zwn?j|"
+    r"middot|bull|laquo|raquo|copy|reg|trade|deg|times|#\d{2,7}|#x[0-9a-f]{2,6});",
+    re.IGNORECASE,
+)
+_ENTITY_SPACES = frozenset("\u00a0\u2002\u2003\u2009\u00ad\u200c\u200d")
 _PLACEHOLDER_RE = re.compile(r"\{\{[^{}\n]{1,80}\}\}|\{%[^{}\n]{1,80}%\}")
 
 
@@ -645,10 +879,19 @@ def _strip_markup(text: str, ctx: ParagraphContext) -> tuple[str, list[str]]:
         # instruction) is an echo to redraft, not markup to cut.
         return m.group(0) if _PROMPT_TAG_RE.fullmatch(m.group(0)) else take(m)
 
+    def take_entity(m: re.Match[str]) -> str:
+        removed.append(m.group(0))
+        char = html.unescape(m.group(0))
+        return " " if char in _ENTITY_SPACES else char
+
     text = _SPECIAL_TOKEN_RE.sub(take, text)
     if not ctx.form.markup:
+        if "<!--" in text:
+            text = _HTML_COMMENT_RE.sub(take, text)
         text = _TAG_RE.sub(take_markup, text)
         text = _FENCE_LINE_RE.sub(take, text)
+        if "&" in text:
+            text = _ENTITY_RE.sub(take_entity, text)
     if removed:
         text = re.sub(r"[ \t]{2,}", " ", text)
         text = re.sub(r" +([,.;:!?，。；：！？])", r"\1", text)
@@ -666,6 +909,10 @@ def check_markup(text: str, ctx: ParagraphContext) -> Verdict:
     if not ctx.form.markup:
         tags = (t for t in _TAG_RE.finditer(text) if not _PROMPT_TAG_RE.fullmatch(t.group(0)))
         m = next(tags, None) or _FENCE_LINE_RE.search(text)
+        if m is None and "<!--" in text:
+            m = _HTML_COMMENT_RE.search(text)
+        if m is None and "&" in text:
+            m = _ENTITY_RE.search(text)
         if m:
             return Verdict(False, "markup", f"markup {m.group(0).strip()[:40]!r} in prose")
     return KEEP
@@ -718,11 +965,35 @@ def _gram_set(text: str, n: int) -> frozenset[tuple[str, ...]]:
     return frozenset(_gram_list(text, n))
 
 
-@functools.lru_cache(maxsize=64)
-def _previous_grams(previous: tuple[str, ...], n: int) -> frozenset[tuple[str, ...]]:
+class _RunningGrams(threading.local):
+    """Per thread, per piece (keyed by its n and first paragraph): the paragraphs seen so far
+    and the union of their n-grams. Each paragraph is checked against all those before it, so
+    the union grows by one paragraph per call; rebuilding it (or a frozenset union per
+    paragraph) made the restatement check quadratic in a sample's length."""
+
+    def __init__(self) -> None:
+        self.pieces: dict[tuple[int, str], tuple[tuple[str, ...], set[tuple[str, ...]]]] = {}
+
+
+_RUNNING = _RunningGrams()
+_RUNNING_MAX_PIECES = 64  # pieces drafted at once in one thread (the build interleaves them)
+
+
+def _previous_grams(previous: tuple[str, ...], n: int) -> AbstractSet[tuple[str, ...]]:
+    """The n-grams of every paragraph in `previous` (read only: it is grown in place)."""
     if not previous:
         return frozenset()
-    return _previous_grams(previous[:-1], n) | _gram_set(previous[-1], n)
+    pieces = _RUNNING.pieces
+    slot = (n, previous[0])
+    done, grams = pieces.get(slot, ((), set()))
+    if len(done) > len(previous) or previous[: len(done)] != done:
+        done, grams = (), set()  # another piece with the same opening, or a redraft earlier on
+    for text in previous[len(done) :]:
+        grams.update(_gram_list(text, n))
+    if slot not in pieces and len(pieces) >= _RUNNING_MAX_PIECES:
+        pieces.clear()
+    pieces[slot] = (previous, grams)
+    return grams
 
 
 def restated_share(text: str, earlier: str, lang: str) -> float:
@@ -732,6 +1003,47 @@ def restated_share(text: str, earlier: str, lang: str) -> float:
         return 0.0
     seen = _gram_set(earlier, n)
     return sum(map(seen.__contains__, grams)) / len(grams)
+
+
+# A stanza: three or more short lines, none a list item (a recipe's steps are not verse).
+_VERSE_LINE_MAX_UNITS = {"en": 14, "zh": 20}
+_LIST_ITEM_RE = re.compile(r"^\s*(?:\d+[.)、]|[-*•]|[（(]?[一二三四五六七八九十]+[、.）)])")
+_REFRAIN_LABEL_RE = re.compile(
+    r"^\W*(?:(?:pre-?|post-?)?chorus|refrain|hook|副歌|合唱|叠句)\W*(?:[x×]\s*\d+)?\W*$",
+    re.IGNORECASE,
+)
+
+
+def _verse_shaped(text: str, lang: str) -> bool:
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if len(lines) < 3:
+        return False
+    limit = _VERSE_LINE_MAX_UNITS[lang]
+    return all(count_words(ln) <= limit and not _LIST_ITEM_RE.match(ln) for ln in lines)
+
+
+def _refrain_index(stanzas: Sequence[str], limit: float, lang: str) -> int | None:
+    """0-based index of the refrain: the stanza that the first repeat in the piece repeats."""
+    for t in range(1, len(stanzas)):
+        for k in range(t):
+            if restated_share(stanzas[t], stanzas[k], lang) >= limit:
+                return k
+    return None
+
+
+def _is_refrain(text: str, j: int, ctx: ParagraphContext, limit: float, lang: str) -> bool:
+    """Whether `text`, a stanza repeating stanza j (1-based), repeats it as a refrain: it is
+    labelled as one ("Chorus:"), or stanza j is the piece's refrain (the stanza its first
+    repeat repeated, or none yet: this repeat makes it one). A second stanza repeated besides
+    the refrain is a loop (the song written out again), not a refrain."""
+    earlier = ctx.previous[j - 1]
+    verse = ctx.form.verse or (_verse_shaped(text, lang) and _verse_shaped(earlier, lang))
+    if not verse:
+        return False
+    if _REFRAIN_LABEL_RE.match(_first_line(text)):
+        return True
+    refrain = _refrain_index(ctx.previous, limit, lang)
+    return refrain is None or refrain == j - 1
 
 
 def check_restated(text: str, ctx: ParagraphContext) -> Verdict:
@@ -748,7 +1060,7 @@ def check_restated(text: str, ctx: ParagraphContext) -> Verdict:
         return KEEP
     for j, earlier in enumerate(ctx.previous, start=1):
         share = restated_share(text, earlier, lang)
-        if share >= limit:
+        if share >= limit and not _is_refrain(text, j, ctx, limit, lang):
             return Verdict(
                 False,
                 "restated_paragraph",
@@ -757,12 +1069,77 @@ def check_restated(text: str, ctx: ParagraphContext) -> Verdict:
     return KEEP
 
 
-# Opening phrases of refusals and assistant boilerplate, English and Chinese.
+# Opening phrases of refusals and assistant boilerplate, English and Chinese. Matched against
+# the first 200 characters of a paragraph (tasks/filters.py does the same), so a co-occurrence
+# condition is a lookahead inside that window. Each phrase declines the *request*: "I'm sorry,
+# but I can't", not "I'm sorry I missed your wedding"; "I'm unable to write this as if",
+# not "I am unable to sit still"; "我无法为您撰写", not "我无法忘记那个夏天".
+# The request as the object: "write a ...", "write this", "fulfil", not "write for a few weeks"
+# or "write about my father".
+_DECLINE_VERB = (
+    r"(?:(?:write|produce|generate|create|compose|provide|draft|complete|offer)\s+(?:a|an|the|"
+    r"this|that|these|those|such|your|it|any|one|content|stories|essays|articles|poems|\d)\b"
+    r"|fulfil|fulfill|assist|comply|help (?:with|you)|do (?:that|this|it|so)\b|continue\b)"
+)
+_CANT = r"(?:can(?:no|')t|am unable|'m unable|am not able|'m not able|won't|will not|unable)"
+# Something the writer would only say about a request: a genre, "this", "that", the request.
+_REQUEST_OBJECT = (
+    r"(?:(?:a|an|the|this|that|such|these|those|any|your)\s+)?(?:[\w,-]+\s+){0,3}?"
+    r"(?:satir(?:e|ical)|content|stor(?:y|ies)|essays?|articles?|pieces?|poems?|jokes?|fiction|"
+    r"material|texts?|request|biograph(?:y|ies)|parod(?:y|ies)|scenes?|monologues?|reviews?|"
+    r"guides?|novels?|novellas?|memoirs?)\b"
+)
+_WRITING = r"(?:writing|producing|creating|generating|composing)"
+# "无法…写", "不能撰写", "没法继续创作": declining to write, not "我不能参加你的婚礼".
+_ZH_DECLINE = (
+    r"(?:无法|不能|没法|没有办法|不便)[^。！？\n]{0,12}?(?:写|创作|撰写|提供|生成|完成|满足|协助|帮|"
+    r"回答|继续)"
+)
 REFUSAL_RE = re.compile(
-    r"^\W*(?:i(?:'m| am) (?:sorry|unable|not able)"
-    r"|i can(?:no|')t (?:help|write|assist|fulfil|comply|provide)"
-    r"|as an ai(?: language model)?|i apologi[sz]e, but|sorry, (?:but )?i can"
-    r"|抱歉|对不起|很抱歉|作为一个?(?:ai|人工智能)|我无法|我不能)",
+    r"^[^\w\"'“‘「『«《]*"  # markdown or a bullet before it, never an opening quotation mark
+    # a softener before the refusal: "Unfortunately,", "While I'd love to help,"
+    r"(?:(?:unfortunately|regrettably|sadly)\s*,?\s*|i(?:'m| am) afraid(?: that)?\s*,?\s*"
+    r"|(?:while|although|though) i(?:'d| would)? (?:love|like|be happy|be glad|want) to "
+    r"[^,.!?\n]{0,40},\s*|thank you for [^.!?\n]{0,60}?,\s*(?:but\s+)?)?"
+    r"(?:i(?:'m| am) (?:so |very |really |truly )?sorry,?\s*(?:but\b|i " + _CANT + r")"
+    r"|i(?:'m| am) (?:unable|not able) to "
+    + _DECLINE_VERB
+    + r"|i can(?:no|')t "
+    + _DECLINE_VERB
+    + r"|i (?:won't|will not) be able to "
+    + _DECLINE_VERB
+    # "I must decline to write ...", not a letter's "I must decline your kind invitation"
+    + r"|i (?:must|have to|need to|will have to|'ll have to|would have to|'d have to) "
+    r"(?:respectfully |politely |kindly )?(?:decline|refuse) (?:to "
+    + _DECLINE_VERB
+    + r"|(?:this|your|the|that) request)"
+    r"|i(?:'m| am) not (?:really |entirely )?comfortable "
+    + _WRITING
+    + " "
+    + _REQUEST_OBJECT
+    + r"|i (?:don't|do not) feel comfortable "
+    + _WRITING
+    + " "
+    + _REQUEST_OBJECT
+    # "As an AI, I ...", "As an AI language model I ...": not "As an AI researcher, I ..."
+    + r"|as an? (?:ai|(?:ai |large )?language model)(?: assistant| model| system)?(?:\s*,|\s+i\b)"
+    r"|i apologi[sz]e,? but|sorry,? (?:but )?i (?:can|" + _CANT + r")"
+    # what the writer lacks, followed by what it therefore cannot write
+    r"|(?:i(?:'m| am) (?:just |only )?an? (?:ai|artificial intelligence|(?:ai |large )?language "
+    r"model|ai assistant|chatbot)\b|i (?:don't|do not) have (?:any )?(?:personal|real|lived|"
+    r"first-?hand|my own) (?:experiences?|memories|feelings|emotions|opinions|life|childhood)\b)"
+    r"(?=[^\n]{0,160}?\b" + _CANT + r"\b[^\n]{0,40}?\b" + _DECLINE_VERB + r")"
+    # Chinese: an apology that goes on to decline to write, the writer naming itself a model,
+    # or "我无法…" with the request as its object
+    r"|(?:非常|很|十分)?(?:抱歉|对不起|遗憾|不好意思)(?=[^\n]{0,80}?" + _ZH_DECLINE + r")"
+    r"|作为一?(?:个|名)?(?:ai|人工智能|语言模型|ai助手|人工智能助手)"
+    r"|我(?:只)?是一?(?:个|名)?(?:ai|人工智能|语言模型|ai助手|人工智能助手|聊天机器人)"
+    r"(?=[^\n]{0,100}?" + _ZH_DECLINE + r")"
+    r"|我没有(?:童年|亲身经历|个人经历|真实的?经历|自己的经历|身体|情感|感情|记忆)"
+    r"(?=[^\n]{0,100}?" + _ZH_DECLINE + r")"
+    r"|恕我(?:无法|不能)"
+    r"|我(?:无法|不能|没法|没有办法)(?:为(?:你|您)|帮(?:你|您)|满足|完成|提供|撰写|创作|生成|回答|"
+    r"按照|协助|以|一次|继续(?:写|创作)|写(?:出)?(?:这|那|一|您|你|如此|这样)))",
     re.IGNORECASE,
 )
 
@@ -795,7 +1172,7 @@ def clean_paragraph_text(text: str, ctx: ParagraphContext) -> tuple[str, list[Cl
         shown = ", ".join(repr(t) for t in tags[:3])
         cleanings.append(Cleaning("markup", f"removed {len(tags)} tag(s): {shown}"))
     for _ in range(3):  # edges can nest: chatter, then an echoed line, then chatter again
-        answer, start = _strip_start_chatter(answer)
+        answer, start = _strip_start_chatter(answer, ctx.form.address)
         answer, end = _strip_end_chatter(answer, ctx.form.address)
         answer, echoes = _strip_echo_edges(answer, ctx)
         for cut in start + end:
@@ -839,13 +1216,19 @@ _META_WORDS = frozenset(
     "elaborate expand other another some thing things related aspects aspect overall "
     "general above below previous preceding following remaining rest etc add adding insert "
     "covers cover covered where left off ended ends end from there then until lorem ipsum "
-    "placeholder tbd todo".split()
+    "placeholder tbd todo "
+    # filler that names no subject: "Additionally, more information.", "Also, other things to
+    # consider.", "Final thoughts"
+    "information info consider considering considerations stuff extra extras misc "
+    "miscellaneous remarks thoughts ideas notes wrap wrapping up finally lastly besides".split()
 )
 _ZH_META = re.compile(
     r"段落|本段|这一段|第[一二三四五六七八九十\d]+段|本文|文章|引言|开头|结尾|结论|总结|概述|"
     r"主要内容|要点|内容|部分|继续|补充|其他|更多|细节|详细|介绍|描述|展开|进一步|此外|另外|"
     r"首先|其次|最后|然后|方面|相关|问题|主要观点|观点|论述|论点|主题|中心|思想|"
-    r"以及|和|的|与|及|一|个|这|那|是|在|了"
+    r"以及|和|的|与|及|一|个|这|那|是|在|了|"
+    # going on with the piece, with no subject: "继续写故事", "接着往下写", "故事结尾"
+    r"接着|往下|下去|结束|尾声|收尾|后续|下文|剩下|剩余|其余|等等|开始|故事|写"
 )
 
 
@@ -886,17 +1269,112 @@ def point_similarity(a: str, b: str) -> float:
 
 
 DUPLICATE_POINT_SIMILARITY = 0.75
+# One point inside another: the shorter one's content (Chinese characters less the words about
+# the piece, 7 or more) found in the longer one, in order, at this share or more, and making up
+# a fair part of it: "参观秦始皇兵马俑" inside "参观秦始皇兵马俑，感受大秦帝国的气势".
+CONTAINED_MIN_CHARS = 7
+CONTAINED_SHARE = 0.8
+CONTAINED_OF_LONGER = 0.45
+# English paraphrase: most content words shared (stems, six-letter prefixes: "rebuilding",
+# "rebuilt") and the same names and dates. Parallel points differ in exactly those ("The
+# history of green tea in China" / "... in Japan") and pass.
+PARAPHRASE_CONTAINMENT = 0.75
+PARAPHRASE_JACCARD = 0.6
+_ANCHOR_RE = re.compile(r"(?<!^)(?<![:：.!?]\s)\b(?:[A-Z][a-z'’-]+|\d[\d,]*)\b")
+
+
+def _anchors(point: str) -> frozenset[str]:
+    """Names and numbers of an English point (capitalised words not at its start)."""
+    return frozenset(re.sub(r"['’]s$", "", a.lower()) for a in _ANCHOR_RE.findall(point.strip()))
+
+
+def point_contained(a: str, b: str) -> float:
+    """How much of the shorter point the longer one restates (0 unless it restates it): its
+    content in order for Chinese, its content words and every name and date for English."""
+    if cjk_share(a) > 0.5 and cjk_share(b) > 0.5:
+        short, long = sorted((_content_cjk(a), _content_cjk(b)), key=len)
+        if len(short) < CONTAINED_MIN_CHARS:
+            return 0.0
+        blocks = SequenceMatcher(None, short, long, autojunk=False).get_matching_blocks()
+        matched = sum(m.size for m in blocks if m.size >= 2)
+        if matched >= CONTAINED_SHARE * len(short) and matched >= CONTAINED_OF_LONGER * len(long):
+            return matched / len(short)
+        return 0.0
+    anchors_a, anchors_b = _anchors(a), _anchors(b)
+    if not anchors_a or anchors_a != anchors_b:
+        return 0.0
+    wa = {_stem(w)[:6] for w in _content_words(a) if len(w) > 2}
+    wb = {_stem(w)[:6] for w in _content_words(b) if len(w) > 2}
+    if min(len(wa), len(wb)) < 3:
+        return 0.0
+    shared = len(wa & wb)
+    contained = shared / min(len(wa), len(wb))
+    if contained >= PARAPHRASE_CONTAINMENT and shared / len(wa | wb) >= PARAPHRASE_JACCARD:
+        return contained
+    return 0.0
+
+
+_POINT_TOKEN_RE = re.compile(r"[A-Za-z]+|\d+")
+# Characters that carry no subject (particles and conjunctions): "学习和工作" and "学习与工作"
+# say the same thing.
+_ZH_PARTICLES_RE = re.compile(r"[的了和与及地得之]|[^\u3400-\u4dbf\u4e00-\u9fff]")
+PARALLEL_SLOT_MAX_CHARS = 2
+
+
+def parallel_points(a: str, b: str) -> bool:
+    """Two points built on one frame with a different subject in it: "The history of tea in
+    China" / "... in Japan", "The 1936 Olympics" / "The 1948 Olympics", "唐朝时期的诗歌" /
+    "宋朝时期的诗歌". English: every word that differs is a name or a number, on both sides;
+    Chinese: the one difference is a substitution of one or two characters. Such points are
+    distinct however alike their words are."""
+    if cjk_share(a) > 0.5 and cjk_share(b) > 0.5:
+        ca, cb = _ZH_PARTICLES_RE.sub("", a), _ZH_PARTICLES_RE.sub("", b)
+        ops = [
+            o
+            for o in SequenceMatcher(None, ca, cb, autojunk=False).get_opcodes()
+            if o[0] != "equal"
+        ]
+        return (
+            len(ops) == 1
+            and ops[0][0] == "replace"
+            and ops[0][2] - ops[0][1] <= PARALLEL_SLOT_MAX_CHARS
+            and ops[0][4] - ops[0][3] <= PARALLEL_SLOT_MAX_CHARS
+        )
+
+    def words(point: str) -> set[str]:
+        return {
+            w.lower()
+            for w in _POINT_TOKEN_RE.findall(point)
+            if w.lower() not in _EN_STOP and w.lower() not in _META_WORDS
+        }
+
+    wa, wb = words(a), words(b)
+    only_a, only_b = wa - wb, wb - wa
+    if not only_a or not only_b:
+        return False
+    anchors = {w.lower() for w in _ANCHOR_RE.findall(a.strip()) + _ANCHOR_RE.findall(b.strip())}
+    return only_a <= anchors and only_b <= anchors
 
 
 def check_plan_duplicates(points: Sequence[str], _instruction: str) -> Verdict:
     for i in range(len(points)):
         for j in range(i):
+            if parallel_points(points[i], points[j]):
+                continue
             sim = point_similarity(points[i], points[j])
             if sim >= DUPLICATE_POINT_SIMILARITY:
                 return Verdict(
                     False,
                     "plan_duplicate_points",
                     f"main points {j + 1} and {i + 1} are {sim:.0%} alike: {points[i][:60]!r}",
+                )
+            held = point_contained(points[i], points[j])
+            if held:
+                return Verdict(
+                    False,
+                    "plan_duplicate_points",
+                    f"main points {j + 1} and {i + 1} restate one another ({held:.0%} of the "
+                    f"shorter in the longer): {points[i][:60]!r}",
                 )
     return KEEP
 
@@ -935,10 +1413,31 @@ def _copied_tokens(a: list[str], b: list[str], min_block: int = 3) -> int:
 # runs, long enough (words, or characters for Chinese) and covering half the instruction or
 # more. "The history of tea in China" under "Write about the history of tea in China and
 # Japan" is a fair piece of the subject, too short to count; "Explain to a general audience
-# how vaccines train the immune system" is the instruction less its word count.
-ECHO_MIN_COPIED = {"en": 8, "zh": 14}
+# how vaccines train the immune system" is the instruction less its word count, and
+# "关于外婆家的故事" under "写一个关于外婆家的故事" the instruction less its verb. A point that
+# holds the whole instruction is an echo whatever it adds ("... The story should be written in
+# the first person."), and so is one behind a label ("The instruction: ...", "第一段：...").
+ECHO_MIN_COPIED = {"en": 8, "zh": 8}
 ECHO_POINT_COPIED_SHARE = 0.9
 ECHO_INSTRUCTION_SHARE = 0.5
+ECHO_WHOLE_INSTRUCTION_SHARE = 0.9
+_POINT_LABEL_RE = re.compile(
+    r"^\s*(?:第[一二三四五六七八九十\d]+(?:段|部分|点|步|章|节)|[^:：\n]{1,30}?)\s*[:：]\s*(?=\S)"
+)
+
+
+def _echoed_share(tokens: list[str], inst: list[str], lang: str) -> int:
+    """Tokens of the point copied from the instruction when the point is an echo of it, else 0."""
+    copied = _copied_tokens(tokens, inst)
+    if copied < ECHO_MIN_COPIED[lang]:
+        return 0
+    if copied >= ECHO_WHOLE_INSTRUCTION_SHARE * len(inst):
+        return copied
+    if copied >= ECHO_POINT_COPIED_SHARE * len(tokens) and copied >= ECHO_INSTRUCTION_SHARE * len(
+        inst
+    ):
+        return copied
+    return 0
 
 
 def check_plan_echo(points: Sequence[str], instruction: str) -> Verdict:
@@ -947,13 +1446,11 @@ def check_plan_echo(points: Sequence[str], instruction: str) -> Verdict:
     if len(inst) < ECHO_MIN_COPIED[lang]:
         return KEEP
     for i, point in enumerate(points, start=1):
-        tokens = units(point)
-        copied = _copied_tokens(tokens, inst)
-        if (
-            copied >= ECHO_MIN_COPIED[lang]
-            and copied >= ECHO_POINT_COPIED_SHARE * len(tokens)
-            and copied >= ECHO_INSTRUCTION_SHARE * len(inst)
-        ):
+        copied = _echoed_share(units(point), inst, lang)
+        label = _POINT_LABEL_RE.match(point)
+        if not copied and label:
+            copied = _echoed_share(units(point[label.end() :]), inst, lang)
+        if copied:
             return Verdict(
                 False,
                 "plan_echoes_instruction",

@@ -1,6 +1,6 @@
 """The quality checks (tasks/quality.py, issue 15) measured on a HELD-OUT corpus:
 tests/data/quality_holdout.jsonl, written blind to tasks/quality.py and to the development corpus
-(tests/data/quality_corpus.jsonl) the checks were tuned on, so its figures are the honest ones.
+(tests/data/quality_corpus.jsonl) the checks were tuned on.
 
 Same record format and scorer as the development corpus (tests/tasks/quality_corpus.py), plus
 one class the issue's list does not name: refusal (the model declines the piece, in full, for
@@ -10,10 +10,21 @@ every must-pass case (the issue's list: dialogue, "let me know" in a story, an e
 a Chinese essay quoting English terms, a poem with a refrain, a plan step quoted on purpose,
 letters, recipes and how-tos, an essay about writing paragraphs) kept untouched.
 
-A held-out measurement is not tuned against: where a goal is missed, the assertion is marked
-xfail(strict=True) with the figure measured when this file was written, so CI stays green and
-the test flips to XPASS (a failure under strict) once the checks improve; then drop the mark.
-Run with -s to see the per-class table and every miss.
+History, so the figures below are read for what they are. The corpus was first measured BLIND,
+against tasks/quality.py at bad4293 (commit 4db4228): recall prompt_echo 20/24 = 0.833, chatter
+25/28 = 0.893, markup 21/22 = 0.955, wrong_language 22/22 = 1.0, restated_paragraph 21/22 =
+0.955, reasoning 21/22 = 0.955, refusal 17/22 = 0.773, plan_duplicate_points 18/22 = 0.818,
+plan_meta_points 20/22 = 0.909, plan_echoes_instruction 16/22 = 0.727; clean false rejections
+1/52 samples (clean-en-16, a song whose chorus repeats verbatim, as restated_paragraph) and
+0/24 plans; 0 false cleanings. The checks were THEN improved against its misses (general rules
+for each defect family, each with cases that must pass in tests/tasks/test_quality.py, not the
+records' own wording), so the recall this file measures now is no longer a blind figure: it is
+an upper bound on what a fresh held-out corpus would show. The blind figures above are the
+honest estimate of how the checks at bad4293 generalised.
+
+Where a goal is missed, the assertion is marked xfail(strict=True) with the measured figure, so
+CI stays green and the test flips to XPASS (a failure under strict) once the checks improve;
+then drop the mark. Run with -s to see the per-class table and every miss.
 """
 
 from __future__ import annotations
@@ -36,24 +47,11 @@ from tests.tasks.quality_corpus import (
     validate_corpus,
 )
 
-# Missed goals as measured against tasks/quality.py at bad4293 (recall = caught / n, and the
-# records missed). The reason is the measured figure; strict, so an improvement must remove it.
-MEASURED_MISSES: dict[str, str] = {
-    "prompt_echo": "held-out recall 20/24 = 0.833: echo-en-11, echo-en-15, echo-zh-05, echo-zh-06",
-    "chatter": "held-out recall 25/28 = 0.893: chatter-en-14, chatter-zh-09, chatter-zh-10",
-    "refusal": (
-        "held-out recall 17/22 = 0.773: refusal-en-06, refusal-en-07 (only its last line "
-        "cleaned as chatter), refusal-en-09, refusal-en-14, refusal-zh-04"
-    ),
-    "plan_duplicate_points": (
-        "held-out recall 18/22 = 0.818: plandup-en-04, plandup-zh-03, plandup-zh-05, plandup-zh-07"
-    ),
-    "plan_meta_points": "held-out recall 20/22 = 0.909: planmeta-en-10, planmeta-zh-02",
-    "plan_echoes_instruction": (
-        "held-out recall 16/22 = 0.727: planecho-en-13, planecho-en-14, planecho-zh-02 "
-        "(rejected as plan_duplicate_points), planecho-zh-04, planecho-zh-06, planecho-zh-08"
-    ),
-}
+# Missed goals as measured (recall = caught / n, and the records missed), one entry per class
+# below its goal; the reason is the measured figure, strict so an improvement must remove it.
+# Empty since the checks were improved against the blind misses (see the docstring): every
+# class now meets its goal here; restated_paragraph still misses restated-en-10 (0.955).
+MEASURED_MISSES: dict[str, str] = {}
 
 _RECORDS = load_corpus(HOLDOUT)
 MUST_PASS = [r.id for r in _RECORDS if r.label == "clean" and r.note.startswith("must-pass")]
