@@ -42,7 +42,7 @@ from tasks.settings import BUILD
 # Defined in modules that import no stage (the runtime holds a ContextBudget); callers still
 # read all three as tasks.write.*.
 from tasks.stage_config import ContextBudget
-from tasks.wordcount import count_words, estimate_tokens, repetition_share
+from tasks.wordcount import count_words, estimate_tokens, repeated_sentence, repetition_share
 from tasks.wordcount import join_paragraphs as join_paragraphs
 
 
@@ -436,10 +436,11 @@ async def write_step(
     Every draft passes the paragraph checks (tasks.quality) before it is stored as accepted
     text: local defects at its edges are cleaned and the cleaning recorded; a draft that fails
     a check (wrong language, prompt text, markup, restating an earlier paragraph) or loops
-    (n-gram repetition over the sample filter's limit) is written again with another seed, up
-    to `max_resamples` times. Every draft's verdict is stored (draft_check). When every draft
-    fails a check, the sample is rejected with the reasons of all of them; when they only
-    loop, the least repetitive is kept and the sample filter judges the whole text."""
+    (n-gram repetition over the sample filter's limit, or a long sentence said twice) is
+    written again with another seed, up to `max_resamples` times. Every draft's verdict is
+    stored (draft_check). When every draft fails, the sample is rejected at write with the
+    reasons of all of them (a looping paragraph is not shipped as the least bad one: its
+    sample would read as a loop however the rest scores)."""
     cfg = rt.config
     inst = state.instruction
     assert inst.id is not None
@@ -447,7 +448,6 @@ async def write_step(
     settings = derive(DraftSettings, cfg, temperature=cfg.write_temperature)
     ctx = paragraph_context(inst, steps, written, step)
     best: tuple[Draft, ParagraphReview] | None = None
-    best_share = 2.0
     failures: list[str] = []
     checks: list[DraftCheck] = []
     # Greedy decoding ignores the seed: another draft would repeat the same paragraph.
@@ -466,13 +466,17 @@ async def write_step(
         verdict = review.verdict if review is not None else KEEP
         text = review.text if review is not None else draft.text
         share = repetition_share(text, cfg.filters.ngram)
-        # A draft that loops is kept as the least bad when every draft loops (the sample
-        # filter then judges the whole text). A loop also restates what came before it, so
-        # that failure counts as the loop; any other failed check stands.
-        if share > cfg.filters.max_repetition and verdict.reason in (None, "restated_paragraph"):
-            verdict = Verdict(
-                False, "repetition", f"{share:.0%} of {cfg.filters.ngram}-grams repeat"
-            )
+        # A loop also restates what came before it, so that failure counts as the loop; any
+        # other failed check stands. A long sentence said twice is a loop too, however low
+        # the n-gram share of the paragraph (not in verse, where refrains repeat).
+        looped = None if not cfg.quality_checks or ctx.form.verse else repeated_sentence(text)
+        if verdict.reason in (None, "restated_paragraph"):
+            if share > cfg.filters.max_repetition:
+                verdict = Verdict(
+                    False, "repetition", f"{share:.0%} of {cfg.filters.ngram}-grams repeat"
+                )
+            elif looped is not None:
+                verdict = Verdict(False, "repetition", f"repeats the sentence {looped[:60]!r}")
         checks.append(
             DraftCheck(
                 instruction_id=inst.id,
@@ -492,9 +496,7 @@ async def write_step(
             best = (draft, final)
             break
         failures.append(f"draft {resample + 1}: {verdict.reason} ({verdict.detail})")
-        if verdict.reason == "repetition" and share < best_share:
-            best, best_share = (draft, final), share
-    if best is None:  # every draft failed a quality check
+    if best is None:  # every draft failed a check (a loop included): the sample goes
         reasons = [c.reason for c in checks if c.reason]
         reason = max(set(reasons), key=reasons.count) if reasons else "rejected"
         await rt.store.areject(

@@ -71,10 +71,10 @@ def test_full_build_against_fake_server(tmp_path, db_url):
     assert summary["accepted"] == 10  # 8 English, the Chinese one, the one with markers
     rej = summary["rejections"]
     assert rej["plan"] == {"unparseable": 1}
-    assert rej["filter"] == {"too_short": 1, "repetition": 1, "error_text": 1}
-    # A refusal is caught as it is drafted (tasks.quality), redrafted with new seeds, and the
-    # sample rejected at write when every draft refuses.
-    assert rej["write"] == {"refusal": 1}
+    assert rej["filter"] == {"too_short": 1, "error_text": 1}
+    # A refusal or a loop is caught as it is drafted (tasks.quality), redrafted with new
+    # seeds, and the sample rejected at write when every draft fails.
+    assert rej["write"] == {"refusal": 1, "repetition": 1}
     assert rej["ingest"] == {
         "invalid_json": 1,
         "not_an_object": 1,
@@ -235,7 +235,7 @@ def test_a_degenerate_plan_is_asked_for_again_with_new_seeds(tmp_path, db_url):
 
 def test_greedy_decoding_is_not_resampled(tmp_path, db_url):
     """At temperature 0 a new seed gives the same answer: a failed plan is rejected after one
-    call, and a looping paragraph is kept after one draft (the filter then decides)."""
+    call, and a looping paragraph sinks its sample after one draft."""
     src = write_jsonl(tmp_path / "in.jsonl", [SPECIAL[3], SPECIAL[5]])  # garbage plan, loop
     with FakeOpenAIServer(FakeConfig(plan_steps=2)).running() as fake:
         summary = run(
@@ -251,8 +251,8 @@ def test_greedy_decoding_is_not_resampled(tmp_path, db_url):
             )
         )
         calls = dict(fake.stats.by_stage)
-    assert calls == {"plan": 2, "write": 2}
-    assert summary["rejections"] == {"plan": {"unparseable": 1}, "filter": {"repetition": 1}}
+    assert calls == {"plan": 2, "write": 1}
+    assert summary["rejections"] == {"plan": {"unparseable": 1}, "write": {"repetition": 1}}
 
 
 def test_short_paragraphs_are_continued_to_their_planned_length(tmp_path, db_url):
@@ -296,8 +296,9 @@ def test_looping_paragraphs_are_resampled_then_rejected(tmp_path, db_url):
         )
         writes = fake.stats.by_stage["write"]
         ids = len(fake.stats.by_request_id)
-    assert summary["rejections"]["filter"] == {"repetition": 1}
-    assert writes == 2 * 3  # two paragraphs, each drafted three times (no seed, seed 1, 2)
+    # Every draft of paragraph 1 loops: the sample is rejected there, paragraph 2 never paid.
+    assert summary["rejections"]["write"] == {"repetition": 1}
+    assert writes == 3  # paragraph 1 drafted three times (no seed, seed 1, seed 2)
     assert ids == 1 + writes  # every draft had its own key
 
 
