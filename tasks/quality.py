@@ -1385,6 +1385,10 @@ def _is_meta_point(point: str) -> bool:
     main point."""
     if re.fullmatch(r"\s*[\[<{(（【].*[\]>})）】]\s*", point):
         return True  # a template placeholder left in: "[what the paragraph covers]"
+    if _PLACEHOLDER_RE.search(point) or _PROMPT_TAG_RE.search(point):
+        # "{{text}} This is an example of how to make your own" (SmolLM2's demo plan): a
+        # template's variable or tag inside a point is the prompt, not the piece.
+        return True
     if cjk_share(point) > 0.5:
         return not _content_cjk(point)
     return not _content_words(point)

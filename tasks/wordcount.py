@@ -95,13 +95,21 @@ REPEATED_SENTENCE_MIN_UNITS = 12
 _SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?。！？])\s*|\n+")
 
 
-def repeated_sentence(text: str, min_units: int = REPEATED_SENTENCE_MIN_UNITS) -> str | None:
+def repeated_sentence(
+    text: str, earlier: Sequence[str] = (), min_units: int = REPEATED_SENTENCE_MIN_UNITS
+) -> str | None:
     """The first sentence of at least `min_units` words (or CJK characters) that `text` says
     again word for word (case and punctuation aside), or None. SmolLM2 loops this way inside
     one paragraph ("The island of Ravenshire - A place where dreams and reality had been
     intertwined forever ..." three times in 344 words) while its 13-gram repetition share
-    stays near 20%, under the sample filter's limit."""
-    seen: set[tuple[str, ...]] = set()
+    stays near 20%, under the sample filter's limit), or that an `earlier` paragraph said
+    ("The locals make up a very unique way of life for themselfs; ..." again in paragraph 2)."""
+    seen: set[tuple[str, ...]] = {
+        key
+        for before in earlier
+        for key in (tuple(units(x)) for x in _SENTENCE_SPLIT_RE.split(before))
+        if len(key) >= min_units
+    }
     for sentence in _SENTENCE_SPLIT_RE.split(text):
         key = tuple(units(sentence))
         if len(key) < min_units:

@@ -469,7 +469,9 @@ async def write_step(
         # A loop also restates what came before it, so that failure counts as the loop; any
         # other failed check stands. A long sentence said twice is a loop too, however low
         # the n-gram share of the paragraph (not in verse, where refrains repeat).
-        looped = None if not cfg.quality_checks or ctx.form.verse else repeated_sentence(text)
+        looped = (
+            None if not cfg.quality_checks or ctx.form.verse else repeated_sentence(text, written)
+        )
         if verdict.reason in (None, "restated_paragraph"):
             if share > cfg.filters.max_repetition:
                 verdict = Verdict(

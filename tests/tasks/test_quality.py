@@ -503,6 +503,8 @@ PLAN_FAILS = [
     (["This is the main point of this piece", "The hive in winter"], "plan_meta_points"),
     (["In addition", "How bees find flowers"], "plan_meta_points"),
     (["Paragraph 3", "How bees find flowers"], "plan_meta_points"),
+    # A template variable inside a point (SmolLM2's demo plan).
+    (["{{text}} This is an example of how to make your own", "The keeper"], "plan_meta_points"),
     (["引言", "蜜蜂如何找到花朵"], "plan_meta_points"),
     ([EN, "How bees find flowers"], "plan_echoes_instruction"),
     # A paraphrase with the same names and dates, and one point inside another (Chinese).

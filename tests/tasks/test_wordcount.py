@@ -55,3 +55,9 @@ def test_repeated_sentence(text: str, repeated: str | None) -> None:
         assert found is None
     else:
         assert found is not None and found.startswith(repeated)
+
+
+def test_repeated_sentence_from_an_earlier_paragraph() -> None:
+    said = "The locals make up a very unique way of life for themselves, and they eat spices."
+    assert repeated_sentence("Food is good. " + said, earlier=["Sydney is big. " + said])
+    assert repeated_sentence("Food is good. " + said, earlier=["Sydney is big."]) is None
