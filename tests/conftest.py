@@ -8,6 +8,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -70,21 +71,42 @@ def write_jsonl(path: Path, records: list[object]) -> Path:
 PG_ADMIN_DSN = os.environ.get("LONGWRITER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
 
+def in_ci() -> bool:
+    """A CI run: CI=true, as GitHub Actions, GitLab and most CI systems set it."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def service_missing(reason: str) -> NoReturn:
+    """Skip a test whose service (PostgreSQL) does not answer; with CI=true fail it instead: a
+    CI job without the service would otherwise pass every test that needs it, by skipping."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: a test that needs it fails, not skips)", pytrace=False)
+    pytest.skip(reason)
+
+
+def pg_server_url(driver: str = "psycopg") -> str:
+    """LONGWRITER_TEST_PG's server as a SQLAlchemy URL without the database name."""
+    return PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", f"postgresql+{driver}://")
+
+
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for one test, dropped afterwards; skipped when no server."""
+    """A fresh PostgreSQL database for one test, dropped afterwards; skipped when no server
+    answers at LONGWRITER_TEST_PG (failed under CI=true)."""
     import uuid
 
-    psycopg = pytest.importorskip("psycopg")
+    try:
+        import psycopg
+    except ImportError:
+        service_missing("psycopg is not installed")
     try:
         admin = psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=3)
     except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable: {exc}")
+        service_missing(f"PostgreSQL not reachable at LONGWRITER_TEST_PG: {exc}")
     name = f"lw_test_{uuid.uuid4().hex[:12]}"
     admin.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
     try:
-        yield f"{base}/{name}"
+        yield f"{pg_server_url()}/{name}"
     finally:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()

@@ -301,6 +301,10 @@ class FakeOpenAIServer:
     ) -> None:
         self.config = config or FakeConfig()
         self.answer = answer or default_answer
+        # What the answer hook raised (a test's assertion about a request): `running()`
+        # raises the first one when it exits, so the test fails with the hook's message
+        # instead of the client's view of it (a dropped connection, then retries).
+        self.hook_errors: list[BaseException] = []
         self.stats = FakeStats()
         self._fault_rng = random.Random(self.config.seed)
         self._lock = threading.Lock()
@@ -618,7 +622,14 @@ class FakeOpenAIServer:
         if fault == "bad_json":
             await self._send(writer, 200, b'{"choices": [ {"message": ')
             return True
-        content = self.answer(stage, answer_body, cfg)
+        try:
+            content = self.answer(stage, answer_body, cfg)
+        except Exception as exc:  # noqa: BLE001 - kept for running() to raise in the test
+            self.hook_errors.append(exc)
+            # 422 is not retried: the call fails at once and the build stops.
+            msg = f"fake server: the answer hook raised {type(exc).__name__}: {exc}"
+            await self._send(writer, 422, json.dumps({"error": {"message": msg}}).encode())
+            return True
         finish = "stop"
         if fault == "empty":
             content = ""
@@ -769,6 +780,10 @@ class FakeOpenAIServer:
             if self._loop and self._server:
                 self._loop.call_soon_threadsafe(self._server.close)
             thread.join(5)
+            if self.hook_errors:
+                # Replaces whatever the test body raised on the client side (that error is
+                # kept as its __context__); a hook that failed fails the test.
+                raise self.hook_errors[0]
 
     async def _serve_quietly(self, started: threading.Event) -> None:
         try:

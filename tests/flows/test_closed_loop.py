@@ -22,7 +22,9 @@ from flows.build import BuildSettings, build_flow  # noqa: E402
 from flows.eval import EvalSettings, run_eval_sync  # noqa: E402
 from flows.pairs import pairs_flow  # noqa: E402
 from flows.train import train_flow  # noqa: E402
+from tasks.scoring import length_score  # noqa: E402
 from tasks.train import TrainConfig, read_records  # noqa: E402
+from tasks.wordcount import count_words  # noqa: E402
 from tests.conftest import write_jsonl  # noqa: E402
 from tests.fake_openai import FakeConfig, FakeOpenAIServer  # noqa: E402
 from tests.fixtures_train import build_small_tokenizer, build_tiny_llama  # noqa: E402
@@ -87,6 +89,8 @@ def test_build_sft_gguf_serve_eval(tiny: Path, tmp_path: Path, db_url: str) -> N
         )
     )
     assert report["samples"] == 6 and report["skipped"] == [] and report["steps"] == 4
+    sft_losses = [loss for _, loss in report["losses"]]
+    assert sft_losses[-1] < sft_losses[0], sft_losses  # it learned from the shard
     gguf = Path(report["gguf"])
     assert gguf.is_file(), report["gguf_error"]
 
@@ -119,9 +123,17 @@ def test_build_sft_gguf_serve_eval(tiny: Path, tmp_path: Path, db_url: str) -> N
     assert saved["model"] == "tiny-sft" and saved["judged"] is False
     rows = saved["rows"]
     assert [r["length"] for r in rows] == [100, 300, 800]
+    answers = {
+        a["prompt"]: a["response"]
+        for a in map(json.loads, (out / "responses.jsonl").read_text().splitlines())
+    }
     for r in rows:
         assert r["generation_status"] == "ok", r
         assert isinstance(r["S_l"], float) and 0.0 <= r["S_l"] <= 100.0
+        # The score is LongBench-Write's formula over what this model wrote (the range above
+        # holds by construction; this catches a score of the wrong text or length).
+        assert r["response_length"] == count_words(answers[r["prompt"]]), r
+        assert r["S_l"] == pytest.approx(length_score(r["length"], r["response_length"]), abs=1e-3)
         assert r["S_q"] is None  # --no-judge
     assert results["overall"]["S_l"] == pytest.approx(
         round(sum(r["S_l"] for r in rows) / 3, 3), abs=1e-3
@@ -164,4 +176,5 @@ def test_pairs_flow_feeds_dpo_training(tiny: Path, tmp_path: Path, db_url: str) 
     losses = [loss for _, loss in report["losses"]]
     assert losses[0] == pytest.approx(math.log(2), abs=1e-3)  # policy == reference at step 1
     assert all(math.isfinite(x) for x in losses)
+    assert losses[-1] < losses[0], losses  # the policy moved toward the chosen answers
     print("DPO losses", [round(x, 4) for x in losses], "margins", [p["margin"] for p in pairs])

@@ -28,11 +28,10 @@ from storage.models import Instruction, LLMCall, Run
 from storage.store import Store
 from tasks.export import verify_manifest
 from tasks.llm_client import ChatRequest, Endpoint, LLMClient
-from tests.conftest import write_jsonl
+from tests.conftest import PG_ADMIN_DSN, pg_server_url, service_missing, write_jsonl
 from tests.fake_openai import FakeConfig, FakeOpenAIServer
 from tests.flows.prefect_stack import PrefectStack, tail
 
-PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test connect_timeout=3"
 FAKE = dict(plan_steps=3, step_words=100)
 
 
@@ -145,10 +144,11 @@ async def test_failing_endpoint_is_set_aside_and_the_build_completes(
 
 
 def _pg_available() -> bool:
+    """Whether LONGWRITER_TEST_PG's server answers (the conftest's, not a fixed address)."""
     try:
         import psycopg
 
-        with psycopg.connect(PG_ADMIN):
+        with psycopg.connect(PG_ADMIN_DSN, connect_timeout=3):
             return True
     except Exception:  # noqa: BLE001 - any failure means: no server to test against
         return False
@@ -160,12 +160,12 @@ def fresh_database() -> Iterator[str]:
     import psycopg
 
     name = f"lw_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+    with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=3) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
         yield name
     finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        with psycopg.connect(PG_ADMIN_DSN, autocommit=True, connect_timeout=3) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
@@ -173,16 +173,16 @@ def fresh_database() -> Iterator[str]:
 def pg_url() -> Iterator[str]:
     """The factory's store in a fresh database."""
     if not _pg_available():
-        pytest.skip("PostgreSQL at 127.0.0.1:5432 not reachable")
+        service_missing("PostgreSQL not reachable at LONGWRITER_TEST_PG")
     with fresh_database() as name:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+        yield f"{pg_server_url()}/{name}"
 
 
 @pytest.fixture
 def prefect_pg_url(pg_url: str) -> Iterator[str]:
     """Prefect's own database, as the README recommends for several workers."""
     with fresh_database() as name:
-        yield f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+        yield f"{pg_server_url('asyncpg')}/{name}"
 
 
 def test_partition_settings_split_the_ids() -> None:

@@ -399,6 +399,9 @@ def test_sigkill_at_random_moments_then_resume(prefect_api, tmp_path, cli_prefec
     stored output was requested again beyond calls in flight at a kill, and no helper process
     (Prefect's temporary API server) outlived a kill."""
     seed = int(os.environ.get("LONGWRITER_KILL_SEED", random.randrange(1 << 30)))
+    # Shown before the run (pytest prints a failing test's output): a failure at any kill can
+    # be replayed with the same moments, not only one that reaches the figures at the end.
+    print(f"kill moments: seed {seed} (replay with LONGWRITER_KILL_SEED={seed})", flush=True)
     rng = random.Random(seed)
     src = write_jsonl(tmp_path / "in.jsonl", instructions(60, tag="canal"))
     # 240 calls: more than five kills at <= 30 (+ a few during the random pause) new

@@ -203,6 +203,26 @@ def test_sdpa_packing_keeps_samples_apart(tiny: Path) -> None:
         assert packing_leak(model) < 1e-4
 
 
+def test_packing_probe_sees_a_leak(tiny: Path) -> None:
+    """The positive control of the probe above: a model that lets the second packed sample
+    attend to the first (it drops the restarting position_ids, as an attention implementation
+    without packing support would) must show a leak far above the probe's tolerance."""
+    import torch
+
+    class IgnoresRestarts(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+            self.config = inner.config
+
+        def forward(self, input_ids: torch.Tensor, **kwargs: object) -> object:
+            kwargs.pop("position_ids", None)  # one long sequence: b attends to a
+            return self.inner(input_ids=input_ids, **kwargs)
+
+    model = load_model(ModelRef(tiny), attn_implementation="sdpa", lora=False)
+    assert packing_leak(IgnoresRestarts(model)) > 1e-2
+
+
 # ----------------------------------------------------------------------------- training core
 
 
@@ -227,6 +247,8 @@ def test_packed_lora_sft_trains_and_saves_merged_model(tiny: Path, tmp_path: Pat
     loaded = load_and_check(cfg)
     outcome = run_training(cfg, loaded)
     assert outcome.packing and outcome.steps == 3 and len(outcome.losses) == 3
+    losses = [loss for _, loss in outcome.losses]
+    assert losses[-1] < losses[0], losses  # it trains: the repeated samples get likelier
     out, gguf, err = save_and_export(cfg, loaded, outcome)
     assert gguf is None and "disabled" in str(err)
     assert (out / "adapter" / "adapter_config.json").is_file()
@@ -327,5 +349,7 @@ def test_gguf_base_model_is_trainable(tiny: Path, tmp_path: Path) -> None:
     assert loaded.ref.gguf_file == "tiny.gguf"
     outcome = run_training(cfg, loaded)
     assert outcome.steps == 2
+    (_, first), (_, last) = outcome.losses
+    assert last < first, outcome.losses  # trainable: the optimizer step lowered the loss
     out, gguf, err = save_and_export(cfg, loaded, outcome)
     assert err is None and gguf is not None and (out / "model.safetensors").is_file()
