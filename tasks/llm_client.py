@@ -1095,9 +1095,15 @@ class LLMClient:
                 )
             raise BadOutputError(f"empty content from {endpoint.base_url}")
         prompt_tokens = int(usage.get("prompt_tokens") or 0)
-        estimate = low_prompt_tokens(request.messages)
+        # The low estimate counts at most 0.4 tokens per character (all CJK): a count above
+        # that share of the prompt's length cannot be a cut, and the CJK scan of the whole
+        # prompt (a regex over every character, on every answer) is skipped.
+        ceiling = 0.4 * sum(len(text) for _role, text in request.messages)
+        cleared = prompt_tokens >= self.policy.min_prompt_token_share * ceiling
+        estimate = 0 if cleared else low_prompt_tokens(request.messages)
         if (
             prompt_tokens
+            and not cleared
             and estimate >= self.policy.min_checked_prompt_tokens
             and prompt_tokens < self.policy.min_prompt_token_share * estimate
         ):

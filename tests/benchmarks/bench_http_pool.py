@@ -23,7 +23,9 @@ LATENCY_S = 0.1
 LAYOUTS: tuple[tuple[int, int], ...] = ((1, 1), (2, 2), (4, 4), (8, 8), (64, 64), (4, 0))
 
 
-async def _drive(base_url: str, n: int, concurrency: int, per_pool: int, keepalive: int) -> tuple:
+async def _drive(
+    base_url: str, n: int, concurrency: int, per_pool: int, keepalive: int
+) -> tuple[float, float, int]:
     import tasks.llm_client as llm
 
     saved = llm.POOL_CONNECTIONS, llm.POOL_KEEPALIVE
@@ -48,7 +50,9 @@ async def _drive(base_url: str, n: int, concurrency: int, per_pool: int, keepali
 
 
 def run(requests: int = 3000, concurrency: int = 64) -> BenchResult:
-    res = BenchResult("http_pool", f"LLM client pool layouts ({concurrency} in flight, 100 ms/call)")
+    res = BenchResult(
+        "http_pool", f"LLM client pool layouts ({concurrency} in flight, 100 ms/call)"
+    )
     bound = requests * LATENCY_S / concurrency
     rows = {}
     with fake_server(LATENCY_S, 6, 300) as fake:

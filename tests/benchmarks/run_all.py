@@ -27,6 +27,7 @@ from typing import Any
 from tests.benchmarks import (
     bench_audit,
     bench_export,
+    bench_http_pool,
     bench_orchestration,
     bench_paper_baseline,
     bench_quality,
@@ -44,10 +45,16 @@ BUDGET_S = 15 * 60
 BENCHES: dict[str, tuple[Callable[..., BenchResult], dict[str, Any], dict[str, Any]]] = {
     "orchestration": (
         bench_orchestration.run,
-        {"instructions": 2000, "concurrency": 64},
+        {"instructions": 1000, "concurrency": 64},
         {"instructions": 200, "concurrency": 64},
     ),
-    "paper_baseline": (bench_paper_baseline.run, {"instructions": 120}, {"instructions": 40}),
+    "paper_baseline": (bench_paper_baseline.run, {"instructions": 300}, {"instructions": 40}),
+    "scale": (
+        bench_orchestration.run_scale,
+        {"instructions": 6000, "concurrency": 128},
+        {"instructions": 600, "concurrency": 128},
+    ),
+    "http_pool": (bench_http_pool.run, {"requests": 3000}, {"requests": 500}),
     "real_model": (bench_real_model.run, {"instructions": 3}, {"instructions": 1}),
     "export": (bench_export.run, {"samples": 6000, "words": 5000}, {"samples": 600, "words": 5000}),
     "tokens": (bench_tokens.run, {"instructions": 20}, {"instructions": 5}),
