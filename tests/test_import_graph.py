@@ -174,6 +174,27 @@ def test_no_late_imports_in_product_code() -> None:
     assert not found, "late imports (noqa: E402): " + ", ".join(found)
 
 
+def test_stage_modules_import_no_prefect() -> None:
+    """tasks/, storage/ and prompts/ never import Prefect, not even inside a function: the
+    stages' Prefect tasks are thin wrappers in flows/stages.py, so every command that runs no
+    flow (and every unit test of a stage) loads without it."""
+    found = [
+        f"{path.relative_to(REPO)}:{node.lineno}"
+        for path in module_files(REPO, ("tasks", "storage", "prompts")).values()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        and any(
+            n.split(".")[0] == "prefect"
+            for n in (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+            )
+        )
+    ]
+    assert not found, "Prefect imported outside flows/: " + ", ".join(found)
+
+
 # -- the checker itself: it must see what it claims to see -----------------------------------
 
 
