@@ -99,7 +99,6 @@ class LLMCall(SQLModel, table=True):
     stage: str = Field(index=True)
     model: str
     prompt_version: str
-    content: str = Field(sa_column=Column(Text, nullable=False))
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -107,11 +106,16 @@ class LLMCall(SQLModel, table=True):
     attempts: int = 1
     endpoint: str = ""
     created_at: datetime = Field(default_factory=utcnow)
+    cached_tokens: int = 0  # prompt tokens the endpoint served from its prefix cache
+    reasoning_tokens: int = 0  # completion tokens spent on reasoning (in completion_tokens)
     # Reasoning split off the answer at the client (think blocks, reasoning fields): kept for
     # audit and cost, never exported, parsed or judged; `content` is the answer alone.
     reasoning: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
-    cached_tokens: int = 0  # prompt tokens the endpoint served from its prefix cache
-    reasoning_tokens: int = 0  # completion tokens spent on reasoning (in completion_tokens)
+    # The long texts last: SQLite keeps a long text in overflow pages and walks them to reach
+    # any column declared after it, so `stats`' sums over the small columns read every
+    # answer's text when it came first (0.19 s -> 0.09 s on 42,000 calls; stores made before
+    # keep their order, and every read and write names its columns).
+    content: str = Field(sa_column=Column(Text, nullable=False))
 
 
 class Plan(SQLModel, table=True):
@@ -132,7 +136,6 @@ class Paragraph(SQLModel, table=True):
     call_key: str = Field(foreign_key="llm_call.key")
     # Keys of continuation calls when the first answer stopped at max_tokens.
     continuation_keys: str = ""
-    text: str = Field(sa_column=Column(Text, nullable=False))
     words: int
     truncated: bool = False  # still cut by max_tokens after continuing: never passed as complete
     trimmed: bool = False  # cut by max_tokens with its planned words: ended at its last sentence
@@ -142,6 +145,7 @@ class Paragraph(SQLModel, table=True):
     # release), so an older store gains it with that default.
     cleanings_json: str = Field(default="[]", sa_column_kwargs={"server_default": "[]"})
     created_at: datetime = Field(default_factory=utcnow)
+    text: str = Field(sa_column=Column(Text, nullable=False))  # last: see LLMCall.content
 
 
 class DraftCheck(SQLModel, table=True):
@@ -167,7 +171,6 @@ class DraftCheck(SQLModel, table=True):
 class Sample(SQLModel, table=True):
     __tablename__ = "sample"
     instruction_id: int = Field(primary_key=True, foreign_key="instruction.id")
-    text: str = Field(sa_column=Column(Text, nullable=False))
     words: int
     n_paragraphs: int
     model: str
@@ -180,6 +183,7 @@ class Sample(SQLModel, table=True):
     # Judge scores on the six LongBench-Write dimensions when the build had a judge gate.
     quality_json: str | None = Field(default=None, sa_column=Column(Text))
     created_at: datetime = Field(default_factory=utcnow)
+    text: str = Field(sa_column=Column(Text, nullable=False))  # last: see LLMCall.content
 
 
 class SourceFile(SQLModel, table=True):

@@ -183,3 +183,74 @@ def test_status_columns_stay_plain_strings(tmp_path: Path) -> None:
     finally:
         store.close()
     assert "VARCHAR" in str(cols["status"]["type"]).upper()
+
+
+# The three tables as stores made before the long texts moved last hold them.
+_OLD_LAYOUT = {
+    "llm_call": '"key" VARCHAR NOT NULL PRIMARY KEY, stage VARCHAR NOT NULL, model VARCHAR NOT'
+    " NULL, prompt_version VARCHAR NOT NULL, content TEXT NOT NULL, finish_reason VARCHAR,"
+    " prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, latency_ms INTEGER"
+    " NOT NULL, attempts INTEGER NOT NULL, endpoint VARCHAR NOT NULL, created_at DATETIME NOT"
+    " NULL, reasoning TEXT, cached_tokens INTEGER NOT NULL, reasoning_tokens INTEGER NOT NULL",
+    "paragraph": "instruction_id INTEGER NOT NULL, step INTEGER NOT NULL, call_key VARCHAR NOT"
+    " NULL, continuation_keys VARCHAR NOT NULL, text TEXT NOT NULL, words INTEGER NOT NULL,"
+    " truncated BOOLEAN NOT NULL, trimmed BOOLEAN NOT NULL, prompt_version VARCHAR NOT NULL,"
+    " cleanings_json VARCHAR DEFAULT '[]' NOT NULL, created_at DATETIME NOT NULL,"
+    " PRIMARY KEY (instruction_id, step)",
+    "sample": "instruction_id INTEGER NOT NULL PRIMARY KEY, text TEXT NOT NULL, words INTEGER"
+    " NOT NULL, n_paragraphs INTEGER NOT NULL, model VARCHAR NOT NULL, prompt_version VARCHAR"
+    " NOT NULL, length_score FLOAT, plan_fidelity FLOAT, quality_json TEXT, created_at"
+    " DATETIME NOT NULL",
+}
+
+
+async def test_a_store_with_the_old_column_order_reads_and_writes(tmp_path: Path) -> None:
+    """storage/models.py declares the long texts last (new stores: stats reads no overflow
+    pages); a store created before, with `content`/`text` early, is read and written alike,
+    because every statement names its columns."""
+    from storage.models import LLMCall, Paragraph, Plan, Sample
+
+    db = tmp_path / "old-layout.db"
+    with sqlite3.connect(db) as conn:
+        for table, columns in _OLD_LAYOUT.items():
+            conn.execute(f"CREATE TABLE {table} ({columns})")
+    store = Store(f"sqlite:///{db}")
+    try:
+        inst = Instruction(uid="a", prompt="Write.", norm_hash="h")
+        store.add_all([inst])
+        [iid] = store.instruction_ids([InstructionStatus.PENDING])
+        call = LLMCall(key="k1", stage="write", model="m", prompt_version="w@1", content="Text.")
+        await store.asave(call)
+        store.save(
+            Plan(
+                instruction_id=iid,
+                call_key="k1",
+                steps_json='[{"main_point": "p", "word_count": 1}]',
+                n_steps=1,
+                total_words=1,
+                prompt_version="p@1",
+            ),
+            Paragraph(
+                instruction_id=iid, step=1, call_key="k1", text="Text.", words=1, prompt_version="w"
+            ),
+            Sample(
+                instruction_id=iid,
+                text="Text.",
+                words=1,
+                n_paragraphs=1,
+                model="m",
+                prompt_version="p,w",
+            ),  # fmt: skip
+            status=(iid, InstructionStatus.ACCEPTED),
+        )
+        got = store.get_call("k1")
+        samples = list(store.iter_samples())
+        stats = store.stats()
+    finally:
+        store.close()
+    assert got is not None and got.content == "Text." and got.prompt_version == "w@1"
+    assert [(s.text, s.words) for s, _i, _p in samples] == [("Text.", 1)]
+    assert stats["samples"] == {"accepted": 1, "words": 1}
+    assert stats["llm_calls"]["write"]["calls"] == 1
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("select content from llm_call").fetchall() == [("Text.",)]
