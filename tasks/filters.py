@@ -51,7 +51,20 @@ def check_empty(c: SampleCandidate, _cfg: FilterConfig) -> Verdict:
     return KEEP
 
 
+# Each alternative of _ERROR_TEXT_RE holds one of these (lower-cased): plain substring tests
+# skip the case-insensitive regex for the texts that hold none, nearly all of them (the audit
+# of 6,000 long samples spent a tenth of its time in that regex).
+_ERROR_TEXT_HINTS = (
+    "max tries", "traceback", "internal server", "rate limit", '"error"', "<html", "502 bad",
+    "503 service", "timed out", "connection", "openai.", "api error", "apierror",
+    "context_length",
+)  # fmt: skip
+
+
 def check_error_text(c: SampleCandidate, _cfg: FilterConfig) -> Verdict:
+    low = c.text.lower()
+    if not any(h in low for h in _ERROR_TEXT_HINTS):
+        return KEEP
     m = _ERROR_TEXT_RE.search(c.text)
     if m:
         return Verdict(False, "error_text", f"contains {m.group(0)!r}")

@@ -72,8 +72,10 @@ def repetition_share(text: str, n: int = 13) -> float:
     tokens = units(text)
     if len(tokens) < n + 1:
         return 0.0
-    grams = ngrams(tokens, n)
-    return (len(grams) - len(set(grams))) / len(grams)
+    total = len(tokens) - n + 1
+    # The set straight from the zipped views: no list of every n-gram in between.
+    distinct = len(set(zip(*(tokens[i:] for i in range(n)), strict=False)))
+    return (total - distinct) / total
 
 
 def estimate_tokens(text: str) -> int:
