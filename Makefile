@@ -32,9 +32,10 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # The demo is sized for two cores and a 135M model: five bundled instructions (two Chinese,
-# three English; the Chinese ones first because they take longest, so no replica idles at the
-# end) and plans of at most 6 paragraphs (uncapped, the model planned 10 and 6,000 words).
-# Concurrency 2: one chain per llama.cpp replica (one replica per core).
+# rejected before any call since the embedded model writes English only; three English) and
+# plans of at most 6 paragraphs (uncapped, the model planned 10 and 6,000 words), up to 5 plans
+# per instruction (its plans loop on about half the seeds). Concurrency 2: one chain per
+# llama.cpp replica (one replica per core).
 demo: install
 	$(BIN)/longwriter build \
 		--instructions tasks/data/demo_instructions.jsonl \
