@@ -588,32 +588,19 @@ async def draft_paragraph(
         needs_continuation(text, finish, planned, settings.min_paragraph_share)
         and len(continuation_keys) < settings.max_continuations
     ):
-        if settings.write_prompt == "turns":
-            creq = build_continue_turns_request(
-                inst.prompt,
-                steps,
-                written,
-                step,
-                text,
-                cut=finish == "length",
-                lang=inst.lang,
-                budget=rt.budget,
-                max_paragraph_tokens=settings.max_paragraph_tokens,
-                temperature=settings.temperature,
-                extra_params=extra,
-            )
-        else:
-            creq = build_continue_request(
-                inst.prompt,
-                steps[step - 1],
-                text,
-                cut=finish == "length",
-                lang=inst.lang,
-                budget=rt.budget,
-                max_paragraph_tokens=settings.max_paragraph_tokens,
-                temperature=settings.temperature,
-                extra_params=extra,
-            )
+        shared: dict[str, Any] = {
+            "cut": finish == "length",
+            "lang": inst.lang,
+            "budget": rt.budget,
+            "max_paragraph_tokens": settings.max_paragraph_tokens,
+            "temperature": settings.temperature,
+            "extra_params": extra,
+        }
+        creq = (
+            build_continue_turns_request(inst.prompt, steps, written, step, text, **shared)
+            if settings.write_prompt == "turns"
+            else build_continue_request(inst.prompt, steps[step - 1], text, **shared)
+        )
         creq = dataclasses.replace(creq, affinity=affinity)
         try:
             more = await generate(rt.store, rt.client, creq, progress)

@@ -14,7 +14,7 @@ from storage.store import Store
 from tasks.export import verify_manifest
 from tasks.wordcount import count_words
 from tests.conftest import write_jsonl
-from tests.fake_openai import FakeConfig, FakeOpenAIServer
+from tests.fake_openai import FakeConfig, FakeOpenAIServer, default_answer
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -326,3 +326,35 @@ def test_languages_the_writer_is_not_given_are_rejected_before_any_call(tmp_path
         (rej,) = s.exec(select(Rejection)).all()
     store.close()
     assert "'zh'" in rej.detail and "en" in rej.detail
+
+
+def test_turns_prompt_builds_and_continues_short_paragraphs(tmp_path, db_url):
+    """--write-prompt turns against a remote endpoint: each paragraph asked for as a turn of
+    the conversation (the earlier parts as the writer's answers), a short one continued."""
+    src = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Write it [[terse]]", "id": "terse"}])
+    bodies: list[dict] = []
+
+    def answer(stage: str, body: dict, cfg: FakeConfig) -> str:
+        bodies.append(body)
+        return default_answer(stage, body, cfg)
+
+    with FakeOpenAIServer(FakeConfig(), answer=answer).running() as fake:
+        summary = run(
+            BuildSettings(
+                instructions=str(src),
+                db_url=db_url,
+                out_dir=str(tmp_path / "out"),
+                base_urls=[fake.base_url],
+                model="m",
+                min_words=1500,
+                write_prompt="turns",
+            )
+        )
+        writes = fake.stats.by_stage["write"]
+    assert summary["accepted"] == 1
+    assert writes == 12  # each 100-word answer continued once
+    writes_bodies = [b for b in bodies if b["messages"][0]["role"] == "system"]
+    last = writes_bodies[-1]["messages"]
+    assert [m["role"] for m in last[-3:]] == ["user", "assistant", "user"]
+    assert last[-1]["content"].startswith("Go on with part 6")
+    assert sum(m["role"] == "assistant" for m in last) == 6  # parts 1-5 and part 6 so far
