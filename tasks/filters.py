@@ -198,6 +198,16 @@ def build_candidate(state: InstructionState) -> SampleCandidate:
     )
 
 
+def sample_prompt_versions(state: InstructionState) -> str:
+    """The templates the sample was written with, as stored on its plan and paragraphs (the
+    write template differs by --write-prompt): "plan@...,write_turns@..."."""
+    versions = [state.plan.prompt_version] if state.plan is not None else []
+    for p in state.paragraphs:
+        if p.prompt_version not in versions:
+            versions.append(p.prompt_version)
+    return ",".join(versions) or f"{prompt_version('plan')},{prompt_version('write')}"
+
+
 def filter_instruction(rt: BuildRuntime, state: InstructionState) -> bool:
     """Accept the assembled sample or store the first failing filter's reason."""
     inst = state.instruction
@@ -218,7 +228,7 @@ def filter_instruction(rt: BuildRuntime, state: InstructionState) -> bool:
             model=rt.client.model,
             length_score=sample_length_score(candidate),
             plan_fidelity=plan_fidelity(candidate),
-            prompt_version=f"{prompt_version('plan')},{prompt_version('write')}",
+            prompt_version=sample_prompt_versions(state),
         ),
         status=(inst.id, InstructionStatus.ACCEPTED),
     )

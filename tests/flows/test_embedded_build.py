@@ -6,7 +6,7 @@ back with `datasets` and read the way a user would read it.
 It is the only test of the real model's output passing the real checks (the resilience test
 kills its embedded build on purpose). Small on purpose: a 500-word floor, two paragraphs per
 plan. A 135M model loops or echoes on many drafts and the checks reject those (in `make demo`
-most samples go), so the build gets three English instructions and the test asks that at
+most samples go), so the build gets four English instructions and the test asks that at
 least one comes out whole, every other one with a stored reason; which one passes may change
 with the CPU's arithmetic, that one does is what is tested.
 """
@@ -47,6 +47,7 @@ INSTRUCTIONS = {
     "message in a bottle.",
     "bread": "Write a guide to baking a simple loaf of bread at home, from mixing the dough to "
     "cooling the loaf.",
+    "volcano": "Write an article explaining how volcanoes form and why they erupt.",
 }
 MIN_WORDS = 500
 
@@ -67,6 +68,9 @@ def test_one_instruction_builds_through_every_check_on_the_embedded_model(
         max_paragraphs=2,
         max_plan_resamples=4,
         max_resamples=4,
+        # Continue a paragraph under 80% of its planned words: the 135M model stops early,
+        # and samples of 345 and 476 words were rejected as too short at 0.5.
+        min_paragraph_share=0.8,
         concurrency=2,
         embedded_replicas=2,
     )
@@ -97,9 +101,12 @@ def test_one_instruction_builds_through_every_check_on_the_embedded_model(
     assert verify_manifest(out) == []
     from datasets import load_dataset
 
-    rows = load_dataset(str(out), split="train")
+    # A cache of its own: datasets' default cache can hand back an earlier run's table.
+    rows = load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf-cache"))
     assert len(rows) == summary["accepted"]
     for row in rows:
+        # The conversation prompt, as auto picks it for the embedded model, wrote it.
+        assert "write_turns@" in row["prompt_version"], row["prompt_version"]
         instruction = INSTRUCTIONS[row["id"]]
         assert row["messages"][0]["content"] == instruction
         text = row["messages"][1]["content"]
