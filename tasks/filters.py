@@ -9,7 +9,6 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from prompts import prompt_version
 from storage.models import InstructionStatus, Sample
 from storage.store import InstructionState
 from tasks.plan import steps_from_json
@@ -205,7 +204,7 @@ def sample_prompt_versions(state: InstructionState) -> str:
     for p in state.paragraphs:
         if p.prompt_version not in versions:
             versions.append(p.prompt_version)
-    return ",".join(versions) or f"{prompt_version('plan')},{prompt_version('write')}"
+    return ",".join(versions)
 
 
 def filter_instruction(rt: BuildRuntime, state: InstructionState) -> bool:

@@ -134,8 +134,7 @@ def build_write_request(
     used = sum(estimate_tokens(m["content"]) for m in messages)
     spare = budget.context_window - budget.reserve_tokens - used
     max_tokens = max(64, min(max_tokens, spare))
-    params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature}
-    params.update(extra_params or {})
+    params = sampling_params(max_tokens, temperature, extra_params)
     return ChatRequest.of("write", messages, version, **params)
 
 
@@ -172,7 +171,8 @@ def turn_messages(
 
     system = {"role": "system", "content": render("write_turns", part="system")}
     done = list(range(1, current))
-    used = estimate_tokens(system["content"]) + estimate_tokens(ask(current, True)["content"])
+    first_ask = ask(current, True)  # its size bounds the ask, whichever form it takes
+    used = estimate_tokens(system["content"]) + estimate_tokens(first_ask["content"])
     used += 20 * (len(done) + 1)  # the one-line asks
     opening: list[int] = []
     if done and used + estimate_tokens(written[0]) <= budget_tokens:
@@ -191,14 +191,30 @@ def turn_messages(
         opening = []
     kept = opening + kept
     answers = {i: written[i - 1] for i in kept}
-    if done and not kept:
+    keep_chars = max(0, (budget_tokens - used) * 3)
+    if done and not kept and keep_chars:
         last = done[-1]
-        keep_chars = max(0, (budget_tokens - used) * 3)
-        kept, answers = [last], {last: written[last - 1][-keep_chars:] if keep_chars else ""}
+        kept, answers = [last], {last: written[last - 1][-keep_chars:]}
     messages = [system]
     for n, i in enumerate(kept):
         messages += [ask(i, n == 0), {"role": "assistant", "content": answers[i]}]
-    return messages + [ask(current, not kept)]
+    return messages + [ask(current, False) if kept else first_ask]
+
+
+def continuation_length(
+    step: PlanStep, partial: str, cut: bool, lang: str, max_paragraph_tokens: int
+) -> tuple[int, int]:
+    """(words still wanted, max_tokens) of a continuation: half the step again when the
+    paragraph was cut at max_tokens, else what it lacks of its planned words (50 at least)."""
+    missing = step.word_count // 2 if cut else max(step.word_count - count_words(partial), 50)
+    return missing, paragraph_max_tokens(missing, lang, max_paragraph_tokens)
+
+
+def sampling_params(
+    max_tokens: int, temperature: float, extra_params: dict[str, Any] | None
+) -> dict[str, Any]:
+    """A write call's sampling parameters: the budget and temperature, then the extras."""
+    return {"max_tokens": max_tokens, "temperature": temperature, **(extra_params or {})}
 
 
 def build_continue_turns_request(
@@ -217,10 +233,9 @@ def build_continue_turns_request(
 ) -> ChatRequest:
     """Continue paragraph `current` in the "turns" prompt: the conversation so far, the
     partial paragraph as the writer's answer, and one line asking it to go on."""
-    step = steps[current - 1]
-    words = count_words(partial)
-    missing = step.word_count // 2 if cut else max(step.word_count - words, 50)
-    max_tokens = paragraph_max_tokens(missing, lang, max_paragraph_tokens)
+    missing, max_tokens = continuation_length(
+        steps[current - 1], partial, cut, lang, max_paragraph_tokens
+    )
     room = budget.prompt_budget(max_tokens) - estimate_tokens(partial) - 40
     messages = turn_messages(instruction, steps, written, current, max(room, 0))
     messages += [
@@ -230,8 +245,7 @@ def build_continue_turns_request(
             "content": render("write_turns", part="continue", current=current, more_words=missing),
         },
     ]
-    params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature}
-    params.update(extra_params or {})
+    params = sampling_params(max_tokens, temperature, extra_params)
     return ChatRequest.of("write", messages, prompt_version("write_turns"), **params)
 
 
@@ -250,8 +264,7 @@ def build_continue_request(
     """Continue a paragraph from where it stopped: `cut` when max_tokens stopped it, else
     because it ended well short of its planned words."""
     words = count_words(partial)
-    missing = step.word_count // 2 if cut else max(step.word_count - words, 50)
-    max_tokens = paragraph_max_tokens(missing, lang, max_paragraph_tokens)
+    _, max_tokens = continuation_length(step, partial, cut, lang, max_paragraph_tokens)
     room = budget.prompt_budget(max_tokens) - 400
     partial_fit = partial if estimate_tokens(partial) <= room else partial[-max(room, 64) * 3 :]
     content = render(
@@ -263,8 +276,7 @@ def build_continue_request(
         planned_words=step.word_count,
         words=words,
     )
-    params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature}
-    params.update(extra_params or {})
+    params = sampling_params(max_tokens, temperature, extra_params)
     return ChatRequest.of(
         "write", [{"role": "user", "content": content}], prompt_version("continue"), **params
     )
