@@ -815,9 +815,7 @@ def _pasted_instruction(text: str, instruction: str) -> str | None:
     hit = next((g for g in _gram_list(text, n) if g in grams), None)
     if hit is None:
         return None
-    return ("" if n == INSTRUCTION_RUN_MIN["zh"] and cjk_share(instruction) > 0.5 else " ").join(
-        hit
-    )
+    return ("" if n == INSTRUCTION_RUN_MIN["zh"] else " ").join(hit)  # n says the language
 
 
 def check_prompt_echo(text: str, ctx: ParagraphContext) -> Verdict:

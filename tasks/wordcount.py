@@ -97,6 +97,14 @@ REPEATED_SENTENCE_MIN_UNITS = 12
 _SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?。！？])\s*|\n+")
 
 
+@functools.lru_cache(maxsize=512)
+def _long_sentences(text: str, min_units: int) -> frozenset[tuple[str, ...]]:
+    # Cached: every draft is checked against all the paragraphs before it, so each earlier
+    # one's sentences would otherwise be split again per later draft (quadratic in a sample).
+    keys = (tuple(units(x)) for x in _SENTENCE_SPLIT_RE.split(text))
+    return frozenset(k for k in keys if len(k) >= min_units)
+
+
 def repeated_sentence(
     text: str, earlier: Sequence[str] = (), min_units: int = REPEATED_SENTENCE_MIN_UNITS
 ) -> str | None:
@@ -106,12 +114,9 @@ def repeated_sentence(
     intertwined forever ..." three times in 344 words) while its 13-gram repetition share
     stays near 20%, under the sample filter's limit), or that an `earlier` paragraph said
     ("The locals make up a very unique way of life for themselfs; ..." again in paragraph 2)."""
-    seen: set[tuple[str, ...]] = {
-        key
-        for before in earlier
-        for key in (tuple(units(x)) for x in _SENTENCE_SPLIT_RE.split(before))
-        if len(key) >= min_units
-    }
+    seen: set[tuple[str, ...]] = set()
+    for before in earlier:
+        seen |= _long_sentences(before, min_units)
     for sentence in _SENTENCE_SPLIT_RE.split(text):
         key = tuple(units(sentence))
         if len(key) < min_units:
