@@ -48,11 +48,11 @@ from flows.stages import (
 )
 from storage.models import UNFINISHED, InstructionStatus
 from storage.store import Store
-from tasks.endpoints import ResolvedEndpoints, sampling_extras, writer_languages
+from tasks.eval.judge import judge_format_for
 from tasks.filters import FilterConfig
 from tasks.flags import derive
-from tasks.judge import judge_format_for
-from tasks.llm_client import ClientStats, RetryPolicy
+from tasks.llm.client import ClientStats, RetryPolicy
+from tasks.llm.endpoints import ResolvedEndpoints, sampling_extras, writer_languages
 from tasks.quality_gate import JudgeGate
 from tasks.report import build_summary
 from tasks.runtime import (

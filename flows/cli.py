@@ -72,10 +72,10 @@ def add_build_parser(sub: Any) -> None:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from tasks.endpoints import ConfigError
     from tasks.flags import SettingsError
     from tasks.ingest import InputError
-    from tasks.llm_client import LLMError
+    from tasks.llm.client import LLMError
+    from tasks.llm.endpoints import ConfigError
     from tasks.settings import BUILD, BUILD_FLAGS, DRY_RUN_FLAGS, RUN_LABEL_FLAGS
 
     values = BUILD_FLAGS.values(args)

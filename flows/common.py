@@ -28,8 +28,8 @@ from prefect.artifacts import (
 
 from storage.models import RunStatus
 from storage.store import Store
-from tasks.endpoints import ConfigError, ResolvedEndpoints, open_endpoints
-from tasks.llm_client import LLMClient, RetryPolicy
+from tasks.llm.client import LLMClient, RetryPolicy
+from tasks.llm.endpoints import ConfigError, ResolvedEndpoints, open_endpoints
 from tasks.report import length_histogram_png, summary_markdown
 from tasks.settings import ClientPolicy, JudgeEndpoint, WriterEndpoint
 

@@ -139,7 +139,7 @@ def start_prefect_api() -> None:
         return  # a real server (or a test harness): nothing of ours to start
     import prefect.server.api.server as prefect_server
 
-    from tasks.llama_server import _make_preexec
+    from tasks.llm.llama_server import _make_preexec
 
     base = prefect_server.SubprocessASGIServer
     preexec = _make_preexec(True)

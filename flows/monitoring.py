@@ -27,7 +27,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 if TYPE_CHECKING:  # only types: importing the store or the client here would add cycles
     from storage.store import Store
-    from tasks.llm_client import ClientStats
+    from tasks.llm.client import ClientStats
     from tasks.runtime import Progress
 
 # Seconds between refreshes of the live progress artifacts (and the terminal bar). A few

@@ -10,7 +10,7 @@ sampling (variant v sends seed=v); the accepted build sample is variant 0. A jud
 `judge`) rates each variant on LongBench-Write's six dimensions; with the length score S_l
 against the instruction's required length (when known) this gives S = (S_q + S_l) / 2, the
 paper's total, else S_q. The best clean variant is chosen, a random lower one (at least
---min-margin below) rejected, as in the LongWriter paper's DPO data (see tasks/pairs.py).
+--min-margin below) rejected, as in the LongWriter paper's DPO data (see tasks/pairs/).
 
 Writes OUT/shards/*.parquet and OUT/jsonl/*.jsonl in TRL's conversational preference format
 ({"prompt": [user], "chosen": [assistant], "rejected": [assistant], "id", "chosen_score",
@@ -46,19 +46,12 @@ from flows.console import add_command, fail, start_prefect_api
 from flows.stages import judge_variants_batch, select_and_export_task, write_variants_batch
 from prompts import prompt_version
 from storage.store import Store, redact_db_url
-from tasks.endpoints import ConfigError
+from tasks.eval.judge import judge_format_for
 from tasks.flags import SettingsError, derive
-from tasks.llm_client import LLMError
-from tasks.pairs import (
-    PairsConfig,
-    PairsRuntime,
-    eligible_ids,
-    judge_format_for,
-    register,
-    skipped_details,
-    unregister,
-)
-from tasks.runtime import gather_all
+from tasks.llm.client import LLMError
+from tasks.llm.endpoints import ConfigError
+from tasks.pairs.variants import PairsConfig, PairsRuntime, eligible_ids, skipped_details
+from tasks.runtime import gather_all, register, unregister
 from tasks.settings import PAIRS_FLAGS, PairsSettings
 from tasks.write import ContextBudget
 

@@ -130,7 +130,7 @@ def launch() -> TemporaryApi | None:
         return _CURRENT
     import prefect
 
-    from tasks.llama_server import _make_preexec
+    from tasks.llm.llama_server import _make_preexec
 
     port = _free_port()
     env = {

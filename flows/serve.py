@@ -14,7 +14,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from tasks.llama_server import (
+from tasks.llm.llama_server import (
     DEFAULT_ALIAS,
     DEFAULT_PROMPT_CACHE_BYTES,
     LlamaServer,

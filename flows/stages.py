@@ -1,7 +1,7 @@
 """The stages as Prefect tasks: one thin wrapper per stage, nothing else.
 
-Each stage's work is a plain function in tasks/ (a batch function that looks the run's runtime
-up by id, or a function over a store URL); here it becomes the task the flows call, with the
+Each stage's work is plain code in tasks/ (a `tasks.runtime.Stage`, run batch by batch by its
+one driver, or a function over a store URL); here it becomes the task the flows call, with the
 task's name (what the UI lists) and its retry rule. Only the flows import this module, so the
 stage modules, and every command that runs no flow (`--help`, `stats`, `export`, `audit`,
 `build --dry-run`), load without Prefect.
@@ -14,18 +14,24 @@ multiply. The other tasks are not retried.
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 
 from storage.store import Store
-from tasks import filters, pairs, plan, quality_gate, write
+from tasks.eval.stages import ANSWER_STAGE, JUDGE_STAGE
 from tasks.export import export_store
+from tasks.filters import FILTER_STAGE
 from tasks.ingest import ingest_file
-from tasks.pairs import PairsConfig
-from tasks.runtime import retry_unless_llm_error
+from tasks.pairs import variants as pairs
+from tasks.pairs.variants import JUDGE_VARIANTS_STAGE, WRITE_VARIANTS_STAGE, PairsConfig
+from tasks.plan import PLAN_STAGE
+from tasks.quality_gate import JUDGE_GATE_STAGE
+from tasks.runtime import Stage, retry_unless_llm_error
+from tasks.write import WRITE_STAGE
 
 # Task results live in the store, never in Prefect (invariant 1); arguments are ids and URLs.
 _PLAIN: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
@@ -36,15 +42,31 @@ _CALLS_LLM: dict[str, Any] = {
     "retry_condition_fn": retry_unless_llm_error,
 }
 
+
+def stage_task(stage: Stage[Any, Any, Any]) -> Task[[str, list[Any]], Coroutine[Any, Any, int]]:
+    """The Prefect task that runs one batch of a stage (tasks.runtime.Stage.run_batch)."""
+
+    async def run_batch(runtime_id: str, ids: list[Any]) -> int:
+        return await stage.run_batch(runtime_id, ids)
+
+    # Its own qualified name per stage: Prefect derives the task key from it.
+    run_batch.__name__ = run_batch.__qualname__ = f"{stage.name.replace('-', '_')}_batch"
+    return task(name=stage.name, **(_CALLS_LLM if stage.task_retry else _PLAIN))(run_batch)
+
+
 # The build (flows/build.py), batch by batch.
-plan_batch = task(name="plan", **_CALLS_LLM)(plan.plan_batch)
-write_batch = task(name="write", **_CALLS_LLM)(write.write_batch)
-filter_batch = task(name="filter", **_PLAIN)(filters.filter_batch)
-judge_batch = task(name="judge", **_CALLS_LLM)(quality_gate.judge_batch)
+plan_batch = stage_task(PLAN_STAGE)
+write_batch = stage_task(WRITE_STAGE)
+filter_batch = stage_task(FILTER_STAGE)
+judge_batch = stage_task(JUDGE_GATE_STAGE)
+
+# LongBench-Write (flows/eval.py): answer each prompt, judge each answer.
+eval_generate_batch = stage_task(ANSWER_STAGE)
+eval_judge_batch = stage_task(JUDGE_STAGE)
 
 # DPO pairs (flows/pairs.py).
-write_variants_batch = task(name="pairs-write", **_CALLS_LLM)(pairs.write_variants_batch)
-judge_variants_batch = task(name="judge", **_CALLS_LLM)(pairs.judge_variants_batch)
+write_variants_batch = stage_task(WRITE_VARIANTS_STAGE)
+judge_variants_batch = stage_task(JUDGE_VARIANTS_STAGE)
 
 
 @task(name="ingest", **_PLAIN)

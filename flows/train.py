@@ -3,7 +3,7 @@
 Stages (Prefect tasks): load + check data (length check, general-data mix) -> train (TRL
 SFTTrainer / DPOTrainer) -> save the transformers model and export GGUF. A markdown artifact
 `train-report` and OUT/train_report.{md,json} summarise steps, losses and skipped samples.
-See tasks/train.py for the training choices (token-averaged loss, leak-free packing, no
+See tasks/train/ for the training choices (token-averaged loss, leak-free packing, no
 truncation).
 """
 
@@ -23,9 +23,9 @@ from prefect.utilities.annotations import quote
 from flows.console import add_command, start_prefect_api
 from tasks.flags import Flag, Flags, SettingsError
 from tasks.lineage import write_model_lineage
-from tasks.train import (
+from tasks.train.config import TrainConfig
+from tasks.train.run import (
     LoadedData,
-    TrainConfig,
     TrainOutcome,
     TrainReport,
     load_and_check,
@@ -142,7 +142,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------- CLI
 
 
-# Every flag from a TrainConfig field (tasks/train.py), spelt as the CLI always has.
+# Every flag from a TrainConfig field (tasks/train/config.py), spelt as the CLI always has.
 TRAIN_FLAGS = Flags(
     TrainConfig,
     flags={"dpo_beta": Flag(name="--beta"), "export_gguf": Flag(name="--no-gguf")},

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 
 from storage.models import InstructionStatus, Sample
 from storage.store import InstructionState
+from tasks.eval.scoring import length_score
 from tasks.plan import steps_from_json
 from tasks.quality import KEEP, REFUSAL_RE, ParagraphContext, Verdict
 from tasks.quality import check_language as check_text_language
-from tasks.runtime import BuildRuntime, get_runtime
-from tasks.scoring import length_score
+from tasks.runtime import BuildRuntime, Stage
 from tasks.stage_config import FilterConfig
 from tasks.wordcount import count_words, join_paragraphs, repetition_share
 
@@ -235,12 +235,17 @@ def filter_instruction(rt: BuildRuntime, state: InstructionState) -> bool:
     return True
 
 
-async def filter_batch(runtime_id: str, instruction_ids: list[int]) -> int:
-    """Filter the written instructions of a batch. Returns how many were accepted."""
-    rt = get_runtime(runtime_id)
-    states = rt.store.load_states(instruction_ids)
-    return sum(
-        filter_instruction(rt, s)
-        for s in states
+def written_instructions(rt: BuildRuntime, instruction_ids: list[int]) -> list[InstructionState]:
+    return [
+        s
+        for s in rt.store.load_states(instruction_ids)
         if s.instruction.status == InstructionStatus.WRITTEN
-    )
+    ]
+
+
+async def _filter_one(rt: BuildRuntime, state: InstructionState) -> bool:
+    return filter_instruction(rt, state)  # no call: checks over the stored text
+
+
+# Filter the written instructions of a batch; counts the accepted ones.
+FILTER_STAGE = Stage("filter", BuildRuntime, written_instructions, _filter_one, task_retry=False)

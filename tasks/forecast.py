@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from storage.models import InstructionStatus
-from tasks.endpoints import EMBEDDED_CONTEXT_WINDOW, REMOTE_CONTEXT_WINDOW, split_urls
 from tasks.flags import derive
+from tasks.llm.endpoints import EMBEDDED_CONTEXT_WINDOW, REMOTE_CONTEXT_WINDOW, split_urls
 from tasks.plan import (
     TYPICAL_STEP_WORDS,
     PlanStep,

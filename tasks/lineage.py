@@ -36,10 +36,10 @@ def _manifest_of(data: Path) -> Path | None:
 def data_lineage(data: Path) -> dict[str, Any]:
     """The training data as `longwriter train` reads it: the files (same selection as
     tasks.train) with their sha256 now, and the export manifest they belong to, if any."""
-    from tasks.train import _files_in  # the exact files train reads, so the hashes are those
+    from tasks.train.data import data_files  # the exact files train reads, so the hashes are those
 
     data = Path(data).resolve()
-    files = _files_in(data)
+    files = data_files(data)
     manifest_path = _manifest_of(data if data.is_dir() else data.parent)
     listed: dict[str, str] = {}
     manifest: dict[str, Any] | None = None

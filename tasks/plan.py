@@ -20,14 +20,14 @@ from typing import Any
 from prompts import prompt_version, render
 from storage.models import Instruction, InstructionStatus, LLMCall
 from storage.models import Plan as PlanRow
-from tasks.llm_client import (
+from tasks.llm import structured
+from tasks.llm.client import (
     BadOutputError,
     ChatRequest,
     ContentPolicyError,
     ContextLengthError,
     EndpointDownError,
     FatalLLMError,
-    LLMError,
     ReasoningBudgetError,
 )
 from tasks.quality import (
@@ -36,7 +36,12 @@ from tasks.quality import (
     point_similarity,
     review_plan,
 )
-from tasks.runtime import BuildRuntime, gather_all, generate, get_runtime, in_chain_slot
+from tasks.runtime import (
+    BuildRuntime,
+    Stage,
+    generate,
+    in_chain,
+)
 from tasks.settings import BUILD, MAX_PLAN_STEPS
 from tasks.wordcount import cjk_share, count_words
 
@@ -97,20 +102,21 @@ def plan_schema(max_steps: int = MAX_STEPS, min_steps: int = 1) -> dict[str, Any
 
 
 def response_format(schema: dict[str, Any], style: str) -> dict[str, Any]:
-    """Structured-output request in the endpoint's dialect: OpenAI and vLLM take
-    `json_schema`; llama-cpp-python's server takes `json_object` with a `schema` (it answers
-    422 to the OpenAI shape) and compiles it to a grammar."""
+    """Structured-output request in the endpoint's dialect (tasks.llm.structured): OpenAI and
+    vLLM take `json_schema`; llama-cpp-python's server ("llama_cpp": `json_object` with a
+    `schema`, it answers 422 to the OpenAI shape) compiles the schema to a grammar."""
     if style == "llama_cpp":
         # llama.cpp's schema-to-grammar drops integer minimum/maximum (SmolLM2 planned a
         # 10-word paragraph); an enum of allowed counts is a grammar it does enforce.
         schema = copy.deepcopy(schema)
         items = schema["properties"]["paragraphs"]["items"]["properties"]
         items["word_count"] = {"type": "integer", "enum": list(range(200, 1001, 50))}
-        return {"type": "json_object", "schema": schema}
-    return {
-        "type": "json_schema",
-        "json_schema": {"name": "plan", "strict": True, "schema": schema},
-    }
+        fmt = "json_object"
+    else:
+        fmt = "json_schema"
+    shape = structured.response_format("plan", schema, fmt)
+    assert shape is not None  # a schema format, never "none"
+    return shape
 
 
 # A worked example, shown as an earlier turn of the conversation (the same prompt for another
@@ -428,14 +434,6 @@ def format_step(index: int, step: PlanStep) -> str:
 # -- stage over the store (its Prefect task is flows.stages.plan_batch) -----------------------
 
 
-def _json_unsupported(exc: LLMError) -> bool:
-    """The endpoint rejected the structured-output request itself. OpenAI-style servers say
-    so with 400/422; llama-cpp-python answers the OpenAI shape with a 500 that names the
-    accepted types, which arrives here as EndpointDownError after the client's retries."""
-    msg = str(exc).lower()
-    return "response_format" in msg or "json_schema" in msg or "json_object" in msg
-
-
 async def _request_plan(
     rt: BuildRuntime, inst: Instruction, seed: int | None
 ) -> tuple[ChatRequest, LLMCall] | None:
@@ -459,13 +457,14 @@ async def _request_plan(
         try:
             return request, await generate(rt.store, rt.client, request, rt.progress)
         except (FatalLLMError, EndpointDownError) as exc:
-            if cfg.json_plan and _json_unsupported(exc):
-                # Endpoint refuses this structured-output dialect: try llama.cpp's, then
-                # plain line-format plans (the parser reads those anyway).
-                if cfg.json_style == "json_schema":
+            if cfg.json_plan and structured.format_refused(exc):
+                # Endpoint refuses this structured-output dialect: step down the ladder to
+                # llama.cpp's, then to plain line-format plans (the parser reads those anyway).
+                current = "json_object" if cfg.json_style == "llama_cpp" else "json_schema"
+                lower = structured.next_format(current)
+                cfg.json_plan = lower != "none"
+                if lower == "json_object":
                     cfg.json_style = "llama_cpp"
-                else:
-                    cfg.json_plan = False
                 continue
             raise
         except (ContentPolicyError, ReasoningBudgetError) as exc:
@@ -491,7 +490,7 @@ async def plan_instruction(rt: BuildRuntime, inst: Instruction) -> bool:
     assert inst.id is not None
     cfg = rt.config
     if cfg.languages and inst.lang not in cfg.languages:
-        # Before any call: the writer model does not write this language (tasks.endpoints).
+        # Before any call: the writer model does not write this language (tasks.llm.endpoints).
         rt.store.reject(
             inst.id,
             "plan",
@@ -544,20 +543,11 @@ async def plan_instruction(rt: BuildRuntime, inst: Instruction) -> bool:
     return False
 
 
-async def plan_batch(runtime_id: str, instruction_ids: list[int]) -> int:
-    """Plan every pending instruction of a batch concurrently. Returns how many were planned."""
-    rt = get_runtime(runtime_id)
+def pending_instructions(rt: BuildRuntime, instruction_ids: list[int]) -> list[Instruction]:
+    """The batch's instructions not planned yet (a rerun skips the planned ones)."""
     states = rt.store.load_states(instruction_ids)
-    todo = [s.instruction for s in states if s.instruction.status == InstructionStatus.PENDING]
+    return [s.instruction for s in states if s.instruction.status == InstructionStatus.PENDING]
 
-    async def one(inst: Instruction) -> bool:
-        ok = await in_chain_slot(rt, plan_instruction(rt, inst))
-        if ok is None:
-            return False  # not started: the build is stopping
-        if not ok:
-            rt.progress.rejected += 1
-            rt.progress.instructions_done += 1
-        return ok
 
-    results = await gather_all(one(i) for i in todo)
-    return sum(results)
+# Plan every pending instruction of a batch concurrently; counts the planned ones.
+PLAN_STAGE = Stage("plan", BuildRuntime, pending_instructions, in_chain(plan_instruction))

@@ -1,5 +1,5 @@
 """The build's optional judge gate: every accepted sample is scored on the six
-LongBench-Write dimensions by the same judge code as `longwriter eval` (tasks.judge), the
+LongBench-Write dimensions by the same judge code as `longwriter eval` (tasks.eval.judge), the
 scores are stored on the sample (and exported as its `quality` field), and a sample whose
 S_q is under `--min-quality` is rejected with its scores.
 
@@ -14,9 +14,9 @@ import json
 from dataclasses import dataclass
 
 from storage.models import Sample
-from tasks.judge import judge_answer
-from tasks.runtime import BuildRuntime, gather_all, get_runtime
-from tasks.scoring import DIMENSIONS, dimension_score
+from tasks.eval.judge import judge_answer
+from tasks.eval.scoring import DIMENSIONS, dimension_score
+from tasks.runtime import BuildRuntime, Stage
 
 # The gate's settings; defined where no stage is imported (the runtime holds one), read from
 # here too.
@@ -25,7 +25,7 @@ from tasks.stage_config import JudgeGate as JudgeGate
 
 @dataclass
 class GateVerdict:
-    """What `tasks.judge.judge_answer` fills for one sample."""
+    """What `tasks.eval.judge.judge_answer` fills for one sample."""
 
     status: str = "pending"
     scores_json: str | None = None
@@ -83,15 +83,21 @@ async def judge_sample(rt: BuildRuntime, sample: Sample, prompt: str) -> bool:
     return True
 
 
-# Its Prefect task is flows.stages.judge_batch.
-async def judge_batch(runtime_id: str, instruction_ids: list[int]) -> int:
-    """Judge the accepted, not yet scored samples of a batch. Returns how many passed."""
-    rt = get_runtime(runtime_id)
+def unjudged_samples(rt: BuildRuntime, instruction_ids: list[int]) -> list[tuple[Sample, str]]:
+    """The batch's accepted samples not scored yet, with their instructions (none without
+    a gate)."""
     if rt.judge_gate is None:
-        return 0
-    todo = rt.store.unjudged_samples(instruction_ids)
-    passed = await gather_all(judge_sample(rt, sample, prompt) for sample, prompt in todo)
-    failed = len(passed) - sum(passed)
-    rt.progress.accepted -= failed
-    rt.progress.rejected += failed
-    return sum(passed)
+        return []
+    return rt.store.unjudged_samples(instruction_ids)
+
+
+async def _judge_one(rt: BuildRuntime, todo: tuple[Sample, str]) -> bool:
+    passed = await judge_sample(rt, *todo)
+    if not passed:  # it had been counted accepted by the filter
+        rt.progress.accepted -= 1
+        rt.progress.rejected += 1
+    return passed
+
+
+# Judge the accepted, not yet scored samples of a batch; counts the ones that pass.
+JUDGE_GATE_STAGE = Stage("judge", BuildRuntime, unjudged_samples, _judge_one)

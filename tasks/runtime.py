@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from storage.models import LLMCall
 from storage.store import Store
-from tasks.llm_client import ChatRequest, LLMClient, LLMError
+from tasks.llm.client import ChatRequest, LLMClient, LLMError
 from tasks.settings import BUILD
 
 # The stages' own configs, from the module that imports no stage: every stage imports this
@@ -92,7 +92,7 @@ class StageConfig:
     # The write prompt: "paper" (AgentWrite's one message) or "turns" (a conversation, for
     # small models); the build resolves the setting's "auto" from the endpoints.
     write_prompt: str = "paper"
-    # Instruction languages the writer is given (empty: all); see tasks.endpoints.
+    # Instruction languages the writer is given (empty: all); see tasks.llm.endpoints.
     languages: tuple[str, ...] = ()
     extra_params: dict[str, Any] = field(default_factory=dict)  # e.g. frequency_penalty
     filters: FilterConfig = field(default_factory=FilterConfig)
@@ -137,10 +137,20 @@ async def in_chain_slot(rt: BuildRuntime, work: Coroutine[Any, Any, bool]) -> bo
             raise
 
 
-_RUNTIMES: dict[str, BuildRuntime] = {}
+class RegisteredRuntime(Protocol):
+    """What every run's shared state has: an id that its stage tasks receive."""
+
+    id: str
 
 
-def register(rt: BuildRuntime) -> str:
+R = TypeVar("R", bound=RegisteredRuntime)
+
+# One registry for every command's runtime (build, pairs, eval): a stage task receives a
+# runtime id and looks the runtime up by it, typed by the kind it expects.
+_RUNTIMES: dict[str, RegisteredRuntime] = {}
+
+
+def register(rt: RegisteredRuntime) -> str:
     _RUNTIMES[rt.id] = rt
     return rt.id
 
@@ -149,14 +159,63 @@ def unregister(runtime_id: str) -> None:
     _RUNTIMES.pop(runtime_id, None)
 
 
-def get_runtime(runtime_id: str) -> BuildRuntime:
-    try:
-        return _RUNTIMES[runtime_id]
-    except KeyError:
+def get_runtime(runtime_id: str, kind: type[R]) -> R:
+    """The runtime registered under `runtime_id`, checked to be a `kind`."""
+    rt = _RUNTIMES.get(runtime_id)
+    if rt is None:
         raise RuntimeError(
             f"runtime {runtime_id} is not registered in this process; stage tasks must run "
             "inside the flow that created it"
-        ) from None
+        )
+    if not isinstance(rt, kind):
+        raise TypeError(f"runtime {runtime_id} is a {type(rt).__name__}, not a {kind.__name__}")
+    return rt
+
+
+Item = TypeVar("Item")
+Outcome = TypeVar("Outcome")
+
+
+@dataclass(frozen=True)
+class Stage(Generic[R, Item, Outcome]):
+    """The stage contract: every stage (plan, write, filter, the judge gate, the eval's
+    generation and judge, the pairs' variants) is a pure core (build request, parse, check)
+    run over the store by this one batch driver. A batch task receives a runtime id and ids;
+    the stage reads from the store which of them it still has to do (`todo`: so a rerun skips
+    finished work), does each (`one`: store-first calls through `generate`, every outcome
+    stored), concurrently, and returns how many outcomes `counts`. flows/stages.py makes
+    each stage the Prefect task of its `name`; `task_retry`: the task is retried once on a
+    failure that is not an LLM error (a database blip; the client already retried LLM faults)."""
+
+    name: str
+    runtime: type[R]
+    todo: Callable[[R, list[Any]], Iterable[Item]]
+    one: Callable[[R, Item], Awaitable[Outcome]]
+    counts: Callable[[Outcome], bool] = bool
+    task_retry: bool = True
+
+    async def run_batch(self, runtime_id: str, ids: list[Any]) -> int:
+        rt = get_runtime(runtime_id, self.runtime)
+        outcomes = await gather_all(self.one(rt, item) for item in self.todo(rt, ids))
+        return sum(1 for outcome in outcomes if self.counts(outcome))
+
+
+def in_chain(
+    work: Callable[[BuildRuntime, Item], Coroutine[Any, Any, bool]],
+) -> Callable[[BuildRuntime, Item], Coroutine[Any, Any, bool]]:
+    """A build stage whose item is an instruction's chain of calls (plan, write): each runs
+    under a chain slot (`in_chain_slot`), and one that ends rejected counts as done."""
+
+    async def one(rt: BuildRuntime, item: Item) -> bool:
+        ok = await in_chain_slot(rt, work(rt, item))
+        if ok is None:
+            return False  # not started: the build is stopping
+        if not ok:
+            rt.progress.rejected += 1
+            rt.progress.instructions_done += 1
+        return ok
+
+    return one
 
 
 async def generate(

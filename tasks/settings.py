@@ -40,7 +40,7 @@ def default_prompts_path() -> Path:
     return Path(str(resources.files("tasks").joinpath("data", DEFAULT_PROMPTS)))
 
 
-# Structured-output formats of the judge (tasks.judge.FORMATS), plus auto.
+# Structured-output formats of the judge (tasks.eval.judge.FORMATS), plus auto.
 JudgeFormat = Literal["auto", "json_schema", "json_object", "none"]
 
 
@@ -91,7 +91,7 @@ class JudgeEndpoint(BaseModel):
 
 
 class ClientPolicy(BaseModel):
-    """The HTTP client's retry policy (tasks.llm_client.RetryPolicy)."""
+    """The HTTP client's retry policy (tasks.llm.client.RetryPolicy)."""
 
     request_timeout_s: float = Field(
         600.0, gt=0, description="seconds to wait for one answer before it counts as failed"
@@ -153,7 +153,7 @@ class BuildSettings(WriterEndpoint, JudgeEndpoint, ClientPolicy, Drafting):
     plan_max_tokens: int = Field(2048, ge=16, description="max tokens of a plan call")
     plan_temperature: float = Field(0.5, ge=0, le=2, description="temperature of plan calls")
     write_temperature: float = Field(0.7, ge=0, le=2, description="temperature of paragraph calls")
-    # None: the endpoint's default, or for the embedded model tasks.endpoints.EMBEDDED_SAMPLING
+    # None: the endpoint's default, or for the embedded model tasks.llm.endpoints.EMBEDDED_SAMPLING
     frequency_penalty: float | None = Field(
         None,
         description="frequency_penalty of every call (default: the endpoint's; the "
@@ -226,7 +226,7 @@ class BuildSettings(WriterEndpoint, JudgeEndpoint, ClientPolicy, Drafting):
         "against the instruction's required length is below this",
     )
     progress: bool = Field(False, description="terminal progress bar")
-    # Real endpoints (tasks/llm_client.py): fields sent with every request, part of each key.
+    # Real endpoints (tasks/llm/client.py): fields sent with every request, part of each key.
     reasoning_effort: str | None = Field(
         None,
         description="reasoning_effort sent with every call (OpenAI reasoning models: "

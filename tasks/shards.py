@@ -30,9 +30,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.models import Instruction, Plan, Sample
+from tasks.eval.scoring import DIMENSIONS
 from tasks.files import atomic_write_text, sha256_file
 from tasks.plan import steps_from_json
-from tasks.scoring import DIMENSIONS
 from tasks.settings import BUILD
 from tasks.wordcount import detect_lang
 

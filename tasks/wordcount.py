@@ -97,7 +97,12 @@ REPEATED_SENTENCE_MIN_UNITS = 12
 _SENTENCE_SPLIT_RE = re.compile(r"(?<=[.!?。！？])\s*|\n+")
 
 
-@functools.lru_cache(maxsize=512)
+# Enough for every paragraph of the samples in flight at once (chains x paragraphs), bounded so a
+# long build does not keep every paragraph it ever checked.
+_SENTENCE_CACHE_PARAGRAPHS = 4096
+
+
+@functools.lru_cache(maxsize=_SENTENCE_CACHE_PARAGRAPHS)
 def _long_sentences(text: str, min_units: int) -> frozenset[tuple[str, ...]]:
     # Cached: every draft is checked against all the paragraphs before it, so each earlier
     # one's sentences would otherwise be split again per later draft (quadratic in a sample).

@@ -19,7 +19,7 @@ from prompts import prompt_version, render
 from storage.models import DraftCheck, Instruction, InstructionStatus, Paragraph
 from storage.store import InstructionState, Store
 from tasks.flags import derive
-from tasks.llm_client import (
+from tasks.llm.client import (
     BadOutputError,
     ChatRequest,
     ContentPolicyError,
@@ -36,7 +36,13 @@ from tasks.quality import (
     Verdict,
     review_paragraph,
 )
-from tasks.runtime import BuildRuntime, Progress, gather_all, generate, get_runtime, in_chain_slot
+from tasks.runtime import (
+    BuildRuntime,
+    Progress,
+    Stage,
+    generate,
+    in_chain,
+)
 from tasks.settings import BUILD
 
 # Defined in modules that import no stage (the runtime holds a ContextBudget); callers still
@@ -658,22 +664,15 @@ async def write_instruction(rt: BuildRuntime, state: InstructionState) -> bool:
     return True
 
 
-async def write_batch(runtime_id: str, instruction_ids: list[int]) -> int:
-    """Write the planned instructions of a batch, many at once, each one step by step."""
-    rt = get_runtime(runtime_id)
-    states = [
+def planned_instructions(rt: BuildRuntime, instruction_ids: list[int]) -> list[InstructionState]:
+    """The batch's planned instructions, with what an earlier run already wrote of them."""
+    return [
         s
         for s in rt.store.load_states(instruction_ids)
         if s.instruction.status == InstructionStatus.PLANNED
     ]
 
-    async def one(state: InstructionState) -> bool:
-        ok = await in_chain_slot(rt, write_instruction(rt, state))
-        if ok is None:
-            return False  # not started: the build is stopping
-        if not ok:
-            rt.progress.rejected += 1
-            rt.progress.instructions_done += 1
-        return ok
 
-    return sum(await gather_all(one(s) for s in states))
+# Write the planned instructions of a batch, many at once, each one step by step; counts the
+# written ones.
+WRITE_STAGE = Stage("write", BuildRuntime, planned_instructions, in_chain(write_instruction))

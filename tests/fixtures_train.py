@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tasks.train import embedded_base_model
+from tasks.train.model import embedded_base_model
 from tasks.wordcount import count_words
 
 TOPICS = ["the sea", "mountains", "a lighthouse", "winter in the city"]

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from tasks.llm_client import ChatRequest, Endpoint, FatalLLMError, LLMClient, RetryPolicy
+from tasks.llm.client import ChatRequest, Endpoint, FatalLLMError, LLMClient, RetryPolicy
 from tests.fake_openai import FakeConfig, FakeOpenAIServer, default_answer
 
 

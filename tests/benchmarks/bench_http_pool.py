@@ -26,7 +26,7 @@ LAYOUTS: tuple[tuple[int, int], ...] = ((1, 1), (2, 2), (4, 4), (8, 8), (64, 64)
 async def _drive(
     base_url: str, n: int, concurrency: int, per_pool: int, keepalive: int
 ) -> tuple[float, float, int]:
-    import tasks.llm_client as llm
+    import tasks.llm.client as llm
 
     saved = llm.POOL_CONNECTIONS, llm.POOL_KEEPALIVE
     llm.POOL_CONNECTIONS, llm.POOL_KEEPALIVE = per_pool, keepalive

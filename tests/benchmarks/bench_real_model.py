@@ -1,7 +1,7 @@
 """Benchmark 3: generated tokens per second through the factory vs the server called directly.
 
 The factory builds a few instructions (plan + paragraphs) with its embedded llama.cpp server
-(no base URL: it starts tasks.llama_server.LlamaServer on the SmolLM2 GGUF itself) at
+(no base URL: it starts tasks.llm.llama_server.LlamaServer on the SmolLM2 GGUF itself) at
 temperature 0 and concurrency 1, with every request it sends recorded on the wire
 (drive_build --record). Then a fresh LlamaServer with the same settings gets the same request
 bodies directly, one after another, with sync httpx, in the order the factory sent them
@@ -104,7 +104,7 @@ def run(instructions: int = 3, paragraph_tokens: int = 160) -> BenchResult:
     if importlib.util.find_spec("llama_cpp") is None:
         res.skipped = "llama_cpp (llama-cpp-python) is not installed: pip install '.[embedded]'"
         return res
-    from tasks.llama_server import (
+    from tasks.llm.llama_server import (
         LlamaServerError,
         embedded_layout,
         find_embedded_gguf,

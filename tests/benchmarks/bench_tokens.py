@@ -63,8 +63,8 @@ def usage_by_length(db: Path) -> dict[int, dict[str, int]]:
 
 
 def run(instructions: int = 20, plan_sizes: tuple[int, ...] = (5, 10, 20)) -> BenchResult:
-    from tasks.endpoints import REMOTE_CONTEXT_WINDOW
     from tasks.forecast import ForecastConfig, forecast, pending_from_file
+    from tasks.llm.endpoints import REMOTE_CONTEXT_WINDOW
 
     res = BenchResult("tokens", "Tokens and cost: measured vs dry-run forecast")
     work = scratch_dir("tokens")

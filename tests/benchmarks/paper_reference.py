@@ -23,8 +23,8 @@ from typing import Any
 
 import httpx
 
-from tasks.endpoints import REMOTE_CONTEXT_WINDOW
-from tasks.llm_client import ChatRequest
+from tasks.llm.client import ChatRequest
+from tasks.llm.endpoints import REMOTE_CONTEXT_WINDOW
 from tasks.plan import build_plan_request, parse_plan
 from tasks.write import ContextBudget, build_write_request
 

@@ -22,8 +22,9 @@ from flows.build import BuildSettings, build_flow  # noqa: E402
 from flows.eval import EvalSettings, run_eval_sync  # noqa: E402
 from flows.pairs import pairs_flow  # noqa: E402
 from flows.train import train_flow  # noqa: E402
-from tasks.scoring import length_score  # noqa: E402
-from tasks.train import TrainConfig, read_records  # noqa: E402
+from tasks.eval.scoring import length_score  # noqa: E402
+from tasks.train.config import TrainConfig  # noqa: E402
+from tasks.train.data import read_records  # noqa: E402
 from tasks.wordcount import count_words  # noqa: E402
 from tests.conftest import write_jsonl  # noqa: E402
 from tests.fake_openai import FakeConfig, FakeOpenAIServer  # noqa: E402
@@ -49,7 +50,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.embedded
 def test_build_sft_gguf_serve_eval(tiny: Path, tmp_path: Path, db_url: str) -> None:
     pytest.importorskip("llama_cpp")
-    from tasks.llama_server import LlamaServer
+    from tasks.llm.llama_server import LlamaServer
 
     # 1. A tiny shard from the factory: 6 instructions, two 30-word paragraphs each.
     src = write_jsonl(

@@ -1,5 +1,5 @@
 """The eval flow end to end against the fake OpenAI server: every figure of results.json is
-checked against values worked out here, independently of tasks.scoring."""
+checked against values worked out here, independently of tasks.eval.scoring."""
 
 from __future__ import annotations
 
@@ -501,7 +501,7 @@ def test_default_prompt_sets_load() -> None:
 
 def test_judge_format_resolution() -> None:
     from flows.eval import _resolve_format
-    from tasks.endpoints import ConfigError
+    from tasks.llm.endpoints import ConfigError
 
     # llama-cpp-python's server answers json_schema with HTTP 500: ask it for json_object.
     assert _resolve_format("auto", embedded=True) == "json_object"

@@ -19,7 +19,7 @@ from flows.train import train_flow  # noqa: E402
 from tasks.export import export_store  # noqa: E402
 from tasks.files import sha256_file  # noqa: E402
 from tasks.lineage import CONFIG_KEY, lineage_chain  # noqa: E402
-from tasks.train import TrainConfig  # noqa: E402
+from tasks.train.config import TrainConfig  # noqa: E402
 from tests.conftest import write_jsonl  # noqa: E402
 from tests.fixtures_train import build_small_tokenizer, build_tiny_llama  # noqa: E402
 from tests.tasks.test_report_html import synthetic_store  # noqa: E402
@@ -33,7 +33,7 @@ def test_shard_to_model_to_score_and_back(tmp_path: Path, capsys: pytest.Capture
     pytest.importorskip("llama_cpp")
     from huggingface_hub import ModelCard
 
-    from tasks.llama_server import LlamaServer
+    from tasks.llm.llama_server import LlamaServer
 
     # 1. An exported shard with its manifest (the factory's own export, not a hand-made file).
     store = synthetic_store(tmp_path / "s.db", 6, paragraphs=2, words=40)

@@ -46,7 +46,7 @@ from flows.monitoring import (
 )
 from storage.models import LLMCall, Rejection
 from storage.store import Store
-from tasks.llm_client import ClientStats
+from tasks.llm.client import ClientStats
 from tasks.runtime import Progress
 from tests.conftest import write_jsonl
 from tests.fake_openai import FakeConfig, FakeOpenAIServer

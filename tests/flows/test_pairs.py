@@ -21,7 +21,7 @@ from flows.cli import main as cli_main
 from flows.pairs import PairsSettings, pairs_flow
 from storage.pair_models import PairDecision, PairJudgement, VariantParagraph, VariantSample
 from storage.store import Store
-from tasks.train import read_records
+from tasks.train.data import read_records
 from tests.conftest import write_jsonl
 from tests.fake_openai import FakeConfig, FakeOpenAIServer, default_answer, prose
 

@@ -27,7 +27,7 @@ from flows.partition import partition_settings
 from storage.models import Instruction, LLMCall, Run
 from storage.store import Store
 from tasks.export import verify_manifest
-from tasks.llm_client import ChatRequest, Endpoint, LLMClient
+from tasks.llm.client import ChatRequest, Endpoint, LLMClient
 from tests.conftest import PG_ADMIN_DSN, pg_server_url, service_missing, write_jsonl
 from tests.fake_openai import FakeConfig, FakeOpenAIServer
 from tests.flows.prefect_stack import PrefectStack, tail

@@ -30,7 +30,7 @@ from flows.cli import main as cli_main
 from storage.models import Instruction, LLMCall, Paragraph, Rejection, Run, Sample
 from storage.store import Store
 from tasks.export import verify_manifest
-from tasks.llm_client import EndpointDownError
+from tasks.llm.client import EndpointDownError
 from tests.conftest import write_jsonl
 from tests.fake_openai import FakeConfig, FakeOpenAIServer, default_answer
 
@@ -478,7 +478,7 @@ def test_task_retry_condition_never_retries_llm_errors():
     from prefect.states import Failed
     from sqlalchemy.exc import OperationalError
 
-    from tasks.llm_client import BadOutputError, FatalLLMError
+    from tasks.llm.client import BadOutputError, FatalLLMError
     from tasks.runtime import retry_unless_llm_error as retry
 
     llm = [EndpointDownError("down"), FatalLLMError("401", status=401), BadOutputError("empty")]

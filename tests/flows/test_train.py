@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("trl")
 
 from flows.train import add_cli, config_from_args, train_flow  # noqa: E402
-from tasks.train import TrainConfig  # noqa: E402
+from tasks.train.config import TrainConfig  # noqa: E402
 from tests.fixtures_train import (  # noqa: E402
     build_small_tokenizer,
     build_tiny_llama,

@@ -12,8 +12,8 @@ import pytest
 from flows.build import BuildSettings, build_flow
 from storage.models import Rejection, Sample
 from storage.store import Store
+from tasks.eval.scoring import DIMENSIONS
 from tasks.quality_gate import quality_record
-from tasks.scoring import DIMENSIONS
 from tests.conftest import write_jsonl
 from tests.fake_openai import FakeConfig, FakeOpenAIServer, default_answer
 

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from storage.store import Store
-from tasks.llm_client import Endpoint, EndpointDownError, LLMClient
+from tasks.llm.client import Endpoint, EndpointDownError, LLMClient
 from tasks.runtime import BuildRuntime, StageConfig, in_chain_slot
 
 

@@ -53,24 +53,24 @@ ALIASES: dict[str, tuple[str, ...]] = {
 
 # Values (or names bound to a value) that stand in product code as another quantity, with why.
 UNRELATED: dict[tuple[str, object], str] = {
-    ("tasks/train.py", 2048): "a checkpoint's context length when its config gives none",
+    ("tasks/train/gguf.py", 2048): "a checkpoint's context length when its config gives none",
     ("tasks/export.py", 2000): "an edge of the length histogram's bins",
     ("tasks/shards.py", 2000): "an edge of the length histogram's bins",
-    ("tasks/scoring.py", 2000): "LongBench-Write's length bucket edges",
+    ("tasks/eval/scoring.py", 2000): "LongBench-Write's length bucket edges",
     ("tasks/plan.py", 2000): "the worked example's own length request",
     ("tasks/plan.py", 1000): "the most words one plan step may ask for",
-    ("tasks/llm_client.py", 1000): "milliseconds in a second (1000.0 too: equal keys)",
-    ("tasks/llm_client.py", 512): "prompts shorter than this are not checked for truncation",
-    ("tasks/llm_client.py", "temperature"): "ChatRequest's own default; every stage sets one",
+    ("tasks/llm/client.py", 1000): "milliseconds in a second (1000.0 too: equal keys)",
+    ("tasks/llm/client.py", 512): "prompts shorter than this are not checked for truncation",
+    ("tasks/llm/client.py", "temperature"): "ChatRequest's own default; every stage sets one",
     ("tasks/card.py", 1000): "the Hub's size category edges",
-    ("tasks/llama_server.py", 512): "the embedded server's batch size",
+    ("tasks/llm/llama_server.py", 512): "the embedded server's batch size",
     ("tasks/quality.py", 512): "characters a quality check reads",
     ("flows/prefect_api.py", 2000): "characters of the API server's output shown on failure",
 }
 
 
 def settings_models() -> list[type[BaseModel]]:
-    from tasks.train import TrainConfig
+    from tasks.train.config import TrainConfig
 
     found = [
         v
@@ -119,12 +119,12 @@ def _is_default(value: Any, defaults: set[Any], exact: bool = False) -> bool:
 
 
 def _settings_class_bodies(tree: ast.Module, rel: str) -> set[int]:
-    """Lines of the one place: tasks/settings.py, and TrainConfig's body in tasks/train.py."""
+    """Lines of the one place: tasks/settings.py, and TrainConfig's body in tasks/train/config.py."""
     names = {m.__name__ for m in settings_models()}
     lines: set[int] = set()
     if rel == "tasks/settings.py":
         return set(range(1, len(ast.unparse(tree).splitlines()) + 10_000))
-    if rel != "tasks/train.py":
+    if rel != "tasks/train/config.py":
         return lines
     for node in ast.walk(tree):
         if isinstance(node, ast.ClassDef) and node.name in names:

@@ -2,17 +2,17 @@ import json
 
 import pytest
 
-from tasks.judge import (
+from tasks.eval.judge import (
     JudgeParseError,
     build_judge_request,
     canonical_key,
     fit_response,
-    format_unsupported,
     judge_schema,
     parse_judge,
     response_format,
 )
-from tasks.scoring import DIMENSIONS
+from tasks.eval.scoring import DIMENSIONS
+from tasks.llm.structured import format_unsupported
 
 KEYS = list(DIMENSIONS)
 

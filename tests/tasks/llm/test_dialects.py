@@ -13,7 +13,7 @@ import httpx
 import pytest
 import respx
 
-from tasks.llm_client import (
+from tasks.llm.client import (
     BadOutputError,
     ChatRequest,
     ContentPolicyError,
@@ -333,7 +333,7 @@ async def test_throttle_budget_is_time_not_attempts():
 
 
 def test_aimd_halves_once_per_burst_and_probes_back_up():
-    from tasks.llm_client import Dialect, _EndpointState
+    from tasks.llm.client import Dialect, _EndpointState
 
     st = _EndpointState(Endpoint("http://x.test/v1", max_concurrency=16), Dialect())
     sent = time.monotonic()
@@ -348,7 +348,7 @@ def test_aimd_halves_once_per_burst_and_probes_back_up():
 
 
 def test_rate_limiter_paces_requests_and_tokens():
-    from tasks.llm_client import RateLimiter
+    from tasks.llm.client import RateLimiter
 
     lim = RateLimiter(rpm=600, tpm=None)  # 10/s, a bucket of 5
     waits = [lim.reserve(100) for _ in range(25)]
@@ -426,7 +426,7 @@ async def test_stream_idle_timeout():
 
 
 async def test_ollama_that_cuts_the_prompt_is_caught():
-    from tasks.llm_client import SilentTruncationError
+    from tasks.llm.client import SilentTruncationError
 
     long_prompt = "<instruction>Write about dunes</instruction> " + "context words " * 2000
     with FakeOpenAIServer(FakeConfig(ollama_num_ctx=1024)).running() as fake:

@@ -8,21 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from tasks.pairs import (
+from tasks.eval.judge import judge_format_for
+from tasks.eval.scoring import DIMENSIONS
+from tasks.pairs.selection import (
     PAIR_SCHEMA,
     Decision,
     VariantScore,
     combined_score,
     export_pairs,
-    judge_format_for,
     margin_stats,
     pair_record,
     quality_score,
     select_pair,
     variant_score,
 )
-from tasks.scoring import DIMENSIONS
-from tasks.train import read_records
+from tasks.train.data import read_records
 
 
 def ratings(*values: float) -> dict[str, float]:
@@ -208,7 +208,8 @@ def test_export_of_no_pairs_writes_empty_files(tmp_path: Path) -> None:
 def test_exported_pairs_pass_the_dpo_preparation(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     pytest.importorskip("tokenizers")
-    from tasks.train import ModelRef, load_tokenizer, prepare_dpo
+    from tasks.train.data import prepare_dpo
+    from tasks.train.model import ModelRef, load_tokenizer
     from tests.fixtures_train import build_small_tokenizer
 
     tok = load_tokenizer(ModelRef(build_small_tokenizer(tmp_path / "tok")))

@@ -1,6 +1,6 @@
 import pytest
 
-from tasks.scoring import (
+from tasks.eval.scoring import (
     DIMENSIONS,
     ScoredRow,
     aggregate,

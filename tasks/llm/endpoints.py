@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from tasks.llm_client import Endpoint
+from tasks.llm.client import Endpoint
 from tasks.settings import BUILD
 
 EMBEDDED_CONTEXT_WINDOW = 8192
@@ -76,7 +76,7 @@ async def open_endpoints(
     embedded_replicas: int | None = None,
 ) -> AsyncIterator[ResolvedEndpoints]:
     """The endpoints given, or the embedded model: `embedded_replicas` llama.cpp servers
-    (default: tasks.llama_server.embedded_layout, one per core up to 4), stopped on exit."""
+    (default: tasks.llm.llama_server.embedded_layout, one per core up to 4), stopped on exit."""
     urls = split_urls(base_urls) or split_urls([os.environ.get("LONGWRITER_BASE_URL", "")])
     model = model or os.environ.get("LONGWRITER_MODEL") or None
     if urls:
@@ -95,7 +95,7 @@ async def open_endpoints(
             context_window=context_window or REMOTE_CONTEXT_WINDOW,
         )
         return
-    from tasks.llama_server import embedded_layout
+    from tasks.llm.llama_server import embedded_layout
 
     layout = embedded_layout()
     replicas = layout.replicas if embedded_replicas is None else max(1, embedded_replicas)

