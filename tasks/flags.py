@@ -194,17 +194,21 @@ class Flags:
             by_owner.setdefault(owner, []).append(name)
         return sorted(by_owner.items(), key=lambda kv: self.model.__mro__.index(kv[0]))
 
-    def add_to(self, parser: argparse.ArgumentParser | Any) -> None:
-        """Add the flags; a mixin's under a heading (its docstring's first line)."""
+    def add_to(self, parser: argparse.ArgumentParser | Any, title: str | None = None) -> None:
+        """Add the flags; a mixin's under a heading (its docstring's first line), or with
+        `title` all of them under that one heading."""
+        heading = parser.add_argument_group(title) if title else None
         for owner, names in self.groups():
-            target = parser
-            if owner is not self.model:
-                title = (owner.__doc__ or owner.__name__).strip().splitlines()[0].rstrip(".")
-                target = parser.add_argument_group(title)
+            target = heading or parser
+            if heading is None and owner is not self.model:
+                mixin = (owner.__doc__ or owner.__name__).strip().splitlines()[0].rstrip(".")
+                target = parser.add_argument_group(mixin)
             for name in names:
                 action = self._add(target, name)
-                # What tests/tasks/test_settings.py reads: this flag was made from that field.
+                # What tests/tasks/test_settings.py reads: this flag was made from that field,
+                # and shows this default instead of the model's when absent_help is set.
                 action.settings_field = (self.model.__name__, name)
+                action.absent_help = self.spec(name).absent_help
 
     def _add(self, parser: Any, name: str) -> argparse.Action:
         info = self.model.model_fields[name]

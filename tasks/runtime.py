@@ -86,7 +86,7 @@ class StageConfig:
     max_plan_steps: int = BUILD.max_paragraphs
     # A paragraph under this share of its planned words is continued (up to max_continuations).
     min_paragraph_share: float = BUILD.min_paragraph_share
-    context_window: int = 8192
+    context_window: int = ContextBudget.context_window  # tasks.settings.EMBEDDED_CONTEXT_WINDOW
     # Plan and paragraph quality checks (tasks.quality) on every draft.
     quality_checks: bool = BUILD.quality_checks
     # The write prompt: "paper" (AgentWrite's one message) or "turns" (a conversation, for

@@ -31,6 +31,12 @@ DEFAULT_DB_URL = "sqlite:///longwriter.db"
 # The most paragraphs a plan may have (tasks.plan.MAX_STEPS): the plan schema's limit and the
 # default of --max-paragraphs.
 MAX_PLAN_STEPS = 50
+# The embedded llama.cpp model's context window in tokens: what `longwriter serve --n-ctx`
+# starts it with and what a stage config assumes when it is told no other window.
+EMBEDDED_CONTEXT_WINDOW = 8192
+# Where a deployment (deploy/deployments.py) keeps its store and output when --db/--out are
+# not given: the build's own defaults, one folder down (made absolute where it runs).
+DEPLOY_RUNS_DIR = "runs"
 
 DEFAULT_PROMPTS = "longbench_write.jsonl"
 
@@ -57,7 +63,9 @@ class WriterEndpoint(BaseModel):
         "LONGWRITER_API_KEY", description="name of the environment variable holding the API key"
     )
     context_window: int | None = Field(
-        None, description="model context in tokens (default: 8192 embedded, else 32768)"
+        None,
+        description=f"model context in tokens (default: {EMBEDDED_CONTEXT_WINDOW} embedded, "
+        "else 32768)",
     )
 
 
@@ -418,10 +426,79 @@ class AuditSettings(RepetitionCheck):
     )
 
 
+class ServeSettings(BaseModel):
+    """`longwriter serve`: the embedded llama.cpp server run in the foreground
+    (tasks.llm.llama_server.LlamaServer)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_path: Path | None = Field(
+        None, description="GGUF file to serve (default: the embedded SmolLM2-135M-Instruct)"
+    )
+    host: str = Field("127.0.0.1", description="listen address")
+    port: int | None = Field(None, description="listen port (default: a free one)")
+    n_ctx: int = Field(EMBEDDED_CONTEXT_WINDOW, description="context window in tokens")
+    n_threads: int | None = Field(None, description="generation threads (default: half the cores)")
+    n_threads_batch: int | None = Field(
+        None, description="prompt-processing threads (default: all cores)"
+    )
+    prompt_cache_mb: int = Field(
+        512, description="MiB of RAM for cached prompt states, resumed by longest prefix (0: off)"
+    )
+    model_alias: str = Field("smollm2-135m-instruct", description="model name clients send")
+    ready_timeout: float = Field(120.0, description="seconds to wait for the model load")
+
+
+class PublishSettings(BaseModel):
+    """`longwriter publish`: a build's OUT folder uploaded to the Hugging Face Hub."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    out_dir: str = Field(description="the build's output folder")
+    repo: str = Field(description="dataset repo id, e.g. user/my-longwriter")
+    private: bool = Field(
+        False, description="create the repo private (an existing one keeps its own)"
+    )
+    dry_run: bool = Field(False, description="list what would go; send nothing")
+    message: str | None = Field(None, description="commit message")
+
+
+class DeploySettings(BaseModel):
+    """The flags of deploy/deployments.py that are no build or eval setting: the work pool, the
+    schedule, tags. The deployments' parameters are BuildSettings and EvalSettings, made from
+    those models' own flags (--db, --out, --base-url, --eval-model, ...)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pool: str = Field("longwriter", description="process work pool (created if missing)")
+    source: str | None = Field(None, description="repository directory workers run from")
+    overrides: list[str] = Field(
+        default_factory=list,
+        description="any other BuildSettings field, e.g. --set concurrency=32 --set limit=100",
+    )
+    tag: list[str] = Field(
+        default_factory=list,
+        description="tag on the deployments and their flow runs, besides `longwriter`",
+    )
+    cron: str = Field("0 3 * * *", description="schedule of longwriter-build/nightly")
+    timezone: str = Field("UTC", description="time zone of --cron")
+    schedule: bool = Field(True, description="the schedule of longwriter-build/nightly")
+    # None: the partitioned_build flow's own default (deploy/deployments.py reads it).
+    partitions: int | None = Field(None, description="default for the partitioned build")
+    zombie_automation: int | None = Field(
+        None,
+        description="also create the automation that marks runs without a heartbeat for "
+        "SECONDS Crashed (needs SECONDS > PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the workers, "
+        "default 180, at least 30)",
+    )
+
+
 # The defaults by model, for lower layers: `max_paragraph_tokens: int = BUILD.max_paragraph_tokens`.
 BUILD = Defaults(BuildSettings)
 PAIRS = Defaults(PairsSettings)
 EVAL = Defaults(EvalSettings)
+SERVE = Defaults(ServeSettings)
+DEPLOY = Defaults(DeploySettings)
 
 
 def _redact(url: str) -> str:
@@ -468,6 +545,14 @@ DRY_RUN_FLAGS = Flags(DryRunSettings, flags={"json_output": Flag(name="--json")}
 PAIRS_FLAGS = Flags(PairsSettings, exclude=("ngram",), flags={**FLAGS, **OUT_REQUIRED})
 # eval's --db has no environment variable: its store defaults to OUT/eval.db.
 EVAL_FLAGS = Flags(EvalSettings, flags={**FLAGS, **OUT_REQUIRED, "db_url": Flag(name="--db")})
+SERVE_FLAGS = Flags(ServeSettings, flags={"model_path": Flag(metavar="GGUF")})
+PUBLISH_FLAGS = Flags(PublishSettings, flags=FLAGS)
+# deploy/deployments.py adds its own spellings (--set, --no-schedule and the absent values
+# that only it knows: this checkout, the flow's partitions).
+DEPLOY_SPECS: dict[str, Flag] = {
+    "overrides": Flag(name="--set", metavar="KEY=VALUE"),
+    "zombie_automation": Flag(metavar="SECONDS"),
+}
 
 
 def db_url_from_env() -> str:

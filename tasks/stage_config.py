@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tasks.settings import BUILD
+from tasks.settings import BUILD, EMBEDDED_CONTEXT_WINDOW
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class FilterConfig:
 class ContextBudget:
     """Token budget of one write call (tasks.write)."""
 
-    context_window: int = 8192
+    context_window: int = EMBEDDED_CONTEXT_WINDOW
     reserve_tokens: int = 256  # chat template tokens, estimate error
 
     def prompt_budget(self, max_tokens: int) -> int:
@@ -50,4 +50,4 @@ class JudgeGate:
     attempts: int = BUILD.judge_attempts
     max_tokens: int = BUILD.judge_max_tokens
     temperature: float = BUILD.judge_temperature
-    context_window: int = 8192
+    context_window: int = EMBEDDED_CONTEXT_WINDOW

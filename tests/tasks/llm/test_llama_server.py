@@ -25,6 +25,7 @@ import pytest
 from flows.serve import add_cli
 from tasks.llm.llama_server import (
     DEFAULT_ALIAS,
+    DEFAULT_PROMPT_CACHE_BYTES,
     GGUF_FILENAME,
     EmbeddedLayout,
     LlamaServer,
@@ -34,6 +35,7 @@ from tasks.llm.llama_server import (
     is_llama_server_process,
     reap_stale_servers,
 )
+from tasks.settings import SERVE_FLAGS
 
 REPO = Path(__file__).resolve().parents[3]
 READY_S = 120.0
@@ -306,11 +308,22 @@ def test_serve_cli_registers_arguments() -> None:
             "4096",
         ]
     )
-    assert args.model_path == Path("/x.gguf")
-    assert (args.port, args.host, args.n_ctx) == (9000, "0.0.0.0", 4096)
+    given = SERVE_FLAGS.settings(args)
+    assert given.model_path == Path("/x.gguf")
+    assert (given.port, given.host, given.n_ctx) == (9000, "0.0.0.0", 4096)
     assert callable(args.handler)
-    defaults = parser.parse_args(["serve"])
+    # Absent flags: ServeSettings' defaults, the ones the command always had.
+    defaults = SERVE_FLAGS.settings(parser.parse_args(["serve"]))
     assert (defaults.model_path, defaults.port, defaults.n_ctx) == (None, None, 8192)
+    assert defaults.host == "127.0.0.1"
+    assert defaults.prompt_cache_mb << 20 == DEFAULT_PROMPT_CACHE_BYTES
+    assert (defaults.model_alias, defaults.ready_timeout) == (DEFAULT_ALIAS, 120.0)
+    assert (defaults.n_threads, defaults.n_threads_batch) == (None, None)
+    args = parser.parse_args(["serve", "--prompt-cache-mb", "0", "--ready-timeout", "2.5"])
+    given = SERVE_FLAGS.settings(args)
+    assert (given.prompt_cache_mb, given.ready_timeout) == (0, 2.5)
+    with pytest.raises(SystemExit):  # argparse still checks the type
+        parser.parse_args(["serve", "--n-ctx", "big"])
 
 
 # --- real server -----------------------------------------------------------------------------
