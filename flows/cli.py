@@ -27,7 +27,6 @@ from flows.console import (
     add_command,
     console_logs_without_tracebacks_for,
     fail,
-    start_prefect_api,
 )
 
 # Modules that add their own subcommands through `add_cli(subparsers)`.
@@ -95,12 +94,18 @@ def cmd_build(args: argparse.Namespace) -> int:
             return run_dry_run(args, settings.db_url)
     except SettingsError as exc:
         return fail(str(exc))
+    from flows import prefect_api
+
+    # Prefect's temporary API server boots in its own process (on the other core) while this
+    # one imports the flow; run_build waits for it only as the flow starts. None when a
+    # server is to be reused (PREFECT_API_URL set): nothing is started, as before. Already
+    # started by main() in a fresh process: this returns that one.
+    prefect_api.launch()
     from flows.build import run_build  # Prefect: only once the build really runs
 
     expected = (ConfigError, InputError, LLMError)
     console_logs_without_tracebacks_for(expected)
     try:
-        start_prefect_api()
         summary = run_build(settings, run_name=labels.run_name, tags=labels.tag)
     except expected as exc:
         return fail(str(exc))
@@ -174,8 +179,6 @@ def add_stats_parser(sub: Any) -> None:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from storage.store import Store
-
     if args.lineage:
         from tasks.lineage import lineage_chain
 
@@ -184,15 +187,26 @@ def cmd_stats(args: argparse.Namespace) -> int:
         print("\n".join(lineage_chain(Path(args.lineage))))
         return 0
     url = args.db or _db_default()
-    store = Store(url)
-    try:
-        stats = store.stats()
-    finally:
-        store.close()
+    from tasks.sqlite_stats import sqlite_stats
+
+    # A SQLite store is read with sqlite3 (the same queries, no SQLAlchemy import: ~0.7 s);
+    # anything else, or a store that needs its schema brought up to date, opens the Store.
+    lean = sqlite_stats(url)
+    if lean is not None:
+        redacted_url, stats = lean
+    else:
+        from storage.store import Store
+
+        store = Store(url)
+        try:
+            stats = store.stats()
+        finally:
+            store.close()
+        redacted_url = store.redacted_url
     if args.json:
         print(json.dumps(stats, indent=2, ensure_ascii=False))
         return 0
-    print(f"store: {store.redacted_url}")
+    print(f"store: {redacted_url}")
     print(f"instructions: {stats['instructions']['total']}")
     for status, n in sorted(stats["instructions"]["by_status"].items()):
         print(f"  {status}: {n}")
@@ -258,9 +272,26 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _runs_a_flow(argv: Sequence[str]) -> bool:
+    """`build` that will start its flow (not its --help or --dry-run), in a process where
+    nothing imported Prefect yet (a fresh `longwriter`; not a caller holding its own
+    settings)."""
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    asks_no_flow = {"-h", "--help", "--dry-run"} & set(argv)
+    return chosen == "build" and not asks_no_flow and "prefect" not in sys.modules
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _quiet_prefect_defaults()  # before anything imports Prefect
     argv = list(sys.argv[1:] if argv is None else argv)
+    if _runs_a_flow(argv):
+        from flows import prefect_api
+
+        # First thing: the temporary API server (~4 s to boot here) starts on the other core
+        # while this process reads its flags and imports the flow. The child reads Prefect's
+        # settings itself; a server the settings name is reused instead (prefect_api.launch).
+        # A build that stops on its flags stops the child at exit.
+        prefect_api.launch()
     args = build_parser(argv).parse_args(argv)
     return int(args.handler(args) or 0)
 

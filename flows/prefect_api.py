@@ -23,21 +23,22 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 # Prefect picks a random free port in this range for its temporary server; so do we.
 _PORTS = range(8000, 9000)
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass
@@ -47,6 +48,8 @@ class TemporaryApi:
     port: int
     process: subprocess.Popen[bytes]
     log: IO[bytes]
+    # False while spawned before Prefect's settings were read (launch); see _confirm.
+    confirmed: bool = True
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -56,6 +59,9 @@ class TemporaryApi:
     def wait(self, timeout_s: float) -> float:
         """Block until `/api/health` answers 200; seconds waited. Raises RuntimeError when the
         child exits or `timeout_s` passes first."""
+        import urllib.error
+        import urllib.request
+
         t0 = time.monotonic()
         while True:
             code = self.process.poll()
@@ -94,6 +100,37 @@ class TemporaryApi:
 
 _CURRENT: TemporaryApi | None = None
 
+# Modules Prefect imports only when a flow is called and its run starts (Flow.__call__,
+# serialize_parameters, the engines): ~0.4 s on the 2-core box, imported by `serving` while
+# the server boots instead of after it answers.
+_FLOW_RUN_IMPORTS = (
+    "prefect.utilities.visualization",
+    "fastapi.encoders",
+    "prefect.flow_engine",
+    "prefect.task_engine",
+)
+
+
+def _kill_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn giving the child PR_SET_PDEATHSIG=SIGKILL (None off Linux): what
+    tasks.llm.llama_server's `_make_preexec(True)` does, without its imports (httpx and the
+    settings models), which would delay the spawn by their import time."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    # Resolved before fork: between fork and exec the child must not dlopen.
+    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    parent_pid = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        # The parent may have died between fork() and prctl(): then no signal would ever come.
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
 
 def _free_port() -> int:
     import random
@@ -117,21 +154,68 @@ def _prefect_running_in_process() -> bool:
     return any(getattr(s, "running", False) for s in instances.values())
 
 
+def _settings_name_a_server() -> bool:
+    """PREFECT_API_URL set in Prefect's settings (environment, profile, prefect.toml...), or
+    Prefect's own temporary server already running here: a server to reuse."""
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value()) or _prefect_running_in_process()
+
+
+def _confirm(api: TemporaryApi | None) -> TemporaryApi | None:
+    """A child spawned before Prefect was imported (see `launch`), checked against Prefect's
+    settings once they are loaded: stopped (None) when they name a server to reuse."""
+    global _CURRENT
+    if api is None or api.confirmed:
+        return api
+    if _settings_name_a_server():
+        api.stop()
+        if _CURRENT is api:
+            _CURRENT = None
+        return None
+    api.confirmed = True
+    return api
+
+
 def launch() -> TemporaryApi | None:
     """Spawn the temporary API server and return at once; None when a server is to be reused
     (PREFECT_API_URL set, ours or Prefect's own already running in this process). Call it
-    from the main thread: PDEATHSIG follows the thread that forked."""
-    global _CURRENT
-    from prefect.settings import PREFECT_API_URL, get_current_settings
+    from the main thread: PDEATHSIG follows the thread that forked.
 
-    if PREFECT_API_URL.value() or _prefect_running_in_process():
+    Called before anything imported Prefect (the CLI's build), it spawns without importing
+    it (~1 s of the child's head start): no setting can then differ in this process from
+    what the child reads itself from the same environment, profile and working directory.
+    Only PREFECT_API_URL in the environment is looked at then; a URL from the profile or a
+    settings file is seen by the next `launch()` or by `serving()`, which stop the child and
+    reuse that server, as they would have without it."""
+    global _CURRENT
+    if "prefect" not in sys.modules:
+        if os.environ.get("PREFECT_API_URL"):
+            return None
+        if _CURRENT is None or _CURRENT.process.poll() is not None:
+            _CURRENT = _spawn({}, confirmed=False)
+        return _CURRENT
+    if _settings_name_a_server():
+        if _CURRENT is not None and not _CURRENT.confirmed:
+            _confirm(_CURRENT)  # spawned early for nothing: stopped
         return None
     if _CURRENT is not None and _CURRENT.process.poll() is None:
+        _CURRENT.confirmed = True
         return _CURRENT
-    import prefect
+    from prefect.settings import get_current_settings
 
-    from tasks.llm.llama_server import _make_preexec
+    # What SubprocessASGIServer passes its child: the settings as this process has them
+    # (temporary_settings included).
+    _CURRENT = _spawn(get_current_settings().to_environment_variables(exclude_unset=True))
+    return _CURRENT
 
+
+def _spawn(settings_env: dict[str, str], confirmed: bool = True) -> TemporaryApi:
+    import importlib.util
+
+    # Where the prefect package lives, found without importing it.
+    spec = importlib.util.find_spec("prefect")
+    assert spec is not None and spec.origin is not None
     port = _free_port()
     env = {
         **os.environ,
@@ -139,14 +223,14 @@ def launch() -> TemporaryApi | None:
         "PREFECT_UI_ENABLED": "0",
         "PREFECT__SERVER_EPHEMERAL": "1",
         "PREFECT__SERVER_FINAL": "1",
-        **get_current_settings().to_environment_variables(exclude_unset=True),
+        **settings_env,
     }
     argv = [
         sys.executable,
         "-m",
         "uvicorn",
         "--app-dir",
-        str(Path(prefect.__file__).resolve().parent.parent),
+        str(Path(spec.origin).resolve().parent.parent),
         "--factory",
         "prefect.server.api.server:create_app",
         "--host",
@@ -162,17 +246,18 @@ def launch() -> TemporaryApi | None:
     # run recorder cancelled mid-flush when it is terminated) is not the build's.
     log = tempfile.TemporaryFile()
     process = subprocess.Popen(  # noqa: PLW1509 - PDEATHSIG must be set between fork and exec
-        argv, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_make_preexec(True)
+        argv, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_kill_with_parent()
     )
-    _CURRENT = TemporaryApi(port, process, log)
-    atexit.register(_CURRENT.stop)
-    return _CURRENT
+    api = TemporaryApi(port, process, log, confirmed=confirmed)
+    atexit.register(api.stop)
+    return api
 
 
 @contextlib.contextmanager
 def serving(api: TemporaryApi | None) -> Iterator[str | None]:
     """Wait for `api` (from `launch`) and point Prefect at it for the block; with None, leave
     Prefect's settings as they are (a server to reuse)."""
+    api = _confirm(api)
     if api is None:
         yield None
         return
@@ -182,6 +267,11 @@ def serving(api: TemporaryApi | None) -> Iterator[str | None]:
         temporary_settings,
     )
 
-    api.wait(float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
+    timeout_s = float(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
+    # While the server boots this process is idle: what the flow run would do first anyway
+    # (the settings copy, Prefect's lazy imports) is done before waiting, not after.
     with temporary_settings(updates={PREFECT_API_URL: api.url}):
+        for module in _FLOW_RUN_IMPORTS:
+            importlib.import_module(module)
+        api.wait(timeout_s)
         yield api.url

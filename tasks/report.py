@@ -4,16 +4,17 @@ p10/p50/p90, tokens in and out), as a dict, a markdown table and a length histog
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlmodel import select
-
-from storage.models import Sample
-from storage.store import Store
+if TYPE_CHECKING:  # `longwriter stats` imports this module for quality_rows: no SQLAlchemy
+    from storage.store import Store
 
 
 def build_summary(store: Store) -> dict[str, Any]:
     import pandas as pd  # here, not at import: `longwriter stats` uses quality_rows only
+    from sqlmodel import select
+
+    from storage.models import Sample
 
     stats = store.stats()
     with store.session() as s:
@@ -122,6 +123,10 @@ def _run_rows(summary: dict[str, Any]) -> list[str]:
 
 def length_histogram_png(store: Store, path: Path) -> Path | None:
     """A histogram of accepted sample lengths; None when there is nothing to plot."""
+    from sqlmodel import select
+
+    from storage.models import Sample
+
     with store.session() as s:
         words = list(s.exec(select(Sample.words)).all())
     if not words:
