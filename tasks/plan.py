@@ -382,7 +382,8 @@ def validate_plan(
         _, example = plan_example(instruction)
         for i, s in enumerate(steps, start=1):
             for e in example:
-                if point_similarity(s.main_point, e.main_point) >= DUPLICATE_POINT_SIMILARITY:
+                sim = point_similarity(s.main_point, e.main_point, DUPLICATE_POINT_SIMILARITY)
+                if sim >= DUPLICATE_POINT_SIMILARITY:
                     # The prompt's worked example pasted back: a sourdough step in a plan
                     # about bees. Asked for again, like any failing plan.
                     raise PlanError(

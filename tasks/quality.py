@@ -1246,24 +1246,73 @@ def _stem(word: str) -> str:
     return word
 
 
-def point_similarity(a: str, b: str) -> float:
+@dataclass(frozen=True)
+class _Point:
+    """What point_similarity reads of one main point, computed once per point: a plan's point
+    is compared with every other point and with each point of the prompt's example."""
+
+    normal: str
+    chinese: bool  # cjk_share > 0.5
+    words: frozenset[str]  # content-word stems longer than 2
+    cjk: str  # _content_cjk
+    bigrams: frozenset[str]  # of cjk
+    masks: dict[str, int]  # character -> bit i set where normal[i] is it (for _lcs_length)
+
+
+@functools.lru_cache(maxsize=4096)
+def _point(point: str) -> _Point:
+    normal = _normal(point)
+    cjk = _content_cjk(point)
+    masks: dict[str, int] = {}
+    for i, ch in enumerate(normal):
+        masks[ch] = masks.get(ch, 0) | (1 << i)
+    return _Point(
+        normal,
+        cjk_share(point) > 0.5,
+        frozenset(_stem(w) for w in _content_words(point) if len(w) > 2),
+        cjk,
+        frozenset(cjk[i : i + 2] for i in range(len(cjk) - 1)),
+        masks,
+    )
+
+
+def _lcs_length(a: _Point, b: _Point) -> int:
+    """Length of the longest common subsequence of the two normal forms (bit-parallel, one
+    big-integer step per character of b: Hyyrö 2004). SequenceMatcher's matching blocks are
+    a common subsequence, so it bounds ratio(): ratio <= 2 * lcs / (len(a) + len(b))."""
+    n = len(a.normal)
+    full = (1 << n) - 1
+    v = full
+    for ch in b.normal:
+        u = v & a.masks.get(ch, 0)
+        v = ((v + u) | (v - u)) & full
+    return n - v.bit_count()
+
+
+def point_similarity(a: str, b: str, at_least: float = 0.0) -> float:
     """How alike two main points are, 0..1: character-bigram overlap for Chinese, content-word
-    overlap for English (stems, any order), and plain edit similarity for long ones."""
-    na, nb = _normal(a), _normal(b)
+    overlap for English (stems, any order), and plain edit similarity for long ones.
+
+    With `at_least` (a check's limit) a score under it may come back as any value under it:
+    the edit similarity, the costly part, is computed only when its upper bound (from the
+    longest common subsequence) could reach `at_least` and beat the other scores. At or
+    above `at_least` the value is exact, and every comparison with `at_least` is unchanged."""
+    pa, pb = _point(a), _point(b)
+    na, nb = pa.normal, pb.normal
     if na == nb:
         return 1.0
-    scores = [SequenceMatcher(None, na, nb).ratio() if min(len(na), len(nb)) > 40 else 0.0]
-    chinese = cjk_share(a) > 0.5 and cjk_share(b) > 0.5
-    wa = {_stem(w) for w in _content_words(a) if len(w) > 2}
-    wb = {_stem(w) for w in _content_words(b) if len(w) > 2}
-    if wa and wb and not chinese:
-        scores.append(len(wa & wb) / len(wa | wb))
-    ca, cb = _content_cjk(a), _content_cjk(b)
-    if chinese and len(ca) >= 4 and len(cb) >= 4:
-        ba = {ca[i : i + 2] for i in range(len(ca) - 1)}
-        bb = {cb[i : i + 2] for i in range(len(cb) - 1)}
-        scores.append(len(ba & bb) / len(ba | bb))
-    return max(scores)
+    best = 0.0
+    chinese = pa.chinese and pb.chinese
+    if pa.words and pb.words and not chinese:
+        best = max(best, len(pa.words & pb.words) / len(pa.words | pb.words))
+    if chinese and len(pa.cjk) >= 4 and len(pb.cjk) >= 4:
+        best = max(best, len(pa.bigrams & pb.bigrams) / len(pa.bigrams | pb.bigrams))
+    if min(len(na), len(nb)) > 40:
+        # difflib's own arithmetic (2.0 * matches / length), so the bound compares exactly.
+        bound = 2.0 * _lcs_length(pa, pb) / (len(na) + len(nb))
+        if bound > best and bound >= at_least:
+            best = max(best, SequenceMatcher(None, na, nb).ratio())
+    return best
 
 
 DUPLICATE_POINT_SIMILARITY = 0.75
@@ -1359,7 +1408,7 @@ def check_plan_duplicates(points: Sequence[str], _instruction: str) -> Verdict:
         for j in range(i):
             if parallel_points(points[i], points[j]):
                 continue
-            sim = point_similarity(points[i], points[j])
+            sim = point_similarity(points[i], points[j], DUPLICATE_POINT_SIMILARITY)
             if sim >= DUPLICATE_POINT_SIMILARITY:
                 return Verdict(
                     False,
