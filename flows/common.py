@@ -73,6 +73,7 @@ def retry_policy(settings: ClientPolicy, **more: Any) -> RetryPolicy:
         read_timeout_s=settings.request_timeout_s,
         initial_backoff_s=settings.initial_backoff_s,
         max_backoff_s=settings.max_backoff_s,
+        http_transport=settings.http_transport,
         **more,
     )
 

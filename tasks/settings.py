@@ -110,6 +110,14 @@ class ClientPolicy(BaseModel):
         0.5, ge=0, description="first backoff between attempts in seconds (doubles, jittered)"
     )
     max_backoff_s: float = Field(30.0, ge=0, description="longest backoff between attempts")
+    # aiohttp under httpx's API (httpx-aiohttp, as the OpenAI SDK offers it) costs about half
+    # the CPU per request of httpx's own httpcore pools (tests/benchmarks/bench_http_pool.py);
+    # httpcore stays for a setup where aiohttp misbehaves.
+    http_transport: Literal["aiohttp", "httpcore"] = Field(
+        "aiohttp",
+        description="HTTP transport under the client: aiohttp (less CPU per call) or httpcore "
+        "(httpx's own)",
+    )
 
 
 class RepetitionCheck(BaseModel):

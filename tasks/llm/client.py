@@ -43,6 +43,13 @@ from tenacity import (
 
 from tasks.settings import BUILD
 
+try:  # httpx's API over aiohttp's connection pool (httpx-aiohttp, a project dependency)
+    import aiohttp
+    from httpx_aiohttp import AiohttpTransport
+except ImportError:  # pragma: no cover - the client falls back to httpcore
+    aiohttp = None  # type: ignore[assignment]
+    AiohttpTransport = None  # type: ignore[assignment,misc]
+
 try:  # Prefect depends on orjson; a few times faster than json on the request and answer
     import orjson
 
@@ -58,6 +65,12 @@ except ImportError:  # pragma: no cover - the same bytes, slower
 T = TypeVar("T")
 _log = logging.getLogger(__name__)
 
+# A dropped connection, a timeout, a refused connect: retried. httpx-aiohttp maps aiohttp's
+# errors to httpx's; any it leaves unmapped (aiohttp.ClientError) are transport faults too.
+_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+    httpx.TimeoutException,
+    httpx.TransportError,
+) + ((aiohttp.ClientError,) if aiohttp is not None else ())
 POOL_CONNECTIONS = 2  # connections per httpx pool (see LLMClient.__init__)
 POOL_KEEPALIVE = 2  # of those kept open between requests (0: a new connection each time)
 MAX_AFFINITIES = 4096  # endpoint bindings remembered (chains in flight are far fewer)
@@ -203,6 +216,8 @@ class RetryPolicy:
     # A call whose budget ran out inside the reasoning is resent once with twice the
     # max_tokens, at most this many.
     max_reasoning_tokens: int = 32768
+    # The transport under httpx's API: "aiohttp" (httpx-aiohttp) or httpx's own "httpcore".
+    http_transport: str = BUILD.http_transport
 
     def backoff(self, attempt: int, retry_after: float | None) -> float:
         """Seconds to wait before attempt `attempt + 1`: Retry-After when the server gave one
@@ -654,22 +669,33 @@ class LLMClient:
         timeout = httpx.Timeout(
             self.policy.read_timeout_s, connect=self.policy.connect_timeout_s, pool=None
         )
-        # Several small connection pools instead of one big one: httpcore scans every pooled
-        # connection on each request, so the CPU per request grows with the pool's size
-        # (tests/benchmarks/bench_http_pool.py: 1 pool of 64 cost ~3x what 32 pools of 2
-        # did). Requests go to the least busy pool.
         capacity = sum(e.max_concurrency for e in endpoints)
-        n_pools = max(1, -(-capacity // POOL_CONNECTIONS))
-        limits = httpx.Limits(
-            max_connections=POOL_CONNECTIONS + 2, max_keepalive_connections=POOL_KEEPALIVE
-        )
         # One TLS context for every pool: httpx builds one per client otherwise, loading the
         # CA bundle each time (32 clients took 4.4 s of start-up on the loaded 2-core box).
         verify = _tls_context(e.base_url for e in endpoints)
-        self._pools = [
-            httpx.AsyncClient(timeout=timeout, limits=limits, transport=transport, verify=verify)
-            for _ in range(n_pools)
-        ]
+        if transport is None and self.policy.http_transport == "aiohttp" and AiohttpTransport:
+            # One aiohttp pool holds every connection at a flat cost per request: about half
+            # the CPU of the best httpcore layout below (bench_http_pool.py). Our own slots
+            # (_acquire) bound the requests; the pool's limit only has to stay out of the way.
+            # Proxies from the environment keep httpx's own transport (httpx mounts them).
+            aio = AiohttpTransport(verify=verify, limits=httpx.Limits(max_connections=capacity + 2))
+            self._pools = [httpx.AsyncClient(timeout=timeout, transport=aio, verify=verify)]
+        else:
+            # Several small httpcore pools instead of one big one: httpcore scans every pooled
+            # connection on each request, so the CPU per request grows with the pool's size
+            # (bench_http_pool.py: 1 pool of 64 cost ~3x what 32 pools of 2 did). Requests go
+            # to the least busy pool.
+            n_pools = max(1, -(-capacity // POOL_CONNECTIONS))
+            limits = httpx.Limits(
+                max_connections=POOL_CONNECTIONS + 2, max_keepalive_connections=POOL_KEEPALIVE
+            )
+            self._pools = [
+                httpx.AsyncClient(
+                    timeout=timeout, limits=limits, transport=transport, verify=verify
+                )
+                for _ in range(n_pools)
+            ]
+        n_pools = len(self._pools)
         self._pool_busy = [0] * n_pools
         self.stats = ClientStats()
 
@@ -947,7 +973,7 @@ class LLMClient:
                     response = await self._post(state.chat_url, body, headers)
                 except _DialectLearned:
                     continue
-                except (httpx.TimeoutException, httpx.TransportError) as exc:
+                except _TRANSPORT_ERRORS as exc:
                     self._failed(state, "transport")
                     raise TransientLLMError(
                         f"{type(exc).__name__} from {endpoint.base_url}"
@@ -1047,7 +1073,7 @@ class LLMClient:
                             if isinstance(delta.get(name), str):
                                 parts.append(delta[name])
                         finish_reason = choice.get("finish_reason") or finish_reason
-        except (httpx.TimeoutException, httpx.TransportError) as exc:
+        except _TRANSPORT_ERRORS as exc:
             self._failed(state, "transport")
             raise TransientLLMError(f"{type(exc).__name__} from {endpoint.base_url}") from None
         finally:

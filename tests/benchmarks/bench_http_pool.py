@@ -1,9 +1,10 @@
 """Benchmark 6: the LLM client's HTTP pool settings, measured.
 
 N chat requests at concurrency C against the fake server in its own process (100 ms per
-call), through `LLMClient` itself, for each pool layout: P pools of K connections each
-(httpcore scans every connection of a pool on each request, so one pool of 64 costs several
-times what many small ones do) and with keep-alive off (a new connection per request). Reported
+call), through `LLMClient` itself, for each transport and pool layout: aiohttp's one pool (the
+client's default, via httpx-aiohttp), then httpcore's P pools of K connections each (httpcore
+scans every connection of a pool on each request, so one pool of 64 costs several times what
+many small ones do) and with keep-alive off (a new connection per request). Reported
 per layout: the client's CPU per request (process time, which moves much less than wall time
 on a shared machine) and wall / lower bound.
 
@@ -19,8 +20,10 @@ import time
 from tests.benchmarks.common import BenchResult, fake_server, load_average
 
 LATENCY_S = 0.1
-# (connections per pool, keep-alive connections per pool); pools = concurrency / connections
+# httpcore layouts: (connections per pool, keep-alive connections per pool); pools =
+# concurrency / connections. aiohttp (the client's default transport) has one pool.
 LAYOUTS: tuple[tuple[int, int], ...] = ((1, 1), (2, 2), (4, 4), (8, 8), (64, 64), (4, 0))
+AIOHTTP = (0, 0)  # the layout key of the aiohttp transport
 
 
 async def _drive(
@@ -30,8 +33,13 @@ async def _drive(
 
     saved = llm.POOL_CONNECTIONS, llm.POOL_KEEPALIVE
     llm.POOL_CONNECTIONS, llm.POOL_KEEPALIVE = per_pool, keepalive
+    transport = "aiohttp" if (per_pool, keepalive) == AIOHTTP else "httpcore"
     try:
-        client = llm.LLMClient([llm.Endpoint(base_url, max_concurrency=concurrency)], "fake-model")
+        client = llm.LLMClient(
+            [llm.Endpoint(base_url, max_concurrency=concurrency)],
+            "fake-model",
+            llm.RetryPolicy(http_transport=transport),
+        )
     finally:
         llm.POOL_CONNECTIONS, llm.POOL_KEEPALIVE = saved
     text = "Write the next paragraph of the piece about the lighthouse keeper. " * 40
@@ -56,12 +64,17 @@ def run(requests: int = 3000, concurrency: int = 64) -> BenchResult:
     bound = requests * LATENCY_S / concurrency
     rows = {}
     with fake_server(LATENCY_S, 6, 300) as fake:
-        for per_pool, keepalive in LAYOUTS:
+        for per_pool, keepalive in (AIOHTTP, *LAYOUTS):
             load = load_average()
             cpu, wall, pools = asyncio.run(
                 _drive(fake.base_url, requests, concurrency, per_pool, keepalive)
             )
-            name = f"{pools} pools x {per_pool} conn" + ("" if keepalive else ", no keep-alive")
+            name = (
+                "aiohttp, 1 pool"
+                if (per_pool, keepalive) == AIOHTTP
+                else f"httpcore, {pools} pools x {per_pool} conn"
+                + ("" if keepalive else ", no keep-alive")
+            )
             rows[name] = {
                 "cpu_ms_per_request": round(1000 * cpu / requests, 3),
                 "wall_over_bound": round(wall / bound, 3),
@@ -72,7 +85,8 @@ def run(requests: int = 3000, concurrency: int = 64) -> BenchResult:
     res.details = {"layouts": rows, "requests": requests, "concurrency": concurrency}
     res.notes.append(
         f"{requests} requests through LLMClient.chat, concurrency {concurrency}; load average "
-        f"per layout in details; the client ships with the cheapest layout measured here"
+        f"per layout in details; the client ships with aiohttp, and on httpcore with the cheapest "
+        "layout measured here"
     )
     return res
 

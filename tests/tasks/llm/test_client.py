@@ -3,9 +3,11 @@ at once, and that the API key never leaks. respx for exact sequences of answers;
 OpenAI server for faults on a real socket (dropped connections, hangs past the timeout)."""
 
 import asyncio
+import dataclasses
 import email.utils
 import json
 import random
+import socket
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -30,7 +32,11 @@ from tests.fake_openai import FakeConfig, FakeOpenAIServer
 BASE = "http://llm.test/v1"
 URL = BASE + "/chat/completions"
 KEY = "sk-test-SECRET-0123456789abcdef"
-FAST = RetryPolicy(max_attempts=4, initial_backoff_s=0.001, max_backoff_s=0.01)
+# httpcore: respx intercepts httpx's own transport; the fake-server tests below (and
+# test_transports.py) run the default aiohttp transport.
+FAST = RetryPolicy(
+    max_attempts=4, initial_backoff_s=0.001, max_backoff_s=0.01, http_transport="httpcore"
+)
 
 
 def ok(content: str = "hello there", finish: str = "stop", **headers: str) -> httpx.Response:
@@ -184,7 +190,9 @@ async def test_finish_reason_length_is_an_answer_not_an_error():
 async def test_retry_after_is_honoured():
     with respx.mock() as mock:
         mock.post(URL).mock(side_effect=[httpx.Response(429, headers={"Retry-After": "0.3"}), ok()])
-        slow_default = RetryPolicy(max_attempts=3, initial_backoff_s=0.0, max_backoff_s=0.0)
+        slow_default = dataclasses.replace(
+            FAST, max_attempts=3, initial_backoff_s=0.0, max_backoff_s=0.0
+        )
         async with client(slow_default) as c:
             started = time.monotonic()
             await c.chat(request())
@@ -315,6 +323,7 @@ async def test_failing_replica_is_set_aside():
         max_backoff_s=0.0,
         failures_before_cooldown=2,
         cooldown_s=60,
+        http_transport=FAST.http_transport,
     )
     with respx.mock() as mock:
         bad = mock.post(down + "/chat/completions").mock(return_value=httpx.Response(503))
@@ -383,12 +392,34 @@ async def test_calls_with_an_affinity_stay_on_one_replica():
 # -- faults on a real socket (the fake server) ---------------------------------------------
 
 
-async def test_socket_faults_from_the_fake_server_are_absorbed():
-    """Every fault kind at a 30% rate: every call succeeds, and each fault cost exactly one
-    extra request (finish_reason=length is an answer, not a retry)."""
+TRANSPORTS = pytest.mark.parametrize("transport", ["aiohttp", "httpcore"])
+
+
+def transport_of(c: LLMClient) -> str:
+    """Which transport the client's pools really use (not just what its policy asked)."""
+    names = {type(pool._transport).__module__.split(".")[0] for pool in c._pools}
+    assert len(names) == 1, names
+    return names.pop()
+
+
+def test_default_transport_is_aiohttp():
+    assert RetryPolicy().http_transport == "aiohttp"
+    assert transport_of(LLMClient([Endpoint(BASE)], "m")) == "httpx_aiohttp"
+    plain = LLMClient([Endpoint(BASE)], "m", RetryPolicy(http_transport="httpcore"))
+    assert transport_of(plain) == "httpx"
+
+
+@TRANSPORTS
+async def test_socket_faults_from_the_fake_server_are_absorbed(transport: str):
+    """Every fault kind at a 30% rate, on either transport: every call succeeds, and each
+    fault cost exactly one extra request (finish_reason=length is an answer, not a retry)."""
     cfg = FakeConfig(fault_rate=0.3, hang_s=1.0, retry_after_s=0.01, seed=7)
     policy = RetryPolicy(
-        max_attempts=12, initial_backoff_s=0.001, max_backoff_s=0.01, read_timeout_s=0.25
+        max_attempts=12,
+        initial_backoff_s=0.001,
+        max_backoff_s=0.01,
+        read_timeout_s=0.25,
+        http_transport=transport,
     )
     with FakeOpenAIServer(cfg).running() as fake:
         async with LLMClient([Endpoint(fake.base_url, max_concurrency=16)], "fake", policy) as c:
@@ -406,10 +437,15 @@ async def test_socket_faults_from_the_fake_server_are_absorbed():
     assert stats.missing_headers == 0
 
 
-async def test_hang_past_timeout_is_a_timeout_not_a_stall():
+@TRANSPORTS
+async def test_hang_past_timeout_is_a_timeout_not_a_stall(transport: str):
     cfg = FakeConfig(fault_rate=1.0, fault_kinds=("hang",), hang_s=5.0)
     policy = RetryPolicy(
-        max_attempts=2, initial_backoff_s=0.0, max_backoff_s=0.0, read_timeout_s=0.2
+        max_attempts=2,
+        initial_backoff_s=0.0,
+        max_backoff_s=0.0,
+        read_timeout_s=0.2,
+        http_transport=transport,
     )
     with FakeOpenAIServer(cfg).running() as fake:
         async with LLMClient([Endpoint(fake.base_url)], "fake", policy) as c:
@@ -418,3 +454,20 @@ async def test_hang_past_timeout_is_a_timeout_not_a_stall():
                 await c.chat(request())
             assert time.monotonic() - started < 2.0
     assert fake.stats.requests == 2
+
+
+@TRANSPORTS
+async def test_refused_connection_is_retried_then_endpoint_down(transport: str):
+    """Nothing listening: each attempt is a transport fault (retried), then the endpoint is
+    down, with httpx's error named (aiohttp's own error types never reach the caller)."""
+    with socket.socket() as s:  # a port that was free a moment ago and has no listener
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    policy = RetryPolicy(
+        max_attempts=3, initial_backoff_s=0.0, max_backoff_s=0.0, http_transport=transport
+    )
+    async with LLMClient([Endpoint(f"http://127.0.0.1:{port}/v1")], "m", policy) as c:
+        assert transport_of(c) == ("httpx_aiohttp" if transport == "aiohttp" else "httpx")
+        with pytest.raises(EndpointDownError, match=r"failed after 3 attempts: Connect"):
+            await c.chat(request())
+        assert c.stats.requests == 3 and c.stats.retries == 2

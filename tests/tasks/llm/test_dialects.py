@@ -31,7 +31,11 @@ from tasks.llm.client import (
 )
 from tests.fake_openai import CONTEXT_ERRORS, FakeConfig, FakeOpenAIServer
 
-FAST = RetryPolicy(max_attempts=4, initial_backoff_s=0.001, max_backoff_s=0.01)
+# httpcore: respx intercepts httpx's own transport; the fake-server tests below (and
+# test_transports.py) run the default aiohttp transport.
+FAST = RetryPolicy(
+    max_attempts=4, initial_backoff_s=0.001, max_backoff_s=0.01, http_transport="httpcore"
+)
 
 
 def request(text: str = "write something", stage: str = "write", **params: object) -> ChatRequest:
