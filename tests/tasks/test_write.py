@@ -190,3 +190,44 @@ def test_turns_prompt_keeps_the_opening_and_latest_parts_within_the_budget():
         if role == "assistant":
             n = written.index(content) + 1
             assert f"Write part {n}:" in req.messages[i - 1][1]
+
+
+def _two_renders(instruction, steps, written, current, budget, max_paragraph_tokens=1024):
+    """The paper prompt as it was built before the single render: a skeleton render sizes the
+    room, a second render holds the text so far."""
+    from prompts import render
+    from tasks.write import paragraph_max_tokens
+
+    max_tokens = paragraph_max_tokens(steps[current - 1].word_count, "en", max_paragraph_tokens)
+    skeleton = render("write", instruction=instruction, steps=steps, written="", current=current)
+    room = budget.prompt_budget(max_tokens) - estimate_tokens(skeleton)
+    text = fit_written_text(written, max(room, 0)) if written else ""
+    return render("write", instruction=instruction, steps=steps, written=text, current=current)
+
+
+SLOT_STEPS = [PlanStep(f"Point {i}: the {{{{ keeper }}}} and the sea", 300) for i in range(1, 7)]
+SLOT_TEXT = [f"Paragraph {i} text. " * 120 for i in range(1, 7)]
+
+
+@pytest.mark.parametrize(
+    ("instruction", "written", "current", "window"),
+    [
+        ("Write a saga", [], 1, 8192),  # nothing written yet: the else branch
+        ("Write a saga", SLOT_TEXT[:2], 3, 8192),  # everything fits
+        ("Write a saga", SLOT_TEXT[:5], 6, 2048),  # the middle left out for length
+        ("Write a saga", SLOT_TEXT[:5], 6, 600),  # not even the opening fits
+        ("写一篇关于长城的文章 {{ 7*7 }} {% if x %}", SLOT_TEXT[:3], 4, 4096),
+        ("Write a saga\n\n(nothing yet: this is the opening paragraph)", SLOT_TEXT[:1], 2, 8192),
+        ("Written \x00written-so-far\x00 in the input itself", SLOT_TEXT[:2], 3, 8192),
+        ("Write a saga", ["", "  "], 3, 8192),  # only blank paragraphs: nothing to show
+    ],
+)
+def test_write_request_renders_once_and_equals_two_renders(instruction, written, current, window):
+    """One render with a placeholder for the text so far gives exactly the prompt the two
+    renders gave (same bytes, so the same keys: a store built before resumes without
+    re-paying), whatever the input holds, the placeholder itself included."""
+    budget = ContextBudget(window)
+    req = build_write_request(
+        instruction, SLOT_STEPS, written, current, lang="en", budget=budget, style="paper"
+    )
+    assert req.messages[0][1] == _two_renders(instruction, SLOT_STEPS, written, current, budget)
