@@ -471,13 +471,13 @@ async def _request_plan(
         except (ContentPolicyError, ReasoningBudgetError) as exc:
             # About this instruction only (a refused prompt, a budget spent thinking): its
             # rejection is stored with that reason and the build goes on.
-            rt.store.reject(inst.id, "plan", exc.reason, str(exc))
+            await rt.store.areject(inst.id, "plan", exc.reason, str(exc))
             return None
         except BadOutputError as exc:
-            rt.store.reject(inst.id, "plan", "bad_output", str(exc))
+            await rt.store.areject(inst.id, "plan", "bad_output", str(exc))
             return None
         except ContextLengthError as exc:
-            rt.store.reject(inst.id, "plan", "context_overflow", str(exc))
+            await rt.store.areject(inst.id, "plan", "context_overflow", str(exc))
             return None
 
 
@@ -492,7 +492,7 @@ async def plan_instruction(rt: BuildRuntime, inst: Instruction) -> bool:
     cfg = rt.config
     if cfg.languages and inst.lang not in cfg.languages:
         # Before any call: the writer model does not write this language (tasks.llm.endpoints).
-        rt.store.reject(
+        await rt.store.areject(
             inst.id,
             "plan",
             "unsupported_language",
@@ -525,9 +525,10 @@ async def plan_instruction(rt: BuildRuntime, inst: Instruction) -> bool:
             detail = exc.detail
             if len(failures) > 1:
                 detail += f" ({len(failures)} plans tried: " + "; ".join(failures[:-1]) + ")"
-            rt.store.reject(inst.id, "plan", exc.reason, detail, raw=call.content)
+            await rt.store.areject(inst.id, "plan", exc.reason, detail, raw=call.content)
             return False
-        rt.store.save(
+        # Batched with the other chains' writes of this loop turn; returns once committed.
+        await rt.store.asave(
             PlanRow(
                 instruction_id=inst.id,
                 call_key=call.key,
