@@ -507,19 +507,10 @@ class Store:
                 .join(Instruction, col(Instruction.id) == col(Sample.instruction_id))
                 .where(col(Instruction.status) == InstructionStatus.ACCEPTED)
             ).one()
-        failed_drafts: dict[str, dict[str, int]] = {}
-        for stage, reason, n in failed:
-            failed_drafts.setdefault(stage, {})[reason or "rejected"] = n
-        cleanings: Counter[str] = Counter()
-        for blob in cleaned:
-            for c in json.loads(blob or "[]"):
-                cleanings[c.get("check", "?")] += 1
-        return {
-            "failed_drafts": failed_drafts,
-            "cleanings": dict(sorted(cleanings.items())),
-            "length_score_mean": round(means[0], 1) if means[0] is not None else None,
-            "plan_fidelity_mean": round(means[1], 3) if means[1] is not None else None,
-        }
+        # The dict is built where `longwriter stats`' lean path builds it (no SQLAlchemy there).
+        from tasks.sqlite_stats import quality_dict
+
+        return quality_dict(failed, cleaned, means)
 
     def stats(self) -> dict[str, Any]:
         """Where every input record ended: instructions by status, rejections by stage and
@@ -568,37 +559,18 @@ class Store:
                     ).all()
                 )
             )
-        rejections: dict[str, dict[str, int]] = {}
-        for stage, reason, n in rej_rows:
-            rejections.setdefault(stage, {})[reason] = n
-        return {
-            "instructions": {"total": sum(by_status.values()), "by_status": by_status},
-            "rejections": rejections,
-            "sources": [
-                {
-                    "path": sf.path,
-                    "records": sf.records,
-                    "instructions": inst_by_source.get(sf.path, 0),
-                    "ingest_rejections": ingest_rej.get(sf.path, 0),
-                }
-                for sf in sources
-            ],
-            "samples": {"accepted": samples[0], "words": int(samples[1])},
-            "quality": self.quality_stats(),
-            "llm_calls": {
-                stage: {
-                    "calls": n,
-                    "prompt_tokens": int(pt),
-                    "completion_tokens": int(ct),
-                    "http_attempts": int(att),
-                    # served from the endpoint's prefix cache / spent on reasoning (of the
-                    # completion tokens): what the cost of a build really was
-                    "cached_tokens": int(cached),
-                    "reasoning_tokens": int(reasoning),
-                }
-                for stage, n, pt, ct, att, cached, reasoning in calls
-            },
-        }
+        from tasks.sqlite_stats import stats_dict
+
+        return stats_dict(
+            by_status,
+            rej_rows,
+            calls,
+            samples,
+            [(sf.path, sf.records) for sf in sources],
+            ingest_rej,
+            inst_by_source,
+            self.quality_stats(),
+        )
 
 
 @dataclass

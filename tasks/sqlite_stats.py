@@ -9,8 +9,10 @@ library's sqlite3, and builds the same dict. It opens no engine and changes noth
 Anything else returns None and the caller opens the Store as before: another database, a
 URL with query options, a file that does not exist yet (the Store creates it), or a store
 a query fails on (an older store missing a table or column: the Store adds them first).
+Both build the dict with `stats_dict` and `quality_dict` below (pure over the query rows, so
+the Store imports them without this module importing the Store).
 tests/tasks/test_sqlite_stats.py checks this dict equals `Store.stats()` on a store with
-every kind of row, so a field added there fails until it is added here.
+every kind of row, so a query added there fails until it is added here.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import os
 import sqlite3
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,44 +124,85 @@ def _read(con: sqlite3.Connection) -> dict[str, Any]:
     failed = con.execute(_FAILED_DRAFTS).fetchall()
     cleaned = con.execute(_CLEANED, ("[]", _ACCEPTED)).fetchall()
     means = con.execute(_MEANS, (_ACCEPTED,)).fetchone()
-    rejections: dict[str, dict[str, int]] = {}
-    for stage, reason, n in rej_rows:
-        rejections.setdefault(stage, {})[reason] = n
+    return stats_dict(
+        by_status,
+        rej_rows,
+        calls,
+        samples,
+        [(src_path, records) for src_path, _sha, records, *_ in sources],
+        ingest_rej,
+        inst_by_source,
+        quality_dict(failed, [blob for (blob,) in cleaned], means),
+    )
+
+
+# -- the dict, from the rows (Store.stats() builds it with these too) ------------------------
+
+Row = Sequence[Any]
+
+
+def quality_dict(
+    failed: Iterable[Row], cleaned: Iterable[str | None], means: Row
+) -> dict[str, Any]:
+    """`stats()["quality"]`: failed drafts by stage and reason (stage, reason, n rows), the
+    accepted paragraphs' cleanings by check (their cleanings_json), and the accepted samples'
+    (mean length score, mean plan fidelity)."""
     failed_drafts: dict[str, dict[str, int]] = {}
     for stage, reason, n in failed:
         failed_drafts.setdefault(stage, {})[reason or "rejected"] = n
     cleanings: Counter[str] = Counter()
-    for (blob,) in cleaned:
+    for blob in cleaned:
         for c in json.loads(blob or "[]"):
             cleanings[c.get("check", "?")] += 1
+    return {
+        "failed_drafts": failed_drafts,
+        "cleanings": dict(sorted(cleanings.items())),
+        "length_score_mean": round(means[0], 1) if means[0] is not None else None,
+        "plan_fidelity_mean": round(means[1], 3) if means[1] is not None else None,
+    }
+
+
+def stats_dict(
+    by_status: dict[Any, int],
+    rejection_rows: Iterable[Row],
+    call_rows: Iterable[Row],
+    samples: Row,
+    sources: Iterable[tuple[str, int]],
+    ingest_rejections: Counter[str],
+    instructions_by_source: Counter[str],
+    quality: dict[str, Any],
+) -> dict[str, Any]:
+    """`Store.stats()`'s dict from its query rows: instructions by status, rejections
+    (stage, reason, n), LLM calls by stage (stage, n and the token sums), accepted samples
+    (n, words), sources (path, records) with their instructions and ingest rejections."""
+    rejections: dict[str, dict[str, int]] = {}
+    for stage, reason, n in rejection_rows:
+        rejections.setdefault(stage, {})[reason] = n
     return {
         "instructions": {"total": sum(by_status.values()), "by_status": by_status},
         "rejections": rejections,
         "sources": [
             {
-                "path": src_path,
+                "path": path,
                 "records": records,
-                "instructions": inst_by_source.get(src_path, 0),
-                "ingest_rejections": ingest_rej.get(src_path, 0),
+                "instructions": instructions_by_source.get(path, 0),
+                "ingest_rejections": ingest_rejections.get(path, 0),
             }
-            for src_path, _sha, records, *_ in sources
+            for path, records in sources
         ],
         "samples": {"accepted": samples[0], "words": int(samples[1])},
-        "quality": {
-            "failed_drafts": failed_drafts,
-            "cleanings": dict(sorted(cleanings.items())),
-            "length_score_mean": round(means[0], 1) if means[0] is not None else None,
-            "plan_fidelity_mean": round(means[1], 3) if means[1] is not None else None,
-        },
+        "quality": quality,
         "llm_calls": {
             stage: {
                 "calls": n,
                 "prompt_tokens": int(pt),
                 "completion_tokens": int(ct),
                 "http_attempts": int(att),
+                # served from the endpoint's prefix cache / spent on reasoning (of the
+                # completion tokens): what the cost of a build really was
                 "cached_tokens": int(cached),
                 "reasoning_tokens": int(reasoning),
             }
-            for stage, n, pt, ct, att, cached, reasoning in calls
+            for stage, n, pt, ct, att, cached, reasoning in call_rows
         },
     }
