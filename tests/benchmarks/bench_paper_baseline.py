@@ -102,6 +102,14 @@ def run(instructions: int = 300, concurrencies: tuple[int, ...] = (16, 64)) -> B
             goal=GOALS.get(c, ""),
         )
         res.add(f"paper / factory c={c}, steady state", round(paper["steady_s"] / m["steady_s"], 3))
+        # With the Prefect server a scheduling machine keeps running (PREFECT_API_URL).
+        r = measure_build(instructions, c, label=f"paper-cmp-api-{c}", running_api=True)
+        res.details[f"factory_c{c}_running_api"] = r
+        res.add(
+            f"paper / factory c={c}, whole command, Prefect API running",
+            round(paper["wall_s"] / r["wall_s"], 3),
+            goal=GOALS.get(c, ""),
+        )
     res.notes.append(
         f"{instructions} instructions x 7 calls; the paper's way always runs {PAPER_WORKERS} "
         "processes (its scripts' world_size); above 1 means the factory is faster"

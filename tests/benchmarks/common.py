@@ -365,8 +365,10 @@ def write_instructions(
     return path
 
 
-def bench_env(prefect_home: Path) -> dict[str, str]:
-    """Environment of a benchmarked build: a warm Prefect home of our own, quiet logging."""
+def bench_env(prefect_home: Path, api_url: str | None = None) -> dict[str, str]:
+    """Environment of a benchmarked build: a warm Prefect home of our own, quiet logging;
+    `api_url`: the Prefect API server to use (as a profile's PREFECT_API_URL names one), else
+    the build starts its temporary one."""
     env = dict(os.environ)
     env.update(
         {
@@ -380,7 +382,24 @@ def bench_env(prefect_home: Path) -> dict[str, str]:
     env.pop("PREFECT_API_URL", None)
     env.pop("LONGWRITER_BASE_URL", None)
     env.pop("LONGWRITER_DB_URL", None)
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
     return env
+
+
+@contextlib.contextmanager
+def running_prefect_api(prefect_home: Path) -> Iterator[str]:
+    """A Prefect API server left running for several builds (what a machine that schedules
+    builds and watches them in the UI has), on the warm home: its URL. Started as the CLI
+    starts its temporary one (flows.prefect_api), so it is the same server."""
+    from flows import prefect_api
+
+    api = prefect_api._spawn({"PREFECT_HOME": str(prefect_home)})
+    try:
+        api.wait(120)
+        yield api.url
+    finally:
+        api.stop()
 
 
 _PREFECT_HOME: Path | None = None
@@ -437,6 +456,7 @@ def run_cli_build(
     extra: Sequence[str] = (),
     timeout_s: float = 1800,
     prefix: Sequence[str] = (),
+    api_url: str | None = None,
 ) -> BuildRun:
     """Run `longwriter build` exactly as a user would (`python -m flows.cli build ...`) and
     sample its CPU time and its children's while it runs. `prefix` wraps the command (a
@@ -459,7 +479,7 @@ def run_cli_build(
         "--no-progress",
         *extra,
     ]
-    return run_sampled(argv, bench_env(prefect_home), timeout_s)
+    return run_sampled(argv, bench_env(prefect_home, api_url), timeout_s)
 
 
 def run_sampled(argv: Sequence[str], env: dict[str, str], timeout_s: float) -> BuildRun:
