@@ -13,6 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from sqlmodel import col, select
+
+from storage.models import Instruction, InstructionStatus, Plan, Sample
 from storage.store import Store
 from tasks.card import write_card_and_report
 from tasks.near_duplicates import THRESHOLD, find_near_duplicates
@@ -23,6 +26,31 @@ from tasks.shards import SCHEMA as SCHEMA
 from tasks.shards import export_shards, to_record
 from tasks.shards import verify_manifest as verify_manifest
 
+# Rows of (instruction id, uid, text) read at a time: memory stays flat, as iter_samples'.
+TEXT_BATCH = 500
+
+
+def accepted_texts(store: Store, batch_size: int = TEXT_BATCH) -> Iterator[tuple[int, str, str]]:
+    """(instruction id, uid, text) of the samples store.iter_samples yields, in its order (the
+    same joins and filter), as plain columns: no Sample, Instruction and Plan objects built
+    for the three values the near-duplicate pass reads (~0.2 ms a sample)."""
+    last_id = 0
+    while True:
+        with store.session() as s:
+            rows = s.exec(
+                select(Sample.instruction_id, Instruction.uid, Sample.text)
+                .join(Instruction, col(Instruction.id) == col(Sample.instruction_id))
+                .join(Plan, col(Plan.instruction_id) == col(Sample.instruction_id))
+                .where(col(Sample.instruction_id) > last_id)
+                .where(col(Instruction.status) == InstructionStatus.ACCEPTED)
+                .order_by(col(Sample.instruction_id))
+                .limit(batch_size)
+            ).all()
+        if not rows:
+            return
+        yield from rows  # Rows unpack as (id, uid, text) tuples
+        last_id = rows[-1][0]
+
 
 def drop_near_duplicates(store: Store, threshold: float = THRESHOLD) -> int:
     """Reject (stage export, reason near_duplicate) every accepted sample whose text repeats
@@ -30,9 +58,9 @@ def drop_near_duplicates(store: Store, threshold: float = THRESHOLD) -> int:
     uids: dict[int, str] = {}
 
     def texts() -> Iterator[tuple[int, str]]:
-        for sample, inst, _plan in store.iter_samples():
-            uids[sample.instruction_id] = inst.uid
-            yield sample.instruction_id, sample.text
+        for iid, uid, text in accepted_texts(store):
+            uids[iid] = uid
+            yield iid, text
 
     found = find_near_duplicates(texts(), threshold)
     for dup in found:

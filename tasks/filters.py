@@ -207,32 +207,61 @@ def sample_prompt_versions(state: InstructionState) -> str:
     return ",".join(versions)
 
 
-def filter_instruction(rt: BuildRuntime, state: InstructionState) -> bool:
-    """Accept the assembled sample or store the first failing filter's reason."""
+def _outcome(rt: BuildRuntime, state: InstructionState) -> tuple[Verdict, Sample | None]:
+    """The filters' verdict on the assembled sample, and the sample to store when kept."""
     inst = state.instruction
     assert inst.id is not None
     candidate = build_candidate(state)
     verdict = run_filters(candidate, rt.config.filters)
-    rt.progress.instructions_done += 1
     if not verdict.keep:
-        rt.store.reject(inst.id, "filter", verdict.reason or "rejected", verdict.detail)
-        rt.progress.rejected += 1
-        return False
-    rt.store.save(
-        Sample(
-            instruction_id=inst.id,
-            text=candidate.text,
-            words=count_words(candidate.text),
-            n_paragraphs=len(candidate.paragraphs),
-            model=rt.client.model,
-            length_score=sample_length_score(candidate),
-            plan_fidelity=plan_fidelity(candidate),
-            prompt_version=sample_prompt_versions(state),
-        ),
-        status=(inst.id, InstructionStatus.ACCEPTED),
+        return verdict, None
+    return verdict, Sample(
+        instruction_id=inst.id,
+        text=candidate.text,
+        words=count_words(candidate.text),
+        n_paragraphs=len(candidate.paragraphs),
+        model=rt.client.model,
+        length_score=sample_length_score(candidate),
+        plan_fidelity=plan_fidelity(candidate),
+        prompt_version=sample_prompt_versions(state),
     )
-    rt.progress.accepted += 1
-    return True
+
+
+def _counted(rt: BuildRuntime, kept: bool) -> bool:
+    if kept:
+        rt.progress.accepted += 1
+    else:
+        rt.progress.rejected += 1
+    return kept
+
+
+def filter_instruction(rt: BuildRuntime, state: InstructionState) -> bool:
+    """Accept the assembled sample or store the first failing filter's reason."""
+    verdict, sample = _outcome(rt, state)
+    inst_id = state.instruction.id
+    assert inst_id is not None
+    rt.progress.instructions_done += 1
+    if sample is None:
+        rt.store.reject(inst_id, "filter", verdict.reason or "rejected", verdict.detail)
+    else:
+        rt.store.save(sample, status=(inst_id, InstructionStatus.ACCEPTED))
+    return _counted(rt, sample is not None)
+
+
+async def afilter_instruction(rt: BuildRuntime, state: InstructionState) -> bool:
+    """filter_instruction through the store's batched writer: the stage's samples of one
+    batch are written in one transaction (one statement per table for all of them) instead
+    of one each, as the write stage's are; the same rows, each sample's still all or none.
+    One transaction per sample was ~1 ms of CPU a sample, more than its filters."""
+    verdict, sample = _outcome(rt, state)
+    inst_id = state.instruction.id
+    assert inst_id is not None
+    rt.progress.instructions_done += 1
+    if sample is None:
+        await rt.store.areject(inst_id, "filter", verdict.reason or "rejected", verdict.detail)
+    else:
+        await rt.store.asave(sample, status=(inst_id, InstructionStatus.ACCEPTED))
+    return _counted(rt, sample is not None)
 
 
 def written_instructions(rt: BuildRuntime, instruction_ids: list[int]) -> list[InstructionState]:
@@ -244,7 +273,7 @@ def written_instructions(rt: BuildRuntime, instruction_ids: list[int]) -> list[I
 
 
 async def _filter_one(rt: BuildRuntime, state: InstructionState) -> bool:
-    return filter_instruction(rt, state)  # no call: checks over the stored text
+    return await afilter_instruction(rt, state)  # no call: checks over the stored text
 
 
 # Filter the written instructions of a batch; counts the accepted ones.

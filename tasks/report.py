@@ -10,20 +10,27 @@ if TYPE_CHECKING:  # `longwriter stats` imports this module for quality_rows: no
     from storage.store import Store
 
 
+def word_percentiles(words: list[int]) -> dict[str, int]:
+    """p10 / p50 / p90 of the sample lengths, truncated to int. numpy's linear quantile is
+    what pandas' Series.quantile computes (it calls np.quantile with method="linear" on the
+    float64 values; a NOT NULL column has no missing value for it to skip), without the
+    ~0.35 s of CPU importing pandas costs a build, which imports it nowhere else."""
+    import numpy as np
+
+    if not words:
+        return {"p10": 0, "p50": 0, "p90": 0}
+    values = np.asarray(words, dtype=np.float64)
+    return {f"p{q}": int(np.quantile(values, q / 100)) for q in (10, 50, 90)}
+
+
 def build_summary(store: Store) -> dict[str, Any]:
-    import pandas as pd  # here, not at import: `longwriter stats` uses quality_rows only
     from sqlmodel import select
 
     from storage.models import Sample
 
     stats = store.stats()
     with store.session() as s:
-        words = pd.Series([w for w in s.exec(select(Sample.words)).all()], dtype="float64")
-    pct = (
-        {f"p{q}": int(words.quantile(q / 100)) for q in (10, 50, 90)}
-        if len(words)
-        else {"p10": 0, "p50": 0, "p90": 0}
-    )
+        pct = word_percentiles(list(s.exec(select(Sample.words)).all()))
     calls = stats["llm_calls"]
     return {
         "accepted": stats["samples"]["accepted"],

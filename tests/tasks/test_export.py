@@ -1,10 +1,11 @@
 import json
 
 import datasets
+from sqlmodel import select
 
-from storage.models import Instruction, LLMCall, Plan, Sample
+from storage.models import Instruction, LLMCall, Plan, Rejection, Sample
 from storage.store import Store
-from tasks.export import export_store, verify_manifest
+from tasks.export import accepted_texts, export_store, verify_manifest
 from tasks.plan import PlanStep, steps_to_json
 from tests.fake_openai import prose
 
@@ -103,3 +104,47 @@ def test_empty_store_exports_empty_manifest(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 's.db'}")
     manifest = export_store(store, tmp_path / "out", {})
     assert manifest["counts"]["samples"] == 0 and manifest["files"] == []
+
+
+def test_accepted_texts_are_what_iter_samples_yields(tmp_path):
+    """The near-duplicate pass reads three columns, not the rows: the same samples, order,
+    joins (a sample without a plan is not exported) and filter (a rejected one neither)."""
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    fill(store, 7)
+    store.save(Instruction(id=8, uid="u8", prompt="p", norm_hash="h8", status="accepted"))
+    store.save(
+        Sample(
+            instruction_id=8, text="no plan", words=2, n_paragraphs=1, model="m", prompt_version="v"
+        )
+    )
+    store.reject(4, "export", "near_duplicate", "test")
+    expected = [(s.instruction_id, i.uid, s.text) for s, i, _ in store.iter_samples()]
+    assert [tuple(r) for r in accepted_texts(store, batch_size=2)] == expected
+    assert [r[0] for r in expected] == [1, 2, 3, 5, 6, 7]
+
+
+def test_near_duplicates_rejected_at_export_with_their_reason(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 's.db'}")
+    fill(store, 4)
+    again = prose("sample 2", 60)  # the text fill gave instruction 2
+    store.save(
+        Instruction(id=5, uid="u5", prompt="p5", norm_hash="h5", status="accepted"),
+        Plan(
+            instruction_id=5,
+            call_key="k",
+            steps_json="[]",
+            n_steps=0,
+            total_words=0,
+            prompt_version="plan@x",
+        ),
+        Sample(
+            instruction_id=5, text=again, words=60, n_paragraphs=1, model="m", prompt_version="v"
+        ),
+    )
+    manifest = export_store(store, tmp_path / "out", {})
+    assert manifest["counts"]["samples"] == 4
+    stats = store.stats()
+    assert stats["rejections"]["export"] == {"near_duplicate": 1}
+    with store.session() as s:
+        detail = s.exec(select(Rejection.detail).where(Rejection.instruction_id == 5)).one()
+    assert detail == "100% alike (MinHash, 5-grams) the sample of instruction u2, which is kept"
