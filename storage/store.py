@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Table, bindparam, event, func, inspect
+from sqlalchemy import Table, bindparam, event, func, inspect, text
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError
@@ -321,20 +321,31 @@ class Store:
             s.commit()
 
     def _upsert_stmt(self, table: Table) -> Any:
+        """INSERT ... ON CONFLICT (pk) DO UPDATE of every other column, as typed text.
+
+        Written out, not built with the dialects' `insert().on_conflict_do_update()`: those
+        constructs are never cached by SQLAlchemy (`inherit_cache = False`), so every flush
+        compiled each of them again (0.2-0.6 ms a statement, on every batch of the build). A
+        text() with typed bind parameters is cached like any Core statement, and its values
+        still go through the columns' types (enums, datetimes, booleans). The SQL is the same
+        on SQLite (3.24+) and PostgreSQL."""
         stmt = self._upserts.get(table)
         if stmt is None:
-            if self._is_postgres:
-                from sqlalchemy.dialects.postgresql import insert as dialect_insert
-            else:
-                from sqlalchemy.dialects.sqlite import insert as dialect_insert
-            ins = dialect_insert(table)
+            quote = self.engine.dialect.identifier_preparer.quote
+            names = [c.name for c in table.columns]
             pk = [c.name for c in table.primary_key.columns]
-            rest = {c.name: ins.excluded[c.name] for c in table.columns if c.name not in pk}
-            stmt = (
-                ins.on_conflict_do_update(index_elements=pk, set_=rest)
+            rest = [n for n in names if n not in pk]
+            conflict = (
+                "DO UPDATE SET " + ", ".join(f"{quote(n)} = excluded.{quote(n)}" for n in rest)
                 if rest
-                else ins.on_conflict_do_nothing(index_elements=pk)
+                else "DO NOTHING"
             )
+            sql = (
+                f"INSERT INTO {quote(table.name)} ({', '.join(quote(n) for n in names)}) "
+                f"VALUES ({', '.join(f':{n}' for n in names)}) "
+                f"ON CONFLICT ({', '.join(quote(n) for n in pk)}) {conflict}"
+            )
+            stmt = text(sql).bindparams(*(bindparam(c.name, type_=c.type) for c in table.columns))
             self._upserts[table] = stmt
         return stmt
 

@@ -114,3 +114,43 @@ def test_a_cancelled_callers_write_still_lands(db_url):
 
     asyncio.run(main())
     assert store.get_call("paid") is not None
+
+
+def _upsert_compiles(store: Store, rows: list) -> int:
+    """How many times SQLAlchemy compiled a statement while `rows` were saved one by one."""
+    from sqlalchemy import event
+
+    compiled: list[str] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001
+        # Anything but a cache hit was compiled for this execution (a miss, or no cache key).
+        if context.compiled is not None and context.cache_hit != context.dialect.CACHE_HIT:
+            compiled.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", count)
+    try:
+        for row in rows:
+            store.save(row)
+    finally:
+        event.remove(store.engine, "before_cursor_execute", count)
+    return len(compiled)
+
+
+@pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_upserts_are_compiled_once_and_keep_the_column_types(db, tmp_path, request):
+    """The upsert is SQLAlchemy-cached text (the dialects' on_conflict constructs are never
+    cached: every flush compiled them again): saving 20 calls compiles it at most once, a
+    second save of a key updates it, and typed columns (datetime, enum status) round-trip."""
+    url = request.getfixturevalue("pg_url") if db == "postgres" else f"sqlite:///{tmp_path}/s.db"
+    store = Store(url)
+    store.save(_call("warm"))  # the first save compiles
+    assert _upsert_compiles(store, [_call(f"k{i}") for i in range(20)]) == 0
+    store.save(_call("k3", content="changed"))
+    got = store.get_call("k3")
+    assert got is not None and got.content == "changed"
+    assert got.created_at.year >= 2024
+    [iid] = _instructions(store, 1)
+    inst = store.load_states([iid])[0].instruction
+    inst.status = "accepted"
+    store.save(inst)
+    assert store.instruction_ids(["accepted"]) == [iid]
