@@ -54,3 +54,68 @@ def test_version_is_hash_of_source(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert changed.startswith("plan@") and changed != v
     assert request.prompt_version == changed
     assert request.key("m") != build_plan_request("Write a story.", 3000, 2000).key("m")
+
+
+def _every_prompt() -> list[tuple[tuple[str, str], ...]]:
+    """The messages of every kind of request the stages build from the templates."""
+    from tasks.eval.judge import build_judge_request
+    from tasks.plan import PlanStep
+    from tasks.write import (
+        ContextBudget,
+        build_continue_request,
+        build_continue_turns_request,
+        build_write_request,
+    )
+
+    steps = [PlanStep(f"Point {i}: the keeper's {{{{ lamp }}}} and 海", 300) for i in range(1, 5)]
+    written = ["The first paragraph. " * 40, "第二段。" * 50]
+    budget = ContextBudget(8192)
+    tricky = "Write about {{ 7*7 }} and {% raw %} <written> 长城"
+    requests = [
+        build_plan_request(tricky, 3000, 2000),
+        build_plan_request("写一篇关于长城的文章", None, 2000),
+        build_judge_request(tricky, "A response. " * 50)[0],
+    ]
+    for style in ("paper", "turns"):
+        for current in (1, 3):
+            requests.append(
+                build_write_request(
+                    tricky,
+                    steps,
+                    written[: current - 1],
+                    current,
+                    lang="en",
+                    budget=budget,
+                    style=style,
+                )
+            )
+    requests.append(
+        build_continue_request(tricky, steps[0], "cut off mid", cut=True, lang="en", budget=budget)
+    )
+    requests.append(
+        build_continue_turns_request(
+            tricky, steps, written, 3, "short", cut=False, budget=budget, lang="zh"
+        )
+    )
+    return [r.messages for r in requests]
+
+
+def test_prompts_are_the_same_bytes_as_under_the_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The templates render without jinja2's sandbox (it only checked our own template code,
+    at 4x the cost): every prompt is byte for byte what the sandboxed environment gave, so
+    every stored call's key stays the same."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    plain = _every_prompt()
+    env = prompts._ENV
+    sandboxed = ImmutableSandboxedEnvironment(
+        loader=env.loader,
+        undefined=env.undefined,
+        autoescape=env.autoescape,
+        keep_trailing_newline=env.keep_trailing_newline,
+        trim_blocks=env.trim_blocks,
+        lstrip_blocks=env.lstrip_blocks,
+    )
+    monkeypatch.setattr(prompts, "_ENV", sandboxed)
+    assert _every_prompt() == plain
+    assert any("{{ 7*7 }}" in content for messages in plain for _, content in messages)
