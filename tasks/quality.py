@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import html
+import os.path
 import re
 import threading
 import unicodedata
@@ -35,7 +36,16 @@ from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 from pathlib import Path
 
-from tasks.wordcount import cjk_share, count_words, ngrams, units
+from tasks.wordcount import (
+    cjk_share,
+    count_words,
+    first_unit,
+    letter_runs,
+    ngrams,
+    no_cjk,
+    text_units,
+    units,
+)
 
 # -- records --------------------------------------------------------------------------------
 
@@ -178,12 +188,16 @@ _THINK_CLOSE = (
 _THINK_BLOCK_RE = re.compile(rf"{_THINK_OPEN}.*?{_THINK_CLOSE}\s*", re.IGNORECASE | re.DOTALL)
 _THINK_OPEN_RE = re.compile(rf"^\s*{_THINK_OPEN}", re.IGNORECASE)
 _THINK_CLOSE_RE = re.compile(rf"{_THINK_CLOSE}\s*", re.IGNORECASE)
+# Every delimiter above holds one of these characters: a text without them has no block.
+_THINK_MARKS = ("<", "[", "◁")
 
 
 def split_reasoning(text: str) -> tuple[str, str]:
     """(answer, reasoning): think blocks cut out of `text`. An unclosed leading block is all
     reasoning (the answer never started); a lone closing tag (DeepSeek-R1's template opens the
     block inside the prompt) makes everything before it reasoning."""
+    if not any(c in text for c in _THINK_MARKS):
+        return text.strip(), ""  # no delimiter: what the regexes below give for such a text
     parts: list[str] = []
 
     def take(m: re.Match[str]) -> str:
@@ -393,6 +407,61 @@ def _strip_start_chatter(text: str, address: bool = False) -> tuple[str, list[st
 
 _END_WINDOW = 400
 _SENTENCE_BOUNDARY_RE = re.compile(r"[.!?][\"')\]]*\s+|[。！？][”’）)]*")
+# Where the end-chatter patterns can start: the line's start or the lookbehinds that open them
+# (English: after "[.!?)]" and a space (\s: str.isspace), or a line break; Chinese: after
+# "[。！？!?）)]" or a line break). Each pattern is tried at those few places instead of searched
+# through the line.
+_END_EN_MARKS = ".!?)"
+_END_ZH_MARKS = "。！？!?）)"
+# Under IGNORECASE an ASCII letter also matches these four characters (U+0130, U+0131, U+017F,
+# U+212A; tests/tasks/test_quality_fast.py finds them all).
+_IGNORECASE_ASCII_EXTRAS = ("\u0130", "\u0131", "\u017f", "\u212a")
+
+
+def _starts(line: str, marks: str, space_after: bool) -> list[int]:
+    """Where an end-chatter pattern can start, in order: 0, after each line break, and after
+    each of `marks` (and the whitespace character after it, with `space_after`). Found with
+    str.find (a memchr per character) where a regex scan tries every position."""
+    found = {0}
+    for mark in (*marks, "\n"):
+        at = line.find(mark)
+        while at >= 0:
+            if mark == "\n" or not space_after:
+                found.add(at + 1)
+            elif at + 1 < len(line) and line[at + 1].isspace():
+                found.add(at + 2)
+            at = line.find(mark, at + 1)
+    return sorted(found)
+
+
+def _match_at(pattern: re.Pattern[str], line: str, starts: Sequence[int]) -> re.Match[str] | None:
+    """pattern.search(line) for a pattern that can only match at one of `starts` (in order):
+    the same leftmost match, tried at those places only (a match at a position sees the text
+    before it, as the search does)."""
+    for start in starts:
+        m = pattern.match(line, start)
+        if m is not None:
+            return m
+    return None
+
+
+def _end_chatter_match(line: str, address: bool) -> re.Match[str] | None:
+    """The end-chatter match in the last line, as the patterns' searches find it. Every
+    English pattern needs an ASCII letter (or an IGNORECASE equivalent), every Chinese one a
+    CJK character: a line without them is not searched with those."""
+    english = letter_runs(line) > 0 or (
+        not line.isascii() and any(c in line for c in _IGNORECASE_ASCII_EXTRAS)
+    )
+    m = None
+    en_starts = _starts(line, _END_EN_MARKS, space_after=True) if english else []
+    if english:
+        m = _match_at(_CHATTER_END_EN, line, en_starts)
+    if m is None and not address:
+        if english:
+            m = _match_at(_CHATTER_END_EN_ADDRESS, line, en_starts)
+        if m is None and not no_cjk(line):
+            m = _match_at(_CHATTER_END_ZH, line, _starts(line, _END_ZH_MARKS, space_after=False))
+    return m
 
 
 def _strip_end_chatter(text: str, address: bool = False) -> tuple[str, list[str]]:
@@ -408,9 +477,7 @@ def _strip_end_chatter(text: str, address: bool = False) -> tuple[str, list[str]
             boundary = _SENTENCE_BOUNDARY_RE.search(body, cut)
             line_start = boundary.end() if boundary else line_start
         last_line = body[line_start:]
-        m = _CHATTER_END_EN.search(last_line)
-        if m is None and not address:
-            m = _CHATTER_END_EN_ADDRESS.search(last_line) or _CHATTER_END_ZH.search(last_line)
+        m = _end_chatter_match(last_line, address)
         if (
             not m
             or not m.group(0).strip()
@@ -590,6 +657,30 @@ for _i, (_hints, _) in enumerate(_ECHO_LINE_RULES):
     for _hint in _hints:
         _ECHO_HINT_RULES[_hint] = (*_ECHO_HINT_RULES.get(_hint, ()), _i)
 _ECHO_HINTS = tuple(_ECHO_HINT_RULES)
+# An ASCII line can hold none of the Chinese hints.
+_ECHO_ASCII_HINTS = tuple(k for k in _ECHO_HINTS if k.isascii())
+# A hint's gate: a shorter string inside it (another hint, or its opening bracket) tested
+# first, since a text without the gate cannot hold the hint: one memchr or one scan for
+# several hints ("paragraph" for "this paragraph" and "(end of paragraph").
+_ECHO_HINT_GATES: dict[str, str] = {}
+for _hint in _ECHO_HINTS:
+    _inner = [k for k in _ECHO_HINTS if k != _hint and k in _hint]
+    if _inner:
+        _ECHO_HINT_GATES[_hint] = min(_inner, key=len)
+    elif _hint.startswith("("):
+        _ECHO_HINT_GATES[_hint] = "("
+
+
+def _present_hints(low: str, hints: Sequence[str] | None = None) -> list[str]:
+    """The hints (all, or those given) that lower-cased `low` holds."""
+    if hints is None:
+        hints = _ECHO_ASCII_HINTS if low.isascii() else _ECHO_HINTS
+    found: list[str] = []
+    for k in hints:
+        gate = _ECHO_HINT_GATES.get(k)
+        if (gate is None or gate in low) and k in low:
+            found.append(k)
+    return found
 
 
 @functools.lru_cache(maxsize=512)
@@ -601,14 +692,38 @@ def _echo_regex(rules: tuple[int, ...]) -> re.Pattern[str]:
     )
 
 
-def _echo_match(line: str) -> re.Match[str] | None:
+@functools.lru_cache(maxsize=len(_ECHO_LINE_RES))
+def _echo_rule_regex(rule: int) -> re.Pattern[str]:
+    """One rule's pattern as _echo_regex holds it (its flags for all)."""
+    return re.compile(f"(?:{_ECHO_LINE_RES[rule].pattern})", re.IGNORECASE | re.MULTILINE)
+
+
+def _echo_match(line: str, hints: Sequence[str] | None = None) -> re.Match[str] | None:
     """The first scaffolding match in one line that is not inside quotation marks (an essay
-    on writing that quotes "In this paragraph, I will" as a habit to avoid is no echo)."""
-    low = line.lower()
-    found = [k for k in _ECHO_HINTS if k in low]
+    on writing that quotes "In this paragraph, I will" as a habit to avoid is no echo).
+    `hints`: those the line can hold (the paragraph's, when known)."""
+    found = _present_hints(line.lower(), hints)
     if not found:
         return None
     rules = tuple(sorted({i for k in found for i in _ECHO_HINT_RULES[k]}))
+    # What _echo_regex(rules).finditer(line) yields, from each rule's own regex (compiled
+    # once each, where a regex per set of rules costs ~3 ms to compile the first time): the
+    # leftmost match, the first rule in order on a tie (as in the alternation), and the next
+    # one searched from its end. A rule matching empty text (none does) takes the plain path.
+    pos = 0
+    while True:
+        best = None
+        for i in rules:
+            m = _echo_rule_regex(i).search(line, pos)
+            if m is not None and (best is None or m.start() < best.start()):
+                best = m
+        if best is None:
+            return None
+        if best.end() == best.start():
+            break
+        if not _inside_quotes(line, best.start(), best.group(0)):
+            return best
+        pos = best.end()
     for m in _echo_regex(rules).finditer(line):
         if not _inside_quotes(line, m.start(), m.group(0)):
             return m
@@ -644,8 +759,14 @@ def template_sentences() -> tuple[str, ...]:
     return tuple(sorted(found))
 
 
+# Normal forms kept: the plan's main points are normalised for every draft of the piece.
+_NORMAL_CACHE_TEXTS = 4096
+
+
+@functools.lru_cache(maxsize=_NORMAL_CACHE_TEXTS)
 def _normal(text: str) -> str:
-    return " ".join(units(unicodedata.normalize("NFKC", text)))
+    # text_units: a draft's first line is often the whole draft, whose units are read anyway.
+    return " ".join(text_units(unicodedata.normalize("NFKC", text)).tokens)
 
 
 _STEER_VERB_RE = re.compile(
@@ -658,24 +779,30 @@ _STEER_VERB_RE = re.compile(
 )
 
 
+_ABOUT_THE_PIECE_RE = re.compile(
+    r"\b(?:this|the) (?:paragraph|piece|essay|section)\b|本段|这一段|本文", re.I
+)
+
+
 def _pasted_main_point(first_line: str, main_points: Sequence[str]) -> str | None:
     """The plan main point that opens the paragraph verbatim, when it reads as a plan step
     (an instruction to the writer, or a long description) rather than a natural heading."""
-    line = _normal(first_line)
-    if not line:
-        return None
+    # From the line's first unit first: a line whose normal form starts with a point's has a
+    # first unit that starts with the point's first unit, so the whole line is normalised
+    # (for Chinese, a units pass of its own) only when some point passes that test.
+    opening = first_unit(unicodedata.normalize("NFKC", first_line))
+    if opening is None:
+        return None  # the normal form is empty
+    line = ""
     for point in main_points:
         p = _normal(point)
-        if not p or not line.startswith(p):
+        if not p or not opening.startswith(p.split(" ", 1)[0]):
+            continue
+        line = line or _normal(first_line)
+        if not line.startswith(p):
             continue
         long_point = len(p.split()) >= 8
-        if (
-            long_point
-            or _STEER_VERB_RE.match(point)
-            or re.search(
-                r"\b(?:this|the) (?:paragraph|piece|essay|section)\b|本段|这一段|本文", point, re.I
-            )
-        ):
+        if long_point or _STEER_VERB_RE.match(point) or _ABOUT_THE_PIECE_RE.search(point):
             return point
     return None
 
@@ -689,25 +816,51 @@ def _first_line(text: str) -> str:
 _ECHO_EDGE_LINE_MAX_WORDS = 25
 
 
-def _echo_lines(text: str, grams: Sequence[tuple[str, ...]] | None = None) -> list[tuple[int, str]]:
-    """(line index, matched text) of every line that holds the prompt's scaffolding. `grams`:
-    the text's 6-grams when known; none of them in a template sentence, no line holds one."""
+def _echo_lines(text: str, look_for_sentences: bool = True) -> list[tuple[int, str]]:
+    """(line index, matched text) of every line that holds the prompt's scaffolding.
+    `look_for_sentences` False: the text's 6-grams are known to meet no template sentence's,
+    so no line holds one."""
     hits: list[tuple[int, str]] = []
-    sentences = template_sentences()
-    look_for_sentences = grams is None or not _template_grams().isdisjoint(grams)
+    # A line holds only hints its paragraph holds (lines are pieces of it, and lower() maps
+    # each character alone but the final sigma, which no hint holds): one scan of the
+    # paragraph leaves most lines of prose nothing to look for.
+    hints = _present_hints(text.lower())
     for i, line in enumerate(text.splitlines()):
-        m = _echo_match(line)
+        m = _echo_match(line, hints) if hints else None
         if m:
             hits.append((i, m.group(0)))
             continue
         if not look_for_sentences:
             continue
-        norm = _normal(line)
-        if len(norm.split()) >= TEMPLATE_SENTENCE_MIN_WORDS:
-            hit = next((s for s in sentences if s in norm), None)
-            if hit:
-                hits.append((i, hit))
+        hit = _template_sentence_in(line)
+        if hit:
+            hits.append((i, hit))
     return hits
+
+
+@functools.lru_cache(maxsize=1)
+def _template_sentence_words() -> tuple[int, tuple[tuple[str, frozenset[str]], ...]]:
+    """Per template sentence, the words a line holding it must hold whole (all but its first
+    and last, which may be pieces of longer words), and the fewest ASCII words among those."""
+    entries = tuple((s, frozenset(s.split()[1:-1])) for s in template_sentences())
+    fewest = min((sum(w.isascii() for w in inner) for _, inner in entries), default=0)
+    return fewest, entries
+
+
+def _template_sentence_in(line: str) -> str | None:
+    """The first template sentence that the line's normal form holds (one of 6+ words)."""
+    fewest, entries = _template_sentence_words()
+    # A line with fewer English words than every template sentence holds whole holds none:
+    # most Chinese lines are ruled out before their normal form is built.
+    nfkc = unicodedata.normalize("NFKC", line)
+    if fewest and letter_runs(nfkc.lower()) < fewest:
+        return None
+    norm = _normal(line)
+    words = norm.split()
+    if len(words) < TEMPLATE_SENTENCE_MIN_WORDS:
+        return None
+    held = frozenset(words)
+    return next((s for s, inner in entries if inner <= held and s in norm), None)
 
 
 # A run this long copied from a template sentence is the prompt's wording, even when the
@@ -722,11 +875,27 @@ def _template_grams() -> frozenset[tuple[str, ...]]:
     return frozenset(g for s in template_sentences() for g in ngrams(s.split(), _TEMPLATE_N))
 
 
-def _template_run(grams: Sequence[tuple[str, ...]]) -> str | None:
+@functools.lru_cache(maxsize=1)
+def _template_hashes() -> frozenset[int]:
+    return frozenset(map(hash, _template_grams()))
+
+
+def _meets_templates(text: str) -> bool:
+    """Whether any 6-gram of the text is a template sentence's: ruled out from hashes (the
+    common answer, no n-gram kept), checked on the n-grams when their hashes meet."""
+    if _template_hashes().isdisjoint(_gram_hash_set(text, _TEMPLATE_N)):
+        return False
+    return not _template_grams().isdisjoint(_gram_set(text, _TEMPLATE_N))
+
+
+def _template_run(
+    grams: Sequence[tuple[str, ...]], gram_set: AbstractSet[tuple[str, ...]] | None = None
+) -> str | None:
     """The first run of TEMPLATE_RUN_WORDS or more words (consecutive n-grams) that a
-    template sentence holds, or None."""
+    template sentence holds, or None. `gram_set`: the same n-grams as a set, when built (set
+    against set compares stored hashes; each tuple of a list is hashed again)."""
     known = _template_grams()
-    if known.isdisjoint(grams):
+    if known.isdisjoint(grams if gram_set is None else gram_set):
         return None
     need = TEMPLATE_RUN_WORDS - _TEMPLATE_N + 1
     run = 0
@@ -790,9 +959,11 @@ _REQUEST_FRAME_WORDS = frozenset(
 )
 _REQUEST_FRAME_CHARS = frozenset("写篇文章详细介绍字")
 INSTRUCTION_RUN_MIN = {"en": 6, "zh": 8}
+# Instructions whose frames are kept: those of the pieces drafted at once.
+_INSTRUCTION_CACHE = 256
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=_INSTRUCTION_CACHE)
 def _instruction_frames(instruction: str) -> tuple[int, frozenset[tuple[str, ...]]]:
     """The instruction's n-grams (6 words, 8 Chinese characters) holding two or more of its
     request-framing words: what a pasted request shares with it."""
@@ -803,6 +974,17 @@ def _instruction_frames(instruction: str) -> tuple[int, frozenset[tuple[str, ...
     return n, grams
 
 
+@functools.lru_cache(maxsize=_INSTRUCTION_CACHE)
+def _spaced_frames(instruction: str) -> tuple[str, ...]:
+    """The instruction's frames as TextUnits.spaced substrings."""
+    return tuple(f" {' '.join(g)} " for g in _instruction_frames(instruction)[1])
+
+
+@functools.lru_cache(maxsize=_INSTRUCTION_CACHE)
+def _frame_hashes(instruction: str) -> frozenset[int]:
+    return frozenset(map(hash, _instruction_frames(instruction)[1]))
+
+
 def _pasted_instruction(text: str, instruction: str) -> str | None:
     """A run of the instruction copied into the text (6 words or 8 Chinese characters) that
     holds two or more of its request-framing words: "a long, detailed story about a
@@ -811,7 +993,17 @@ def _pasted_instruction(text: str, instruction: str) -> str | None:
     n, grams = _instruction_frames(instruction)
     if not grams:
         return None
-    # The text's n-grams come from the restatement check's cache when n matches.
+    # Whether any frame (a few) can be in the text first: ruled out by the text's n-gram
+    # hashes when the echo check built them (English), else by the spaced units holding none
+    # of them (Chinese: nothing built for this alone). The text is read in order only then.
+    tu = text_units(text)
+    if tu.has_hash_set(n):
+        if _frame_hashes(instruction).isdisjoint(tu.gram_hash_set(n)):
+            return None
+    else:
+        spaced = tu.spaced
+        if not any(f in spaced for f in _spaced_frames(instruction)):
+            return None
     hit = next((g for g in _gram_list(text, n) if g in grams), None)
     if hit is None:
         return None
@@ -821,12 +1013,15 @@ def _pasted_instruction(text: str, instruction: str) -> str | None:
 def check_prompt_echo(text: str, ctx: ParagraphContext) -> Verdict:
     # The templates are English: an English text's 6-grams (shared with the restatement
     # check's cache) rule most of the template matching out at once.
-    grams = _gram_list(text, _TEMPLATE_N) if cjk_share(text) <= 0.5 else None
-    hits = _echo_lines(text, grams)
+    # (From their hashes: the n-grams themselves are built only when those meet a template's.)
+    meets = _meets_templates(text) if cjk_share(text) <= 0.5 else None
+    hits = _echo_lines(text, look_for_sentences=meets is not False)
     if hits:
         i, what = hits[0]
         return Verdict(False, "prompt_echo", f"line {i + 1} holds prompt text {what[:60]!r}")
-    run = _template_run(grams) if grams is not None else None
+    run = None
+    if meets:
+        run = _template_run(_gram_list(text, _TEMPLATE_N), _gram_set(text, _TEMPLATE_N))
     if run is not None:
         return Verdict(False, "prompt_echo", f"holds the prompt's wording {run[:60]!r}")
     point = _pasted_main_point(_first_line(text), ctx.main_points)
@@ -865,6 +1060,29 @@ _ENTITY_SPACES = frozenset("\u00a0\u2002\u2003\u2009\u00ad\u200c\u200d")
 _PLACEHOLDER_RE = re.compile(r"\{\{[^{}\n]{1,80}\}\}|\{%[^{}\n]{1,80}%\}")
 
 
+def _may_hold_special_token(text: str) -> bool:
+    # Every _SPECIAL_TOKEN_RE match opens with "<" or "[".
+    return "<" in text or "[" in text
+
+
+# A character first, then the string: a one-character test is a memchr, a longer one a scan.
+def _may_hold_fence(text: str) -> bool:
+    return ("`" in text and "```" in text) or ("~" in text and "~~~" in text)
+
+
+def _may_hold_placeholder(text: str) -> bool:
+    return "{" in text and ("{{" in text or "{%" in text)
+
+
+def _may_hold_comment(text: str) -> bool:
+    return "<" in text and "<!--" in text
+
+
+_SPACES_RE = re.compile(r"[ \t]{2,}")
+_SPACE_BEFORE_PUNCT_RE = re.compile(r" +([,.;:!?，。；：！？])")
+_BLANK_LINES_RE = re.compile(r"\n{3,}")
+
+
 def _strip_markup(text: str, ctx: ParagraphContext) -> tuple[str, list[str]]:
     removed: list[str] = []
 
@@ -882,32 +1100,42 @@ def _strip_markup(text: str, ctx: ParagraphContext) -> tuple[str, list[str]]:
         char = html.unescape(m.group(0))
         return " " if char in _ENTITY_SPACES else char
 
-    text = _SPECIAL_TOKEN_RE.sub(take, text)
+    # Each regex only where the characters every match of it holds are in the text (most
+    # prose has no "<", "[" or fence): a regex scan per draft costs more than these tests.
+    if _may_hold_special_token(text):
+        text = _SPECIAL_TOKEN_RE.sub(take, text)
     if not ctx.form.markup:
-        if "<!--" in text:
+        if _may_hold_comment(text):
             text = _HTML_COMMENT_RE.sub(take, text)
-        text = _TAG_RE.sub(take_markup, text)
-        text = _FENCE_LINE_RE.sub(take, text)
+        if "<" in text:
+            text = _TAG_RE.sub(take_markup, text)
+        if _may_hold_fence(text):
+            text = _FENCE_LINE_RE.sub(take, text)
         if "&" in text:
             text = _ENTITY_RE.sub(take_entity, text)
     if removed:
-        text = re.sub(r"[ \t]{2,}", " ", text)
-        text = re.sub(r" +([,.;:!?，。；：！？])", r"\1", text)
-        text = re.sub(r"\n{3,}", "\n\n", text).strip()
+        text = _SPACES_RE.sub(" ", text)
+        text = _SPACE_BEFORE_PUNCT_RE.sub(r"\1", text)
+        text = _BLANK_LINES_RE.sub("\n\n", text).strip()
     return text, removed
 
 
 def check_markup(text: str, ctx: ParagraphContext) -> Verdict:
-    m = None if ctx.form.markup else _PLACEHOLDER_RE.search(text)
+    # As in _strip_markup: a regex only where its matches' characters are in the text.
+    placeholder = not ctx.form.markup and _may_hold_placeholder(text)
+    m = _PLACEHOLDER_RE.search(text) if placeholder else None
     if m:
         return Verdict(False, "markup", f"unfilled template placeholder {m.group(0)[:40]!r}")
-    m = _SPECIAL_TOKEN_RE.search(text)
+    m = _SPECIAL_TOKEN_RE.search(text) if _may_hold_special_token(text) else None
     if m:
         return Verdict(False, "markup", f"chat-template token {m.group(0)!r}")
     if not ctx.form.markup:
-        tags = (t for t in _TAG_RE.finditer(text) if not _PROMPT_TAG_RE.fullmatch(t.group(0)))
-        m = next(tags, None) or _FENCE_LINE_RE.search(text)
-        if m is None and "<!--" in text:
+        if "<" in text:
+            tags = (t for t in _TAG_RE.finditer(text) if not _PROMPT_TAG_RE.fullmatch(t.group(0)))
+            m = next(tags, None)
+        if m is None and _may_hold_fence(text):
+            m = _FENCE_LINE_RE.search(text)
+        if m is None and _may_hold_comment(text):
             m = _HTML_COMMENT_RE.search(text)
         if m is None and "&" in text:
             m = _ENTITY_RE.search(text)
@@ -951,34 +1179,65 @@ RESTATE_MIN_SHARE_VERSE = 0.8
 RESTATE_MIN_GRAMS = 8
 
 
-@functools.lru_cache(maxsize=512)
 def _gram_list(text: str, n: int) -> tuple[tuple[str, ...], ...]:
-    # Cached: every paragraph is compared with all those before it, so each earlier one's
-    # n-grams would otherwise be rebuilt once per later paragraph (quadratic in a sample).
-    return tuple(ngrams(units(text), n))
+    # Cached (tasks.wordcount.text_units): every paragraph is compared with all those before
+    # it, so each earlier one's n-grams would otherwise be rebuilt once per later paragraph
+    # (quadratic in a sample); and the echo, restatement and repetition checks share them.
+    return text_units(text).grams(n)
 
 
-@functools.lru_cache(maxsize=512)
 def _gram_set(text: str, n: int) -> frozenset[tuple[str, ...]]:
-    return frozenset(_gram_list(text, n))
+    return text_units(text).gram_set(n)
+
+
+def _gram_count(text: str, n: int) -> int:
+    return text_units(text).gram_count(n)
+
+
+def _gram_hashes(text: str, n: int) -> tuple[int, ...]:
+    return text_units(text).gram_hashes(n)
+
+
+def _gram_hash_set(text: str, n: int) -> frozenset[int]:
+    return text_units(text).gram_hash_set(n)
+
+
+def _shared_hashes(text: str, n: int, seen: AbstractSet[int]) -> int:
+    """How many of the text's n-grams (each occurrence) have a hash in `seen`: at least as
+    many as are in the n-grams `seen` was made from, so a count under a limit proves the
+    n-grams' count is under it too."""
+    mine = _gram_hash_set(text, n)
+    if len(mine) == _gram_count(text, n):
+        return len(mine & seen)
+    return sum(map(seen.__contains__, _gram_hashes(text, n)))
+
+
+def _shared_grams(text: str, n: int, seen: AbstractSet[tuple[str, ...]]) -> int:
+    """How many of the text's n-grams (each occurrence) are in `seen`. With no n-gram twice
+    in the text, the size of the sets' intersection (stored hashes, no tuple hashed again)."""
+    mine = _gram_set(text, n)
+    if len(mine) == _gram_count(text, n):
+        return len(mine & seen)
+    return sum(map(seen.__contains__, _gram_list(text, n)))
 
 
 class _RunningGrams(threading.local):
     """Per thread, per piece (keyed by its n and first paragraph): the paragraphs seen so far
-    and the union of their n-grams. Each paragraph is checked against all those before it, so
-    the union grows by one paragraph per call; rebuilding it (or a frozenset union per
-    paragraph) made the restatement check quadratic in a sample's length."""
+    and the union of their n-grams' hashes. Each paragraph is checked against all those before
+    it, so the union grows by one paragraph per call; rebuilding it (or a frozenset union per
+    paragraph) made the restatement check quadratic in a sample's length. Hashes, not the
+    n-grams: ints the garbage collector never walks, and enough to rule a restatement out."""
 
     def __init__(self) -> None:
-        self.pieces: dict[tuple[int, str], tuple[tuple[str, ...], set[tuple[str, ...]]]] = {}
+        self.pieces: dict[tuple[int, str], tuple[tuple[str, ...], set[int]]] = {}
 
 
 _RUNNING = _RunningGrams()
 _RUNNING_MAX_PIECES = 64  # pieces drafted at once in one thread (the build interleaves them)
 
 
-def _previous_grams(previous: tuple[str, ...], n: int) -> AbstractSet[tuple[str, ...]]:
-    """The n-grams of every paragraph in `previous` (read only: it is grown in place)."""
+def _previous_hashes(previous: tuple[str, ...], n: int) -> AbstractSet[int]:
+    """The n-gram hashes of every paragraph in `previous` (read only: grown in place)."""
     if not previous:
         return frozenset()
     pieces = _RUNNING.pieces
@@ -987,7 +1246,7 @@ def _previous_grams(previous: tuple[str, ...], n: int) -> AbstractSet[tuple[str,
     if len(done) > len(previous) or previous[: len(done)] != done:
         done, grams = (), set()  # another piece with the same opening, or a redraft earlier on
     for text in previous[len(done) :]:
-        grams.update(_gram_list(text, n))
+        grams.update(_gram_hashes(text, n))
     if slot not in pieces and len(pieces) >= _RUNNING_MAX_PIECES:
         pieces.clear()
     pieces[slot] = (previous, grams)
@@ -996,11 +1255,10 @@ def _previous_grams(previous: tuple[str, ...], n: int) -> AbstractSet[tuple[str,
 
 def restated_share(text: str, earlier: str, lang: str) -> float:
     n = RESTATE_N.get(lang, 6)
-    grams = _gram_list(text, n)
-    if len(grams) < RESTATE_MIN_GRAMS:
+    count = _gram_count(text, n)
+    if count < RESTATE_MIN_GRAMS:
         return 0.0
-    seen = _gram_set(earlier, n)
-    return sum(map(seen.__contains__, grams)) / len(grams)
+    return _shared_grams(text, n, _gram_set(earlier, n)) / count
 
 
 # A stanza: three or more short lines, none a list item (a recipe's steps are not verse).
@@ -1048,13 +1306,19 @@ def check_restated(text: str, ctx: ParagraphContext) -> Verdict:
     limit = RESTATE_MIN_SHARE_VERSE if ctx.form.verse else RESTATE_MIN_SHARE
     lang = "zh" if cjk_share(text) > 0.5 else "en"
     n = RESTATE_N[lang]
-    grams = _gram_list(text, n)
-    if len(grams) < RESTATE_MIN_GRAMS or not ctx.previous:
+    count = _gram_count(text, n)
+    if count < RESTATE_MIN_GRAMS:
+        return KEEP
+    if not ctx.previous:
+        # Nothing to restate yet; the hashes are taken now all the same: the next paragraph's
+        # check adds them to its union, and this draft's repetition share starts from them.
+        _gram_hash_set(text, n)
         return KEEP
     # Against everything before it at once first: under the limit there, it is under the
     # limit against every single earlier paragraph (the common case, one set lookup each).
-    seen = _previous_grams(ctx.previous, n)
-    if sum(map(seen.__contains__, grams)) < limit * len(grams):
+    # Counted by hash, the count is at least the n-grams' own: under the limit, so are they.
+    seen = _previous_hashes(ctx.previous, n)
+    if _shared_hashes(text, n, seen) < limit * count:
         return KEEP
     for j, earlier in enumerate(ctx.previous, start=1):
         share = restated_share(text, earlier, lang)
@@ -1230,13 +1494,18 @@ _ZH_META = re.compile(
 )
 
 
+_NOT_CJK_RE = re.compile(r"[^\u3400-\u4dbf\u4e00-\u9fff]")
+
+
 def _content_words(point: str) -> list[str]:
-    words = [w for w in units(point) if not re.match(r"[\u3400-\u9fff]", w)]
+    # A unit is a CJK character or ASCII letters: its first character says which (the range
+    # test of re.match(r"[\u3400-\u9fff]", w), without a regex per word).
+    words = [w for w in text_units(point).tokens if not "\u3400" <= w[0] <= "\u9fff"]
     return [w for w in words if w not in _EN_STOP and w not in _META_WORDS]
 
 
 def _content_cjk(point: str) -> str:
-    return re.sub(r"[^\u3400-\u4dbf\u4e00-\u9fff]", "", _ZH_META.sub("", point))
+    return _NOT_CJK_RE.sub("", _ZH_META.sub("", point))
 
 
 def _stem(word: str) -> str:
@@ -1330,17 +1599,50 @@ PARAPHRASE_JACCARD = 0.6
 _ANCHOR_RE = re.compile(r"(?<!^)(?<![:：.!?]\s)\b(?:[A-Z][a-z'’-]+|\d[\d,]*)\b")
 
 
+_POSSESSIVE_RE = re.compile(r"['’]s$")
+# Per main point, what the duplicate checks read of it, computed once: each point is compared
+# with every other one of its plan (and the plan is checked again when redrafted).
+_POINT_CACHE = 4096
+
+
+@functools.lru_cache(maxsize=_POINT_CACHE)
 def _anchors(point: str) -> frozenset[str]:
     """Names and numbers of an English point (capitalised words not at its start)."""
-    return frozenset(re.sub(r"['’]s$", "", a.lower()) for a in _ANCHOR_RE.findall(point.strip()))
+    return frozenset(_POSSESSIVE_RE.sub("", a.lower()) for a in _ANCHOR_RE.findall(point.strip()))
+
+
+@functools.lru_cache(maxsize=_POINT_CACHE)
+def _paraphrase_stems(point: str) -> frozenset[str]:
+    """point_contained's English words: six-letter stems of its content words."""
+    return frozenset(_stem(w)[:6] for w in _content_words(point) if len(w) > 2)
+
+
+def _bigram_covered(text: str, bigrams: AbstractSet[str]) -> int:
+    """Characters of `text` inside one of its bigrams that `bigrams` holds."""
+    covered = 0
+    before = False
+    for i in range(len(text)):
+        here = text[i : i + 2] in bigrams
+        covered += here or before
+        before = here
+    return covered
 
 
 def point_contained(a: str, b: str) -> float:
     """How much of the shorter point the longer one restates (0 unless it restates it): its
     content in order for Chinese, its content words and every name and date for English."""
     if cjk_share(a) > 0.5 and cjk_share(b) > 0.5:
-        short, long = sorted((_content_cjk(a), _content_cjk(b)), key=len)
+        pa, pb = _point(a), _point(b)
+        (short, _), (long, long_bigrams) = sorted(
+            ((pa.cjk, pa.bigrams), (pb.cjk, pb.bigrams)), key=lambda c: len(c[0])
+        )
         if len(short) < CONTAINED_MIN_CHARS:
+            return 0.0
+        # Every character of a matching block of 2 or more sits in a bigram of `short` that
+        # `long` holds: fewer such characters than either share needs, and no match can reach
+        # it (the matcher, the costly part, is not run).
+        covered = _bigram_covered(short, long_bigrams)
+        if covered < CONTAINED_SHARE * len(short) or covered < CONTAINED_OF_LONGER * len(long):
             return 0.0
         blocks = SequenceMatcher(None, short, long, autojunk=False).get_matching_blocks()
         matched = sum(m.size for m in blocks if m.size >= 2)
@@ -1350,8 +1652,7 @@ def point_contained(a: str, b: str) -> float:
     anchors_a, anchors_b = _anchors(a), _anchors(b)
     if not anchors_a or anchors_a != anchors_b:
         return 0.0
-    wa = {_stem(w)[:6] for w in _content_words(a) if len(w) > 2}
-    wb = {_stem(w)[:6] for w in _content_words(b) if len(w) > 2}
+    wa, wb = _paraphrase_stems(a), _paraphrase_stems(b)
     if min(len(wa), len(wb)) < 3:
         return 0.0
     shared = len(wa & wb)
@@ -1375,7 +1676,13 @@ def parallel_points(a: str, b: str) -> bool:
     Chinese: the one difference is a substitution of one or two characters. Such points are
     distinct however alike their words are."""
     if cjk_share(a) > 0.5 and cjk_share(b) > 0.5:
-        ca, cb = _ZH_PARTICLES_RE.sub("", a), _ZH_PARTICLES_RE.sub("", b)
+        ca, cb = _zh_frame(a), _zh_frame(b)
+        # One substitution of at most two characters leaves a shared prefix and suffix that
+        # cover all but two characters of each side: short of that, no matcher is run.
+        prefix = len(os.path.commonprefix((ca, cb)))
+        suffix = len(os.path.commonprefix((ca[::-1], cb[::-1])))
+        if prefix + suffix < max(len(ca), len(cb)) - PARALLEL_SLOT_MAX_CHARS:
+            return False
         ops = [
             o
             for o in SequenceMatcher(None, ca, cb, autojunk=False).get_opcodes()
@@ -1388,19 +1695,34 @@ def parallel_points(a: str, b: str) -> bool:
             and ops[0][4] - ops[0][3] <= PARALLEL_SLOT_MAX_CHARS
         )
 
-    def words(point: str) -> set[str]:
-        return {
-            w.lower()
-            for w in _POINT_TOKEN_RE.findall(point)
-            if w.lower() not in _EN_STOP and w.lower() not in _META_WORDS
-        }
-
-    wa, wb = words(a), words(b)
+    wa, wb = _frame_words(a), _frame_words(b)
     only_a, only_b = wa - wb, wb - wa
     if not only_a or not only_b:
         return False
-    anchors = {w.lower() for w in _ANCHOR_RE.findall(a.strip()) + _ANCHOR_RE.findall(b.strip())}
+    anchors = _anchor_words(a) | _anchor_words(b)
     return only_a <= anchors and only_b <= anchors
+
+
+@functools.lru_cache(maxsize=_POINT_CACHE)
+def _zh_frame(point: str) -> str:
+    """A Chinese point less its particles and every non-CJK character."""
+    return _ZH_PARTICLES_RE.sub("", point)
+
+
+@functools.lru_cache(maxsize=_POINT_CACHE)
+def _frame_words(point: str) -> frozenset[str]:
+    """An English point's words and numbers, lower-cased, less stop words and words about
+    the piece."""
+    return frozenset(
+        w.lower()
+        for w in _POINT_TOKEN_RE.findall(point)
+        if w.lower() not in _EN_STOP and w.lower() not in _META_WORDS
+    )
+
+
+@functools.lru_cache(maxsize=_POINT_CACHE)
+def _anchor_words(point: str) -> frozenset[str]:
+    return frozenset(w.lower() for w in _ANCHOR_RE.findall(point.strip()))
 
 
 def check_plan_duplicates(points: Sequence[str], _instruction: str) -> Verdict:
@@ -1426,11 +1748,14 @@ def check_plan_duplicates(points: Sequence[str], _instruction: str) -> Verdict:
     return KEEP
 
 
+_BRACKETED_RE = re.compile(r"\s*[\[<{(（【].*[\]>})）】]\s*")
+
+
 def _is_meta_point(point: str) -> bool:
     """Nothing left once the words about the piece itself are taken out ("Introduction",
     "More details", "This is the main point of this piece"); one real word ("Winter") is a
     main point."""
-    if re.fullmatch(r"\s*[\[<{(（【].*[\]>})）】]\s*", point):
+    if _BRACKETED_RE.fullmatch(point):
         return True  # a template placeholder left in: "[what the paragraph covers]"
     if _PLACEHOLDER_RE.search(point) or _PROMPT_TAG_RE.search(point):
         # "{{text}} This is an example of how to make your own" (SmolLM2's demo plan): a
@@ -1452,7 +1777,10 @@ def check_plan_meta(points: Sequence[str], _instruction: str) -> Verdict:
     return KEEP
 
 
-def _copied_tokens(a: list[str], b: list[str], min_block: int = 3) -> int:
+_COPY_MIN_BLOCK = 3
+
+
+def _copied_tokens(a: Sequence[str], b: Sequence[str], min_block: int = _COPY_MIN_BLOCK) -> int:
     """Tokens of `a` that appear, in order, as runs of at least `min_block` in `b`."""
     if not a or not b:
         return 0
@@ -1477,30 +1805,58 @@ _POINT_LABEL_RE = re.compile(
 )
 
 
-def _echoed_share(tokens: list[str], inst: list[str], lang: str) -> int:
-    """Tokens of the point copied from the instruction when the point is an echo of it, else 0."""
-    copied = _copied_tokens(tokens, inst)
+def _echoed_share(copied: int, tokens: int, inst: int, lang: str) -> int:
+    """`copied` (of the point's `tokens` units, from the instruction's `inst`) when the point
+    is an echo of the instruction, else 0."""
     if copied < ECHO_MIN_COPIED[lang]:
         return 0
-    if copied >= ECHO_WHOLE_INSTRUCTION_SHARE * len(inst):
+    if copied >= ECHO_WHOLE_INSTRUCTION_SHARE * inst:
         return copied
-    if copied >= ECHO_POINT_COPIED_SHARE * len(tokens) and copied >= ECHO_INSTRUCTION_SHARE * len(
-        inst
-    ):
+    if copied >= ECHO_POINT_COPIED_SHARE * tokens and copied >= ECHO_INSTRUCTION_SHARE * inst:
         return copied
     return 0
 
 
+class _CopiedFrom:
+    """_copied_tokens(units(text), units(instruction)) per text, each computed once (the
+    pieces test below reads every point's again). A text that shares no run of
+    _COPY_MIN_BLOCK units with the instruction (no hash of one, even) has no matching block
+    that long: 0, without the matcher (the costly part of the plan checks)."""
+
+    def __init__(self, instruction: str) -> None:
+        units_of = text_units(instruction)
+        self.tokens = units_of.tokens
+        self._runs = units_of.gram_hash_set(_COPY_MIN_BLOCK)
+        self._done: dict[str, int] = {}
+
+    def __call__(self, text: str) -> int:
+        got = self._done.get(text)
+        if got is None:
+            units_of = text_units(text)
+            if self._runs.isdisjoint(units_of.gram_hash_set(_COPY_MIN_BLOCK)):
+                got = 0
+            else:
+                got = _copied_tokens(units_of.tokens, self.tokens)
+            self._done[text] = got
+        return got
+
+
+def _unit_count(text: str) -> int:
+    return len(text_units(text).tokens)
+
+
 def check_plan_echo(points: Sequence[str], instruction: str) -> Verdict:
-    inst = units(instruction)
+    copied_from = _CopiedFrom(instruction)
+    inst = copied_from.tokens
     lang = "zh" if cjk_share(instruction) > 0.5 else "en"
     if len(inst) < ECHO_MIN_COPIED[lang]:
         return KEEP
     for i, point in enumerate(points, start=1):
-        copied = _echoed_share(units(point), inst, lang)
+        copied = _echoed_share(copied_from(point), _unit_count(point), len(inst), lang)
         label = _POINT_LABEL_RE.match(point)
         if not copied and label:
-            copied = _echoed_share(units(point[label.end() :]), inst, lang)
+            rest = point[label.end() :]
+            copied = _echoed_share(copied_from(rest), _unit_count(rest), len(inst), lang)
         if copied:
             return Verdict(
                 False,
@@ -1510,8 +1866,8 @@ def check_plan_echo(points: Sequence[str], instruction: str) -> Verdict:
     # Or the instruction cut into pieces, one per point.
     pieces = [
         c
-        for c, p in ((_copied_tokens(units(p), inst), p) for p in points)
-        if c >= ECHO_POINT_COPIED_SHARE * max(1, len(units(p)))
+        for c, p in ((copied_from(p), p) for p in points)
+        if c >= ECHO_POINT_COPIED_SHARE * max(1, _unit_count(p))
     ]
     if len(points) > 1 and len(pieces) * 2 > len(points) and sum(pieces) >= 0.7 * len(inst):
         return Verdict(
@@ -1537,8 +1893,11 @@ def review_plan(main_points: Sequence[str], instruction: str) -> Verdict:
 # -- samples --------------------------------------------------------------------------------
 
 
+_BLANK_LINE_RE = re.compile(r"\n\s*\n")
+
+
 def split_paragraphs(text: str) -> list[str]:
-    return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+    return [p.strip() for p in _BLANK_LINE_RE.split(text) if p.strip()]
 
 
 def review_sample(
