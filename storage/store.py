@@ -464,11 +464,23 @@ class Store:
     def iter_samples(self, batch_size: int = 500) -> Iterator[tuple[Sample, Instruction, Plan]]:
         """Accepted samples in instruction order, streamed in batches (export never holds the
         whole dataset in memory)."""
+        yield from self._accepted(batch_size, Sample, Instruction, Plan)
+
+    def iter_sample_texts(self, batch_size: int = 500) -> Iterator[tuple[int, str, str]]:
+        """(instruction id, uid, text) of the samples `iter_samples` yields, in its order, as
+        plain columns: no Sample, Instruction and Plan objects built for the three values the
+        near-duplicate pass reads (~0.2 ms a sample)."""
+        yield from self._accepted(batch_size, Sample.instruction_id, Instruction.uid, Sample.text)
+
+    def _accepted(self, batch_size: int, *columns: Any) -> Iterator[Any]:
+        """Rows of `columns` for the accepted samples (with their instruction and plan), by
+        instruction id, `batch_size` at a time; the first column is a Sample or its
+        instruction id (the batches' cursor)."""
         last_id = 0
         while True:
             with self.session() as s:
                 rows = s.exec(
-                    select(Sample, Instruction, Plan)
+                    select(*columns)
                     .join(Instruction, col(Instruction.id) == col(Sample.instruction_id))
                     .join(Plan, col(Plan.instruction_id) == col(Sample.instruction_id))
                     .where(col(Sample.instruction_id) > last_id)
@@ -481,7 +493,8 @@ class Store:
             if not rows:
                 return
             yield from rows
-            last_id = rows[-1][0].instruction_id
+            first = rows[-1][0]
+            last_id = first.instruction_id if isinstance(first, Sample) else first
 
     def unjudged_samples(self, ids: list[int]) -> list[tuple[Sample, str]]:
         """(sample, instruction prompt) of the accepted samples among `ids` that hold no judge

@@ -13,9 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlmodel import col, select
-
-from storage.models import Instruction, InstructionStatus, Plan, Sample
 from storage.store import Store
 from tasks.card import write_card_and_report
 from tasks.near_duplicates import THRESHOLD, find_near_duplicates
@@ -31,25 +28,8 @@ TEXT_BATCH = 500
 
 
 def accepted_texts(store: Store, batch_size: int = TEXT_BATCH) -> Iterator[tuple[int, str, str]]:
-    """(instruction id, uid, text) of the samples store.iter_samples yields, in its order (the
-    same joins and filter), as plain columns: no Sample, Instruction and Plan objects built
-    for the three values the near-duplicate pass reads (~0.2 ms a sample)."""
-    last_id = 0
-    while True:
-        with store.session() as s:
-            rows = s.exec(
-                select(Sample.instruction_id, Instruction.uid, Sample.text)
-                .join(Instruction, col(Instruction.id) == col(Sample.instruction_id))
-                .join(Plan, col(Plan.instruction_id) == col(Sample.instruction_id))
-                .where(col(Sample.instruction_id) > last_id)
-                .where(col(Instruction.status) == InstructionStatus.ACCEPTED)
-                .order_by(col(Sample.instruction_id))
-                .limit(batch_size)
-            ).all()
-        if not rows:
-            return
-        yield from rows  # Rows unpack as (id, uid, text) tuples
-        last_id = rows[-1][0]
+    """(instruction id, uid, text) of the samples store.iter_samples yields, in its order."""
+    return store.iter_sample_texts(batch_size)
 
 
 def drop_near_duplicates(store: Store, threshold: float = THRESHOLD) -> int:
