@@ -32,8 +32,8 @@ from tests.fake_openai import FakeConfig, FakeOpenAIServer
 BASE = "http://llm.test/v1"
 URL = BASE + "/chat/completions"
 KEY = "sk-test-SECRET-0123456789abcdef"
-# httpcore: respx intercepts httpx's own transport; the fake-server tests below (and
-# test_transports.py) run the default aiohttp transport.
+# httpcore: respx intercepts httpx's own transport; the fake-server tests below run the
+# default aiohttp transport (and both, where a test says TRANSPORTS).
 FAST = RetryPolicy(
     max_attempts=4, initial_backoff_s=0.001, max_backoff_s=0.01, http_transport="httpcore"
 )

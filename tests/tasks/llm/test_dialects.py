@@ -6,6 +6,7 @@ OpenAI server on loopback (tests/fake_openai.py) the way the real server does it
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 
@@ -31,11 +32,10 @@ from tasks.llm.client import (
 )
 from tests.fake_openai import CONTEXT_ERRORS, FakeConfig, FakeOpenAIServer
 
-# httpcore: respx intercepts httpx's own transport; the fake-server tests below (and
-# test_transports.py) run the default aiohttp transport.
-FAST = RetryPolicy(
-    max_attempts=4, initial_backoff_s=0.001, max_backoff_s=0.01, http_transport="httpcore"
-)
+# The fake-server tests run the default (aiohttp) transport, as builds do; the respx ones
+# need httpcore (respx intercepts httpx's own transport).
+FAST = RetryPolicy(max_attempts=4, initial_backoff_s=0.001, max_backoff_s=0.01)
+FAST_RESPX = dataclasses.replace(FAST, http_transport="httpcore")
 
 
 def request(text: str = "write something", stage: str = "write", **params: object) -> ChatRequest:
@@ -122,9 +122,13 @@ async def test_reasoning_effort_and_extra_body_reach_the_endpoint_and_the_key():
     extra = {"chat_template_kwargs": {"enable_thinking": False}}
     with respx.mock() as mock:
         mock.post("http://x.test/v1/chat/completions").mock(side_effect=record)
-        plain = LLMClient([Endpoint("http://x.test/v1")], "m", FAST)
+        plain = LLMClient([Endpoint("http://x.test/v1")], "m", FAST_RESPX)
         tuned = LLMClient(
-            [Endpoint("http://x.test/v1")], "m", FAST, reasoning_effort="low", extra_body=extra
+            [Endpoint("http://x.test/v1")],
+            "m",
+            FAST_RESPX,
+            reasoning_effort="low",
+            extra_body=extra,
         )
         async with plain, tuned:
             await tuned.chat(request())
@@ -239,7 +243,7 @@ async def test_cloudflare_statuses_are_transient(status):
     )
     with respx.mock() as mock:
         route = mock.post("http://x.test/v1/chat/completions").mock(side_effect=answers)
-        async with LLMClient([Endpoint("http://x.test/v1")], "m", FAST) as c:
+        async with LLMClient([Endpoint("http://x.test/v1")], "m", FAST_RESPX) as c:
             assert (await c.chat(request())).content == "ok"
     assert route.call_count == 2
 
