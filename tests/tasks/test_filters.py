@@ -9,7 +9,6 @@ from storage.store import Store
 from tasks.filters import (
     FilterConfig,
     SampleCandidate,
-    _filter_one,
     filter_instruction,
     repetition_share,
     run_filters,
@@ -143,8 +142,8 @@ def outcomes(store):
 
 
 def test_filter_stage_batched_writes_store_what_one_transaction_each_stores(tmp_path):
-    """The stage writes through the store's batched writer: the rows are those of
-    filter_instruction's one transaction per sample."""
+    """The stage writes through the store's batched writer: the rows are those of one
+    transaction per sample (each filtered alone, in its own loop)."""
     stores = [written_store(tmp_path / "a.db"), written_store(tmp_path / "b.db")]
     rts = [
         SimpleNamespace(
@@ -157,10 +156,12 @@ def test_filter_stage_batched_writes_store_what_one_transaction_each_stores(tmp_
     ]
     ids = [1, 2, 3, 4]
     for state in written_instructions(rts[0], ids):
-        filter_instruction(rts[0], state)
+        asyncio.run(filter_instruction(rts[0], state))  # alone in its turn: its own commit
 
     async def stage() -> int:
-        done = await gather_all(_filter_one(rts[1], st) for st in written_instructions(rts[1], ids))
+        done = await gather_all(
+            filter_instruction(rts[1], st) for st in written_instructions(rts[1], ids)
+        )
         return sum(done)
 
     assert asyncio.run(stage()) == 2
