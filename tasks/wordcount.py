@@ -65,9 +65,7 @@ _COUNT_CACHE_TEXTS = 4096
 @functools.lru_cache(maxsize=_COUNT_CACHE_TEXTS)
 def _unit_counts(text: str) -> tuple[int, int]:
     """(CJK characters, English words) of `text`."""
-    if no_cjk(text):
-        return 0, letter_runs(text)
-    return _cjk_count(text), letter_runs(text)
+    return (0 if no_cjk(text) else _cjk_count(text)), letter_runs(text)
 
 
 def _cjk_count(text: str) -> int:
@@ -268,7 +266,7 @@ def repetition_share(text: str, n: int = 13) -> float:
     if tu.distinct_up_to(n) or len(set(map(hash, tu.zipped(n)))) == total:
         return 0.0
     # The set straight from the zipped views: no list of every n-gram in between.
-    distinct = len(set(zip(*(tokens[i:] for i in range(n)), strict=False)))
+    distinct = len(set(tu.zipped(n)))
     return (total - distinct) / total
 
 
@@ -367,22 +365,18 @@ def repeated_sentence(
     intertwined forever ..." three times in 344 words) while its 13-gram repetition share
     stays near 20%, under the sample filter's limit), or that an `earlier` paragraph said
     ("The locals make up a very unique way of life for themselfs; ..." again in paragraph 2)."""
+    if min_units >= 1:  # (with min_units < 1 empty sentences count: only the plain split)
+        # Whether any sentence repeats, from the cached sentence units; the plain split
+        # (which gives the sentence's own text) runs only for a draft that loops. `mine` is
+        # the set the next draft reads for this one as an earlier paragraph; set against set
+        # compares stored hashes.
+        mine = _long_sentences(text, min_units)
+        long_ones = sum(len(k) >= min_units for k in _sentence_keys(text))
+        if long_ones == len(mine) and all(
+            _long_sentences(before, min_units).isdisjoint(mine) for before in earlier
+        ):
+            return None
     seen: set[tuple[str, ...]] = set()
-    if min_units < 1:
-        # Empty sentences count here: only the plain split gives them.
-        for before in earlier:
-            seen |= _long_sentences(before, min_units)
-        return _first_repeated_sentence(text, seen, min_units)
-    # Whether any sentence repeats, from the cached sentence units; the plain split (which
-    # gives the sentence's own text) runs only for a draft that loops. `mine` is the set the
-    # next draft reads for this one as an earlier paragraph; set against set compares stored
-    # hashes.
-    mine = _long_sentences(text, min_units)
-    long_ones = sum(len(k) >= min_units for k in _sentence_keys(text))
-    if long_ones == len(mine) and all(
-        _long_sentences(before, min_units).isdisjoint(mine) for before in earlier
-    ):
-        return None
     for before in earlier:
         seen |= _long_sentences(before, min_units)
     return _first_repeated_sentence(text, seen, min_units)
