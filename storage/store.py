@@ -38,6 +38,7 @@ from storage.models import (
     RunStatus,
     Sample,
     SourceFile,
+    new_row,
     utcnow,
 )
 
@@ -381,6 +382,10 @@ class Store:
         self._get_call_stmt = sa_select(call).where(
             call.c.key == bindparam("b_key", type_=call.c.key.type)
         )
+        self._get_calls_stmt = sa_select(call).where(
+            call.c.key.in_(bindparam("b_keys", expanding=True))
+        )
+        self._call_reader: _CallReader | None = None
         self.write_stats = WriteStats()
 
     # -- runs -----------------------------------------------------------------------------
@@ -414,7 +419,26 @@ class Store:
         """The stored call with this key (every LLM call asks first: Core, not a Session)."""
         with self.engine.connect() as conn:
             row = conn.execute(self._get_call_stmt, {"b_key": key}).first()
-        return LLMCall(**row._mapping) if row is not None else None
+        return new_row(LLMCall, **row._mapping) if row is not None else None
+
+    async def aget_call(self, key: str) -> LLMCall | None:
+        """`get_call` through the event loop's batched reader: the lookups made during one
+        loop turn (64 chains asking before their next call) share one SELECT."""
+        loop = asyncio.get_running_loop()
+        reader = self._call_reader
+        if reader is None or reader.loop is not loop:
+            reader = self._call_reader = _CallReader(self, loop)
+        return await reader.submit(key)
+
+    def get_calls(self, keys: Sequence[str]) -> dict[str, LLMCall]:
+        """The stored calls among `keys`, by key (one SELECT per 500 keys)."""
+        found: dict[str, LLMCall] = {}
+        with self.engine.connect() as conn:
+            for i in range(0, len(keys), 500):
+                rows = conn.execute(self._get_calls_stmt, {"b_keys": keys[i : i + 500]})
+                for row in rows:
+                    found[row.key] = new_row(LLMCall, **row._mapping)
+        return found
 
     def source_file(self, path: str) -> SourceFile | None:
         with self.session() as s:
@@ -440,23 +464,29 @@ class Store:
             return [i for i in s.exec(q).all() if i is not None]
 
     def load_states(self, ids: list[int]) -> list[InstructionState]:
-        """Instructions with their plan and stored paragraphs, in id order."""
+        """Instructions with their plan and stored paragraphs, in id order (Core rows made
+        into records with `new_row`: the ORM's loading was a third of this per batch)."""
         if not ids:
             return []
-        with self.session() as s:
-            insts = s.exec(select(Instruction).where(col(Instruction.id).in_(ids))).all()
+        inst = Instruction.__table__  # type: ignore[attr-defined]
+        plan = Plan.__table__  # type: ignore[attr-defined]
+        para = Paragraph.__table__  # type: ignore[attr-defined]
+        with self.engine.connect() as conn:
+            by_id = {
+                r.id: new_row(Instruction, **r._mapping)
+                for r in conn.execute(sa_select(inst).where(inst.c.id.in_(ids)))
+            }
             plans = {
-                p.instruction_id: p
-                for p in s.exec(select(Plan).where(col(Plan.instruction_id).in_(ids))).all()
+                r.instruction_id: new_row(Plan, **r._mapping)
+                for r in conn.execute(sa_select(plan).where(plan.c.instruction_id.in_(ids)))
             }
             paras: dict[int, list[Paragraph]] = {}
-            for p in s.exec(
-                select(Paragraph)
-                .where(col(Paragraph.instruction_id).in_(ids))
-                .order_by(col(Paragraph.instruction_id), col(Paragraph.step))
-            ).all():
-                paras.setdefault(p.instruction_id, []).append(p)
-        by_id = {i.id: i for i in insts}
+            for r in conn.execute(
+                sa_select(para)
+                .where(para.c.instruction_id.in_(ids))
+                .order_by(para.c.instruction_id, para.c.step)
+            ):
+                paras.setdefault(r.instruction_id, []).append(new_row(Paragraph, **r._mapping))
         return [
             InstructionState(by_id[i], plans.get(i), paras.get(i, [])) for i in ids if i in by_id
         ]
@@ -664,6 +694,40 @@ class _BatchWriter:
         stats.largest = max(stats.largest, len(batch))
         for _, fut in batch:
             _settle(fut, None)
+
+
+class _CallReader:
+    """Batched `aget_call` for one event loop, as `_BatchWriter` batches writes: a lookup
+    made while none is pending schedules a read for the loop's next turn, and every lookup
+    made until then joins it. It answers what a lookup of its own would have at that moment
+    (a call stored later is seen by a later lookup, as before)."""
+
+    def __init__(self, store: Store, loop: asyncio.AbstractEventLoop) -> None:
+        self.store = store
+        self.loop = loop
+        self._pending: dict[str, list[asyncio.Future[LLMCall | None]]] = {}
+
+    def submit(self, key: str) -> asyncio.Future[LLMCall | None]:
+        fut: asyncio.Future[LLMCall | None] = self.loop.create_future()
+        if not self._pending:
+            self.loop.call_soon(self._read)
+        self._pending.setdefault(key, []).append(fut)
+        return fut
+
+    def _read(self) -> None:
+        batch, self._pending = self._pending, {}
+        try:
+            found = self.store.get_calls(list(batch))
+        except Exception as exc:  # noqa: BLE001 - handed to the callers
+            for futs in batch.values():
+                for fut in futs:
+                    if not fut.done():
+                        fut.set_exception(exc)
+            return
+        for key, futs in batch.items():
+            for fut in futs:
+                if not fut.done():  # its caller was cancelled
+                    fut.set_result(found.get(key))
 
 
 def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:

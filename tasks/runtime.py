@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
-from storage.models import LLMCall
+from storage.models import LLMCall, new_row
 from storage.store import Store
 from tasks.llm.client import ChatRequest, LLMClient, LLMError
 from tasks.settings import BUILD
@@ -224,7 +224,7 @@ async def generate(
     """The call's stored output if a previous run paid for it, else call and store it before
     anyone uses it (invariant 1)."""
     key = client.key_for(request)
-    cached = store.get_call(key)
+    cached = await store.aget_call(key)
     if cached is not None:
         if progress is not None:
             progress.cached_calls += 1
@@ -238,7 +238,8 @@ async def _call_and_store(
     store: Store, client: LLMClient, request: ChatRequest, key: str, progress: Progress | None
 ) -> LLMCall:
     result = await client.chat(request, key)
-    call = LLMCall(
+    call = new_row(
+        LLMCall,
         key=key,
         stage=request.stage,
         model=result.model,

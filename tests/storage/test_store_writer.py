@@ -154,3 +154,128 @@ def test_upserts_are_compiled_once_and_keep_the_column_types(db, tmp_path, reque
     inst.status = "accepted"
     store.save(inst)
     assert store.instruction_ids(["accepted"]) == [iid]
+
+
+def _selects(store: Store) -> list[str]:
+    """SELECTs run on the store's engine from now on (a list that fills as they run)."""
+    from sqlalchemy import event
+
+    seen: list[str] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany):  # noqa: ANN001
+        if statement.lstrip().upper().startswith("SELECT"):
+            seen.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", count)
+    return seen
+
+
+def check_batched_lookups(store: Store) -> None:
+    for i in range(0, 30, 2):
+        store.save(_call(f"k{i}", content=f"c{i}"))
+    selects = _selects(store)
+
+    async def main() -> list[LLMCall | None]:
+        # 30 keys, half stored, one asked twice: one turn's lookups.
+        keys = [f"k{i}" for i in range(30)] + ["k4"]
+        return await asyncio.gather(*(store.aget_call(k) for k in keys))
+
+    got = asyncio.run(main())
+    assert len(selects) == 1  # one SELECT for the 31 lookups of the turn
+    for i, call in enumerate(got[:30]):
+        if i % 2:
+            assert call is None
+        else:
+            assert call is not None and (call.key, call.content) == (f"k{i}", f"c{i}")
+            assert call.created_at.tzinfo is not None  # the column's type still applies
+    assert got[30] is not None and got[30].content == "c4"
+    # Each answer is what get_call says, field by field.
+    one = store.get_call("k2")
+    assert one is not None and got[2] is not None
+    assert one.model_dump() == got[2].model_dump()
+
+    async def later() -> tuple[LLMCall | None, LLMCall | None]:
+        # A call stored after one lookup is seen by the next one (no stale answer kept).
+        first = await store.aget_call("k1")
+        await store.asave(_call("k1", content="now"))
+        return first, await store.aget_call("k1")
+
+    before, after = asyncio.run(later())
+    assert before is None and after is not None and after.content == "now"
+
+
+def test_lookups_of_one_turn_share_a_select_sqlite(db_url):
+    check_batched_lookups(Store(db_url))
+
+
+@pytest.mark.postgres
+def test_lookups_of_one_turn_share_a_select_postgres(pg_url):
+    check_batched_lookups(Store(pg_url))
+
+
+def test_a_failed_lookup_fails_its_callers_and_the_next_turn_reads_again(db_url, monkeypatch):
+    store = Store(db_url)
+    store.save(_call("k"))
+    real = store.get_calls
+
+    def broken(keys):  # noqa: ANN001, ANN202
+        raise RuntimeError("database went away")
+
+    async def main() -> LLMCall | None:
+        monkeypatch.setattr(store, "get_calls", broken)
+        results = await asyncio.gather(
+            store.aget_call("k"), store.aget_call("x"), return_exceptions=True
+        )
+        assert all(isinstance(r, RuntimeError) for r in results)
+        monkeypatch.setattr(store, "get_calls", real)
+        return await store.aget_call("k")
+
+    got = asyncio.run(main())
+    assert got is not None and got.key == "k"
+
+
+def test_load_states_reads_what_the_orm_reads(db_url):
+    """load_states builds its records from Core rows: the same values as the ORM loads, in
+    id order, with paragraphs in step order and a missing plan as None."""
+    from storage.models import Plan
+
+    store = Store(db_url)
+    ids = _instructions(store, 4)
+    store.save(_call("p"))
+    store.save(
+        Plan(
+            instruction_id=ids[0],
+            call_key="p",
+            steps_json="[]",
+            n_steps=2,
+            total_words=600,
+            prompt_version="v",
+        )
+    )
+    for step in (2, 1):
+        store.save(_call(f"w{step}"))
+        store.save(
+            Paragraph(
+                instruction_id=ids[0],
+                step=step,
+                call_key=f"w{step}",
+                text=f"t{step}",
+                words=1,
+                prompt_version="v",
+            )
+        )
+    wanted = [ids[2], ids[0], 999_999]
+    states = store.load_states(wanted)
+    assert [s.instruction.id for s in states] == [ids[2], ids[0]]
+    assert states[0].plan is None and states[0].paragraphs == []
+    assert [p.step for p in states[1].paragraphs] == [1, 2]
+    with store.session() as s:
+        orm_inst = s.get(Instruction, ids[0])
+        orm_plan = s.exec(select(Plan).where(Plan.instruction_id == ids[0])).one()
+        orm_paras = s.exec(
+            select(Paragraph).where(Paragraph.instruction_id == ids[0]).order_by(Paragraph.step)
+        ).all()
+        assert states[1].instruction.model_dump() == orm_inst.model_dump()
+        assert states[1].plan is not None
+        assert states[1].plan.model_dump() == orm_plan.model_dump()
+        assert [p.model_dump() for p in states[1].paragraphs] == [p.model_dump() for p in orm_paras]
