@@ -14,12 +14,13 @@ Tables:
 
 from __future__ import annotations
 
+import copy
 import functools
+from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from pydantic.fields import FieldInfo
 from sqlalchemy import Column, Index, Text, UniqueConstraint
 from sqlalchemy.orm.instrumentation import ClassManager, manager_of_class
 from sqlmodel import Field, SQLModel
@@ -32,14 +33,35 @@ def utcnow() -> datetime:
 Row = TypeVar("Row", bound=SQLModel)
 
 
+# A default that is one of these is given as it is (pydantic copies only mutable defaults).
+_IMMUTABLE = (str, int, float, bool, type(None), datetime)
+
+
 @functools.cache
 def _row_spec(
     cls: type[SQLModel],
-) -> tuple[ClassManager[Any], frozenset[str], tuple[tuple[str, FieldInfo], ...]]:
-    manager = manager_of_class(cls)
-    fields = cls.model_fields
-    defaults = tuple((n, f) for n, f in fields.items() if not f.is_required())
-    return manager, frozenset(fields), defaults
+) -> tuple[ClassManager[Any], frozenset[str], tuple[tuple[str, Callable[[], Any]], ...]]:
+    """The class manager, the field names and a maker of each default: a factory as it is
+    (pydantic's get_default inspects the factory's signature on every call, which was most
+    of a row's cost), a constant as itself or a deep copy of a mutable one."""
+    defaults: list[tuple[str, Callable[[], Any]]] = []
+    for name, info in cls.model_fields.items():
+        if info.is_required():
+            continue
+        factory = info.default_factory
+        if factory is not None:
+            if info.default_factory_takes_validated_data:
+                raise TypeError(f"{cls.__name__}.{name}: a factory of the validated data")
+            defaults.append((name, factory))  # type: ignore[arg-type]
+        elif isinstance(info.default, _IMMUTABLE):
+            defaults.append((name, functools.partial(_same, info.default)))
+        else:
+            defaults.append((name, functools.partial(copy.deepcopy, info.default)))
+    return manager_of_class(cls), frozenset(cls.model_fields), tuple(defaults)
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 def new_row(cls: type[Row], **values: Any) -> Row:
@@ -59,9 +81,9 @@ def new_row(cls: type[Row], **values: Any) -> Row:
         raise TypeError(f"{cls.__name__} has no field {sorted(set(values) - names)}")
     row = manager.new_instance()
     d = row.__dict__
-    for name, info in defaults:
+    for name, make in defaults:
         if name not in values:
-            d[name] = info.get_default(call_default_factory=True)
+            d[name] = make()
     d.update(values)
     object.__setattr__(row, "__pydantic_fields_set__", set(values))
     return row
