@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from storage.models import InstructionStatus, Sample
+from storage.models import InstructionStatus, Sample, new_row
 from storage.store import InstructionState
 from tasks.eval.scoring import length_score
 from tasks.plan import steps_from_json
@@ -215,7 +215,8 @@ def _outcome(rt: BuildRuntime, state: InstructionState) -> tuple[Verdict, Sample
     verdict = run_filters(candidate, rt.config.filters)
     if not verdict.keep:
         return verdict, None
-    return verdict, Sample(
+    return verdict, new_row(
+        Sample,
         instruction_id=inst.id,
         text=candidate.text,
         words=count_words(candidate.text),

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from prompts import prompt_version, render
-from storage.models import Instruction, InstructionStatus, LLMCall
+from storage.models import Instruction, InstructionStatus, LLMCall, new_row
 from storage.models import Plan as PlanRow
 from tasks.llm import structured
 from tasks.llm.client import (
@@ -529,7 +529,8 @@ async def plan_instruction(rt: BuildRuntime, inst: Instruction) -> bool:
             return False
         # Batched with the other chains' writes of this loop turn; returns once committed.
         await rt.store.asave(
-            PlanRow(
+            new_row(
+                PlanRow,
                 instruction_id=inst.id,
                 call_key=call.key,
                 steps_json=steps_to_json(steps),
