@@ -270,12 +270,49 @@ def repetition_share(text: str, n: int = 13) -> float:
     return (total - distinct) / total
 
 
+def estimate_from_counts(length: int, cjk: int) -> int:
+    """estimate_tokens of a text of `length` characters, `cjk` of them counted CJK ones. Both
+    counts add up over a concatenation, so a joined or templated text is estimated from its
+    parts' counts (text_counts) without reading it again; the one expression here, over the
+    same integers, keeps such an estimate equal to estimate_tokens of the whole text."""
+    return int((length - cjk) / 3 + cjk * 1.5) + 1
+
+
+def text_counts(text: str) -> tuple[int, int]:
+    """(characters, counted CJK characters) of `text`: all that estimate_tokens reads."""
+    # no_cjk is exact when it says True (an ASCII text in nanoseconds, an English one with
+    # curly quotes in one C pass); the regex scans only a text that may hold CJK.
+    return len(text), (0 if no_cjk(text) else _cjk_count(text))
+
+
+# Paragraphs whose counts are kept: every write call of a sample estimates each paragraph of
+# the text so far again (the same str objects, call after call), so without a cache each call
+# rescans the whole text (issue 12); the turns prompt's asks too (the same text rendered again
+# per call). Enough for the paragraphs and asks of the samples in flight (chains x steps, ~3
+# texts a step); an entry is a pair of ints and a reference to its text. Texts longer than a
+# paragraph are counted, not kept.
+_PARAGRAPH_COUNT_TEXTS = 8192
+_PARAGRAPH_COUNT_MAX_CHARS = 20_000
+
+
+@functools.lru_cache(maxsize=_PARAGRAPH_COUNT_TEXTS)
+def _cached_paragraph_counts(text: str) -> tuple[int, int]:
+    return text_counts(text)
+
+
+def paragraph_counts(text: str) -> tuple[int, int]:
+    """text_counts of a text that is estimated again and again (a paragraph of the text so
+    far, an ask of the turns prompt); cached up to paragraph size."""
+    if len(text) > _PARAGRAPH_COUNT_MAX_CHARS:
+        return text_counts(text)
+    return _cached_paragraph_counts(text)
+
+
 def estimate_tokens(text: str) -> int:
     """Conservative token estimate without a tokenizer: ~3 characters per token for Latin
     text, 1.5 tokens per CJK character (small models' vocabularies split Chinese finely).
     Over-estimating only costs context; under-estimating costs a failed call."""
-    cjk = _cjk_count(text)
-    return int((len(text) - cjk) / 3 + cjk * 1.5) + 1
+    return estimate_from_counts(*text_counts(text))
 
 
 def join_paragraphs(paragraphs: list[str]) -> str:

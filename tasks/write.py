@@ -49,25 +49,57 @@ from tasks.settings import BUILD
 # Defined in modules that import no stage (the runtime holds a ContextBudget); callers still
 # read all three as tasks.write.*.
 from tasks.stage_config import ContextBudget
-from tasks.wordcount import count_words, estimate_tokens, repeated_sentence, repetition_share
+from tasks.wordcount import (
+    count_words,
+    estimate_from_counts,
+    estimate_tokens,
+    paragraph_counts,
+    repeated_sentence,
+    repetition_share,
+    text_counts,
+)
 from tasks.wordcount import join_paragraphs as join_paragraphs
+
+# (characters, CJK characters) of a text (tasks.wordcount.text_counts): every estimate here is
+# made from these, added up over the parts of a joined or templated text, so the text so far
+# is never read again to size a request (issue 12); estimate_from_counts over the summed
+# integers gives exactly estimate_tokens of the whole.
+Counts = tuple[int, int]
+
+
+def _joined_counts(parts: list[Counts]) -> Counts:
+    """Counts of the parts joined by blank lines ("\n\n": two characters, no CJK)."""
+    return sum(n for n, _ in parts) + 2 * max(len(parts) - 1, 0), sum(c for _, c in parts)
 
 
 def fit_written_text(paragraphs: list[str], budget_tokens: int, keep_opening: int = 1) -> str:
     """The text so far, joined by blank lines, within `budget_tokens`. When it does not fit,
     keep the opening paragraph(s) and as many of the latest as fit, and mark the gap so the
     model knows text was elided (and does not restart the story)."""
-    full = "\n\n".join(paragraphs)
-    if estimate_tokens(full) <= budget_tokens or not paragraphs:
-        return full
+    return _fit_written(paragraphs, budget_tokens, keep_opening)[0]
+
+
+def _fit_written(
+    paragraphs: list[str], budget_tokens: int, keep_opening: int = 1
+) -> tuple[str, Counts]:
+    """fit_written_text and the counts of the text it returns."""
+    counts = [paragraph_counts(p) for p in paragraphs]
+    full = _joined_counts(counts)
+    if estimate_from_counts(*full) <= budget_tokens or not paragraphs:
+        return "\n\n".join(paragraphs), full
     head = paragraphs[:keep_opening]
+    head_counts = counts[:keep_opening]
     tail: list[str] = []
-    used = sum(estimate_tokens(p) for p in head) + 30
-    for p in reversed(paragraphs[keep_opening:]):
-        cost = estimate_tokens(p)
+    tail_counts: list[Counts] = []
+    used = sum(estimate_from_counts(*c) for c in head_counts) + 30
+    for p, c in zip(
+        reversed(paragraphs[keep_opening:]), reversed(counts[keep_opening:]), strict=True
+    ):
+        cost = estimate_from_counts(*c)
         if used + cost > budget_tokens:
             break
         tail.insert(0, p)
+        tail_counts.insert(0, c)
         used += cost
     if used > budget_tokens or not tail:
         # Even the opening does not fit next to the latest paragraph: keep the latest one,
@@ -76,7 +108,8 @@ def fit_written_text(paragraphs: list[str], budget_tokens: int, keep_opening: in
         keep_chars = max(0, budget_tokens * 3 - 100)
         omitted_all = len(paragraphs) - 1
         note = f"[... {omitted_all} earlier paragraph(s) and the start of the last omitted ...]"
-        return note + "\n\n" + last[-keep_chars:] if keep_chars else note
+        cut = note + "\n\n" + last[-keep_chars:] if keep_chars else note
+        return cut, text_counts(cut)  # a new string, at most a budget long: counted once
     first_omitted = keep_opening + 1
     last_omitted = len(paragraphs) - len(tail)
     if last_omitted >= first_omitted:
@@ -88,7 +121,8 @@ def fit_written_text(paragraphs: list[str], budget_tokens: int, keep_opening: in
         gap = [f"[... {span} omitted here for length ...]"]
     else:
         gap = []
-    return "\n\n".join(head + gap + tail)
+    parts_counts = head_counts + [text_counts(g) for g in gap] + tail_counts
+    return "\n\n".join(head + gap + tail), _joined_counts(parts_counts)
 
 
 # The paper prompt is rendered once per request with this in place of the text so far, then
@@ -107,6 +141,11 @@ def _empty_written() -> str:
     head, tail = page.split(_WRITTEN_SLOT)
     assert empty.startswith(head) and empty.endswith(tail), "write.j2's written slot moved"
     return empty[len(head) : len(empty) - len(tail)]
+
+
+@functools.cache
+def _empty_written_counts() -> Counts:
+    return text_counts(_empty_written())
 
 
 def written_slot_page(instruction: str, steps: list[PlanStep], current: int) -> str | None:
@@ -149,7 +188,8 @@ def build_write_request(
     a conversation (prompts/write_turns.j2), see `turn_messages`."""
     max_tokens = paragraph_max_tokens(steps[current - 1].word_count, lang, max_paragraph_tokens)
     if style == "turns":
-        messages = turn_messages(
+        # `used`: sum(estimate_tokens(m["content"]) for m in messages), from counts.
+        messages, used = _turn_messages(
             instruction, steps, written, current, budget.prompt_budget(max_tokens)
         )
         version = prompt_version("write_turns")
@@ -160,21 +200,32 @@ def build_write_request(
             if page is not None
             else render("write", instruction=instruction, steps=steps, written="", current=current)
         )
-        room = budget.prompt_budget(max_tokens) - estimate_tokens(skeleton)
-        text_so_far = fit_written_text(written, max(room, 0)) if written else ""
+        skeleton_counts = text_counts(skeleton)  # instruction and plan: read once per call
+        room = budget.prompt_budget(max_tokens) - estimate_from_counts(*skeleton_counts)
+        text_so_far, so_far_counts = _fit_written(written, max(room, 0))  # ("", (0, 0)) for []
         if not text_so_far:
-            content = skeleton
+            content, counts = skeleton, skeleton_counts
         elif page is not None:
             content = page.replace(_WRITTEN_SLOT, text_so_far)
+            # The skeleton and the content are the same pieces of the page joined by the
+            # empty-text fill or by the text so far, once per slot: their counts differ by
+            # the fills'.
+            slots = page.count(_WRITTEN_SLOT)
+            empty = _empty_written_counts()
+            counts = (
+                skeleton_counts[0] + slots * (so_far_counts[0] - empty[0]),
+                skeleton_counts[1] + slots * (so_far_counts[1] - empty[1]),
+            )
         else:
             content = render(
                 "write", instruction=instruction, steps=steps, written=text_so_far, current=current
             )
+            counts = text_counts(content)  # the rare page without a slot: read as it is
         messages = [{"role": "user", "content": content}]
+        used = estimate_from_counts(*counts)
         version = prompt_version("write")
     # If even the skeleton crowds the window, give the answer what room is left: the server
     # would otherwise reject the call outright.
-    used = sum(estimate_tokens(m["content"]) for m in messages)
     spare = budget.context_window - budget.reserve_tokens - used
     max_tokens = max(64, min(max_tokens, spare))
     params = sampling_params(max_tokens, temperature, extra_params)
@@ -199,7 +250,26 @@ def turn_messages(
     `budget_tokens`, part 1 and the latest parts are kept and the middle ones left out (each
     ask names its part, so the gap is visible), as `fit_written_text` does for the paper
     prompt; when not even the latest fits, its end is kept."""
+    return _turn_messages(instruction, steps, written, current, budget_tokens)[0]
+
+
+def _turn_messages(
+    instruction: str,
+    steps: list[PlanStep],
+    written: list[str],
+    current: int,
+    budget_tokens: int,
+) -> tuple[list[dict[str, str]], int]:
+    """turn_messages, and the sum of its messages' estimate_tokens, from cached counts: the
+    paragraphs are the same strings every call, and the asks the same text rendered again
+    (hashing one is far cheaper than scanning it for CJK); only a cut answer is read anew."""
     points = _turn_points(steps)
+
+    def tokens(text: str) -> int:  # estimate_tokens(text), of a text seen call after call
+        return estimate_from_counts(*paragraph_counts(text))
+
+    def cost(i: int) -> int:  # part i's paragraph
+        return tokens(written[i - 1])
 
     def ask(i: int, first: bool) -> dict[str, str]:
         content = render(
@@ -215,33 +285,41 @@ def turn_messages(
     system = {"role": "system", "content": render("write_turns", part="system")}
     done = list(range(1, current))
     first_ask = ask(current, True)  # its size bounds the ask, whichever form it takes
-    used = estimate_tokens(system["content"]) + estimate_tokens(first_ask["content"])
+    system_tokens = tokens(system["content"])
+    first_ask_tokens = tokens(first_ask["content"])
+    used = system_tokens + first_ask_tokens
     used += 20 * (len(done) + 1)  # the one-line asks
     opening: list[int] = []
-    if done and used + estimate_tokens(written[0]) <= budget_tokens:
+    if done and used + cost(1) <= budget_tokens:
         opening = [1]  # the opening sets the voice and the story: kept first
-        used += estimate_tokens(written[0])
+        used += cost(1)
     kept: list[int] = []
     for i in reversed(done[1:]):  # then the latest parts: what the next part follows
-        cost = estimate_tokens(written[i - 1])
-        if used + cost > budget_tokens:
+        if used + cost(i) > budget_tokens:
             break
         kept.insert(0, i)
-        used += cost
+        used += cost(i)
     if len(done) > 1 and not kept and opening:
         # The latest part does not fit beside the opening: its end matters more.
-        used -= estimate_tokens(written[0])
+        used -= cost(1)
         opening = []
     kept = opening + kept
     answers = {i: written[i - 1] for i in kept}
+    answer_tokens = {i: cost(i) for i in kept}
     keep_chars = max(0, (budget_tokens - used) * 3)
     if done and not kept and keep_chars:
         last = done[-1]
         kept, answers = [last], {last: written[last - 1][-keep_chars:]}
+        answer_tokens = {last: estimate_tokens(answers[last])}  # a new slice: read once
     messages = [system]
+    total = system_tokens
     for n, i in enumerate(kept):
-        messages += [ask(i, n == 0), {"role": "assistant", "content": answers[i]}]
-    return messages + [ask(current, False) if kept else first_ask]
+        asked = ask(i, n == 0)
+        messages += [asked, {"role": "assistant", "content": answers[i]}]
+        total += tokens(asked["content"]) + answer_tokens[i]
+    final = ask(current, False) if kept else first_ask
+    total += tokens(final["content"]) if kept else first_ask_tokens
+    return messages + [final], total
 
 
 def continuation_length(
