@@ -28,6 +28,10 @@ _ENV = Environment(
     keep_trailing_newline=False,
     trim_blocks=True,
     lstrip_blocks=True,
+    # The templates are read once: with auto_reload every render stat()s its file (on every
+    # LLM call), and a template edited mid-run would render new text under the version
+    # (`prompt_version`, cached) of the old one.
+    auto_reload=False,
 )
 
 

@@ -40,6 +40,7 @@ from tasks.plan import (
     steps_from_json,
 )
 from tasks.settings import BUILD, BUILD_FLAGS, DRY_RUN_FLAGS, BuildSettings, DryRunSettings
+from tasks.wordcount import estimate_from_counts, text_counts
 from tasks.write import (
     ContextBudget,
     build_write_request,
@@ -84,16 +85,6 @@ def _main_point(index: int, lang: str) -> str:
     if lang == "zh":
         return f"第{index}部分：" + placeholder_text(30, "zh")
     return f"Part {index}: " + placeholder_text(24, "en")
-
-
-def _counts(text: str) -> tuple[int, int]:
-    """(characters, CJK characters): estimate_tokens depends on nothing else."""
-    return len(text), len(_CJK_RE.findall(text))
-
-
-def _tokens(chars: int, cjk: int) -> int:
-    """estimate_tokens from counts (same formula, so sums of counts stay exact)."""
-    return int((chars - cjk) / 3 + cjk * 1.5) + 1
 
 
 # -- configuration and results ----------------------------------------------------------------
@@ -243,7 +234,7 @@ def _plan_shape(
         json_style=cfg.json_style,
         max_steps=cfg.max_steps,
     )
-    chars, cjk = _counts(req.messages[-1][1])
+    chars, cjk = text_counts(req.messages[-1][1])
     steps = [PlanStep(_main_point(i, lang), w) for i, w in enumerate(words, start=1)]
     if cfg.json_plan:
         answer = json.dumps(
@@ -285,13 +276,13 @@ def _write_calls(
             max_paragraph_tokens=cfg.max_paragraph_tokens,
         )
         content = req.messages[-1][1]
-        chars, cjk = _counts(content)
+        chars, cjk = text_counts(content)
         paragraph = placeholder_text(steps[step - 1].word_count, lang)
         completion = min(estimate_tokens(paragraph), req.max_tokens or 1 << 30)
         asked = paragraph_max_tokens(steps[step - 1].word_count, lang, cfg.max_paragraph_tokens)
-        room = budget.prompt_budget(asked) - _tokens(chars, cjk)
+        room = budget.prompt_budget(asked) - estimate_from_counts(chars, cjk)
         shared = os.path.commonprefix([previous, content]) if previous else ""
-        out.append((chars, cjk, completion, room, _tokens(*_counts(shared)) if shared else 0))
+        out.append((chars, cjk, completion, room, estimate_tokens(shared) if shared else 0))
         previous = content
         text.append(paragraph)
     return out
@@ -311,14 +302,14 @@ def forecast(instructions: Iterable[PendingInstruction], cfg: ForecastConfig) ->
     )
     for inst in instructions:
         fc.instructions += 1
-        i_chars, i_cjk = _counts(inst.prompt)
+        i_chars, i_cjk = text_counts(inst.prompt)
         if inst.plan is None:
             p_chars, p_cjk, p_out, words = _plan_shape(inst.length, inst.lang, cfg)
-            fc.plan.add(1, _tokens(p_chars + i_chars, p_cjk + i_cjk), p_out)
+            fc.plan.add(1, estimate_from_counts(p_chars + i_chars, p_cjk + i_cjk), p_out)
             shape = _write_shape(words, inst.lang, cfg)
             # The instruction adds its size to every prompt, unless a prompt is so long that
             # the context budget would start trimming the text so far: render those exactly.
-            i_tokens = _tokens(i_chars, i_cjk)
+            i_tokens = estimate_from_counts(i_chars, i_cjk)
             if all(room - i_tokens > 4 for *_, room, _shared in shape):
                 # The instruction sits in the shared prefix of every write prompt after the
                 # first, so it adds to the shared part too.
@@ -343,7 +334,9 @@ def forecast(instructions: Iterable[PendingInstruction], cfg: ForecastConfig) ->
             fc.words += sum(s.word_count for s in inst.plan[len(inst.written) :])
         fc.paragraphs += len(calls)
         fc.write.add(
-            len(calls), sum(_tokens(c, k) for c, k, *_ in calls), sum(o for _, _, o, _ in calls)
+            len(calls),
+            sum(estimate_from_counts(c, k) for c, k, *_ in calls),
+            sum(o for _, _, o, _ in calls),
         )
         fc.cached_prompt_tokens += sum(cached_tokens(shared) for *_, shared in calls)
     return fc
