@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from prompts import prompt_version, render
-from storage.models import DraftCheck, Instruction, InstructionStatus, Paragraph
+from storage.models import DraftCheck, Instruction, InstructionStatus, Paragraph, new_row
 from storage.store import InstructionState, Store
 from tasks.flags import derive
 from tasks.llm.client import (
@@ -613,7 +613,8 @@ async def write_step(
             elif looped is not None:
                 verdict = Verdict(False, "repetition", f"repeats the sentence {looped[:60]!r}")
         checks.append(
-            DraftCheck(
+            new_row(
+                DraftCheck,
                 instruction_id=inst.id,
                 stage="write",
                 step=step,
@@ -644,7 +645,8 @@ async def write_step(
         return None
     assert best is not None
     draft, review = best
-    para = Paragraph(
+    para = new_row(
+        Paragraph,
         instruction_id=inst.id,
         step=step,
         call_key=draft.call_key,
