@@ -22,6 +22,7 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 from sqlalchemy import Column, Index, Text, UniqueConstraint
+from sqlalchemy.orm import configure_mappers
 from sqlalchemy.orm.instrumentation import ClassManager, manager_of_class
 from sqlmodel import Field, SQLModel
 
@@ -57,6 +58,9 @@ def _row_spec(
             defaults.append((name, functools.partial(_same, info.default)))
         else:
             defaults.append((name, functools.partial(copy.deepcopy, info.default)))
+    # The ORM configures its mappers at the first __init__ or query; new_instance does not,
+    # and a row made before either would have no mapper behind its state.
+    configure_mappers()
     return manager_of_class(cls), frozenset(cls.model_fields), tuple(defaults)
 
 

@@ -331,3 +331,19 @@ def test_new_row_is_the_row_init_makes(cls: type, tmp_path: Path) -> None:
             if isinstance(value, datetime):
                 got = got.replace(tzinfo=value.tzinfo)
             assert got == value, name
+
+
+def test_new_row_works_before_any_orm_use() -> None:
+    """A fresh process whose first row is a new_row (the build's first LLM call, before any
+    __init__ or query has configured the mappers) gets a working row."""
+    code = (
+        "from storage.models import LLMCall, new_row\n"
+        "from sqlalchemy import inspect\n"
+        "c = new_row(LLMCall, key='k', stage='write', model='m', prompt_version='v', content='x')\n"
+        "assert inspect(c).transient and c.content == 'x' and c.attempts == 1\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
