@@ -402,7 +402,10 @@ def transport_of(c: LLMClient) -> str:
     return names.pop()
 
 
-def test_default_transport_is_aiohttp():
+def test_default_transport_is_aiohttp(monkeypatch):
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("all_proxy", raising=False)
     assert RetryPolicy().http_transport == "aiohttp"
     assert transport_of(LLMClient([Endpoint(BASE)], "m")) == "httpx_aiohttp"
     plain = LLMClient([Endpoint(BASE)], "m", RetryPolicy(http_transport="httpcore"))
@@ -471,3 +474,141 @@ async def test_refused_connection_is_retried_then_endpoint_down(transport: str):
         with pytest.raises(EndpointDownError, match=r"failed after 3 attempts: Connect"):
             await c.chat(request())
         assert c.stats.requests == 3 and c.stats.retries == 2
+
+
+class _WireServer:
+    """A loopback HTTP/1.1 server that records each request's bytes and answers a chat
+    completion, setting a cookie when `cookie` is given (one connection at a time)."""
+
+    def __init__(self, cookie: str | None = None) -> None:
+        import threading
+
+        self.cookie = cookie
+        self.requests: list[bytes] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.base_url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                buf = b""
+                while True:
+                    while b"\r\n\r\n" not in buf:
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        buf += chunk
+                    if b"\r\n\r\n" not in buf:
+                        break
+                    head, _, rest = buf.partition(b"\r\n\r\n")
+                    length = int(
+                        next(
+                            line.split(b":", 1)[1]
+                            for line in head.split(b"\r\n")
+                            if line.lower().startswith(b"content-length:")
+                        )
+                    )
+                    while len(rest) < length:
+                        rest += conn.recv(65536)
+                    self.requests.append(head + b"\r\n\r\n" + rest[:length])
+                    buf = rest[length:]
+                    body = json.dumps(
+                        {
+                            "model": "m",
+                            "choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}],
+                            "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+                        }
+                    ).encode()
+                    extra = f"Set-Cookie: {self.cookie}; Path=/\r\n" if self.cookie else ""
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                        + f"Content-Length: {len(body)}\r\n{extra}\r\n".encode()
+                        + body
+                    )
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _headers_of(raw: bytes) -> list[tuple[bytes, bytes]]:
+    lines = raw.partition(b"\r\n\r\n")[0].split(b"\r\n")
+    return [tuple(p.strip() for p in line.split(b":", 1)) for line in lines[1:]]  # type: ignore[misc]
+
+
+@TRANSPORTS
+async def test_the_direct_send_puts_the_same_request_on_the_wire(transport: str):
+    """_post sends without httpx's client layers (auth, redirects, hooks, cookie jar): the
+    request line, headers (the client's defaults merged, ours over them, in order) and
+    body are the bytes httpx's own `post` sends."""
+    server = _WireServer()
+    try:
+        policy = RetryPolicy(max_attempts=1, http_transport=transport)
+        async with LLMClient([Endpoint(server.base_url, api_key=KEY)], "m", policy) as c:
+            state = c._states[0]
+            body = {"model": "m", "messages": [{"role": "user", "content": "héllo"}]}
+            headers = {"X-Longwriter-Stage": "write", "X-Longwriter-Request-Id": "k1"}
+            direct = await c._post(state.chat_url, body, headers)
+            pool = c._pools[0]
+            whole = await pool.post(
+                state.chat_url,
+                content=json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode(),
+                headers={**headers, "Content-Type": "application/json"},
+            )
+            assert direct.status_code == whole.status_code == 200
+            assert direct.json() == whole.json()
+            assert direct.request.url == whole.request.url
+    finally:
+        server.close()
+    sent_direct, sent_whole = server.requests
+    assert sent_direct.split(b"\r\n", 1)[0] == sent_whole.split(b"\r\n", 1)[0]
+    assert _headers_of(sent_direct) == _headers_of(sent_whole)
+    assert sent_direct.partition(b"\r\n\r\n")[2] == sent_whole.partition(b"\r\n\r\n")[2]
+    names = [k.lower() for k, _ in _headers_of(sent_direct)]
+    assert b"user-agent" in names and b"x-longwriter-request-id" in names
+
+
+@TRANSPORTS
+async def test_a_cookie_an_endpoint_sets_is_sent_back(transport: str):
+    """As with httpx's own path: a Set-Cookie from the endpoint (a load balancer's sticky
+    session) is kept and sent with the next requests."""
+    server = _WireServer(cookie="lb=replica-2")
+    try:
+        policy = RetryPolicy(max_attempts=1, http_transport=transport)
+        async with LLMClient([Endpoint(server.base_url)], "m", policy) as c:
+            first = await c.chat(request("one"))
+            second = await c.chat(request("two"))
+            assert first.content == second.content == "ok"
+    finally:
+        server.close()
+    cookies = [{k.lower(): v for k, v in _headers_of(r)}.get(b"cookie") for r in server.requests]
+    assert cookies == [None, b"lb=replica-2"]
+
+
+@TRANSPORTS
+async def test_a_proxy_from_the_environment_carries_the_requests(transport: str, monkeypatch):
+    """HTTP_PROXY set: requests go to the proxy, in absolute form for the endpoint's host
+    (httpx mounts it on its own transport; the direct send takes the transport the client
+    picks for the URL). The aiohttp transport used to go around it."""
+    proxy = _WireServer()
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy.base_url.removesuffix("/v1"))
+    try:
+        policy = RetryPolicy(max_attempts=1, http_transport=transport)
+        async with LLMClient([Endpoint("http://llm.example.invalid/v1")], "m", policy) as c:
+            # httpx's own transport, whichever was asked: only it mounts env proxies.
+            assert transport_of(c) == "httpx"
+            got = await c.chat(request("through the proxy"))
+    finally:
+        proxy.close()
+    assert got.content == "ok"
+    [sent] = proxy.requests
+    assert sent.startswith(b"POST http://llm.example.invalid/v1/chat/completions HTTP/1.1")
