@@ -11,6 +11,7 @@ runs) never block the writer. The same code runs on PostgreSQL by URL.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections import Counter
@@ -220,11 +221,15 @@ class Store:
         ops: list[_Op] = []
         for row in rows:
             table = row.__table__  # type: ignore[attr-defined]
-            values = {c.name: getattr(row, c.name) for c in table.columns}
-            pk = tuple(values[c.name] for c in table.primary_key.columns)
+            names, pk_names = _column_names(table)
+            # A row's values are in its __dict__ (made by __init__, new_row or a load); one
+            # that is not (an attribute expired by a commit) is read through the attribute.
+            state = row.__dict__
+            values = {n: state[n] if n in state else getattr(row, n) for n in names}
+            pk = tuple(values[n] for n in pk_names)
             if None in pk:  # an autoincrement id still to be given: a plain insert
-                for c in table.primary_key.columns:
-                    values.pop(c.name, None)
+                for n in pk_names:
+                    values.pop(n, None)
                 ops.append(_Op("insert", table, values, row=row))
             else:
                 ops.append(_Op("upsert", table, values, pk, row))
@@ -625,6 +630,13 @@ class Store:
             inst_by_source,
             self.quality_stats(),
         )
+
+
+@functools.cache
+def _column_names(table: Table) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A table's column names and its primary key's (a ColumnCollection is slow to walk,
+    and `_ops` walks them for every row written)."""
+    return tuple(c.name for c in table.columns), tuple(c.name for c in table.primary_key.columns)
 
 
 @dataclass
