@@ -68,6 +68,7 @@ UNRELATED: dict[tuple[str, object], str] = {
     ("tasks/quality.py", 512): "characters a quality check reads",
     ("flows/prefect_api.py", 2000): "characters of the API server's output shown on failure",
     ("tasks/llm/client.py", 120.0): "the longest Retry-After the client waits out",
+    ("tasks/wordcount.py", 8192): "paragraphs whose (length, CJK) counts are cached",
 }
 # "longwriter" (DeploySettings.pool) is also the product's name wherever else it stands.
 UNRELATED.update(
