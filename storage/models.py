@@ -73,9 +73,10 @@ def new_row(cls: type[Row], **values: Any) -> Row:
     the instance from its class manager, the values straight into its `__dict__`.
 
     A table model's own `__init__` validates nothing either, but sets every field through
-    SQLAlchemy's attribute events and pydantic's `__setattr__` (55-85 us a row against ~15
-    here): on the build's hot path, three rows per paragraph call (the call, the paragraph,
-    the draft's check) made it the store's largest CPU cost (issue 12). The row is the same:
+    SQLAlchemy's attribute events and pydantic's `__setattr__`, and pydantic inspects each
+    default factory's signature (51 us an `llm_call` row against 4.5 here): on the build's
+    hot path, three rows per paragraph call (the call, the paragraph, the draft's check) made
+    it the store's largest CPU cost (issue 12). The row is the same:
     the same field values and defaults (factories called), the same fields-set, a transient
     SQLAlchemy state (the store writes rows' values through Core; a Session takes it too:
     tests/storage/test_models.py). Stricter than `__init__`: an unknown field name is a

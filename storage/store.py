@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Table, bindparam, event, func, inspect, text
 from sqlalchemy import select as sa_select
@@ -384,9 +384,6 @@ class Store:
             .values(status=bindparam("b_status", type_=inst.c.status.type))
         )
         call = LLMCall.__table__  # type: ignore[attr-defined]
-        self._get_call_stmt = sa_select(call).where(
-            call.c.key == bindparam("b_key", type_=call.c.key.type)
-        )
         self._get_calls_stmt = sa_select(call).where(
             call.c.key.in_(bindparam("b_keys", expanding=True))
         )
@@ -421,10 +418,8 @@ class Store:
     # -- reads ----------------------------------------------------------------------------
 
     def get_call(self, key: str) -> LLMCall | None:
-        """The stored call with this key (every LLM call asks first: Core, not a Session)."""
-        with self.engine.connect() as conn:
-            row = conn.execute(self._get_call_stmt, {"b_key": key}).first()
-        return new_row(LLMCall, **row._mapping) if row is not None else None
+        """The stored call with this key (the build asks through `aget_call`)."""
+        return self.get_calls([key]).get(key)
 
     async def aget_call(self, key: str) -> LLMCall | None:
         """`get_call` through the event loop's batched reader: the lookups made during one
@@ -632,6 +627,9 @@ class Store:
         )
 
 
+T = TypeVar("T")
+
+
 @functools.cache
 def _column_names(table: Table) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """A table's column names and its primary key's (a ColumnCollection is slow to walk,
@@ -733,19 +731,17 @@ class _CallReader:
         except Exception as exc:  # noqa: BLE001 - handed to the callers
             for futs in batch.values():
                 for fut in futs:
-                    if not fut.done():
-                        fut.set_exception(exc)
+                    _settle(fut, exc)
             return
         for key, futs in batch.items():
             for fut in futs:
-                if not fut.done():  # its caller was cancelled
-                    fut.set_result(found.get(key))
+                _settle(fut, None, found.get(key))
 
 
-def _settle(fut: asyncio.Future[None], exc: BaseException | None) -> None:
+def _settle(fut: asyncio.Future[T], exc: BaseException | None, result: T = None) -> None:
     if fut.done():  # its caller was cancelled
         return
     if exc is None:
-        fut.set_result(None)
+        fut.set_result(result)
     else:
         fut.set_exception(exc)
