@@ -65,12 +65,14 @@ _COUNT_CACHE_TEXTS = 4096
 @functools.lru_cache(maxsize=_COUNT_CACHE_TEXTS)
 def _unit_counts(text: str) -> tuple[int, int]:
     """(CJK characters, English words) of `text`."""
-    return (0 if no_cjk(text) else _cjk_count(text)), letter_runs(text)
+    return _cjk_count(text), letter_runs(text)
 
 
 def _cjk_count(text: str) -> int:
-    """len(_CJK_RE.findall(text))."""
-    return sum(map(len, _CJK_RUN_RE.findall(text)))
+    """len(_CJK_RE.findall(text)). no_cjk is exact when it says True (an ASCII text in
+    nanoseconds, an English one with curly quotes in one C pass): the regex scans only a text
+    that may hold CJK."""
+    return 0 if no_cjk(text) else sum(map(len, _CJK_RUN_RE.findall(text)))
 
 
 def count_words(text: str) -> int:
@@ -280,9 +282,7 @@ def estimate_from_counts(length: int, cjk: int) -> int:
 
 def text_counts(text: str) -> tuple[int, int]:
     """(characters, counted CJK characters) of `text`: all that estimate_tokens reads."""
-    # no_cjk is exact when it says True (an ASCII text in nanoseconds, an English one with
-    # curly quotes in one C pass); the regex scans only a text that may hold CJK.
-    return len(text), (0 if no_cjk(text) else _cjk_count(text))
+    return len(text), _cjk_count(text)
 
 
 # Paragraphs whose counts are kept: every write call of a sample estimates each paragraph of
