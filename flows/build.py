@@ -65,6 +65,7 @@ from tasks.runtime import (
     unregister,
 )
 from tasks.settings import BuildSettings
+from tasks.signature_worker import SignatureWorker
 from tasks.write import ContextBudget
 
 __all__ = ["BuildSettings", "build_flow", "run_build", "stage_config"]
@@ -345,6 +346,11 @@ async def _write_samples(
             progress=progress,
             chain_slots=asyncio.Semaphore(settings.concurrency),
             budget=ContextBudget(resolved.context_window),
+            signatures=(
+                await stack.enter_async_context(SignatureWorker(store))
+                if settings.exports
+                else None
+            ),
         )
         async with (
             _judge_gate(settings, rt, resolved, policy),

@@ -10,6 +10,7 @@ Tables:
   paragraph    written paragraphs, one per (instruction, step)
   sample       accepted, assembled samples ready for export
   draft_check  the quality checks' verdict on every plan and paragraph draft
+  sample_signature  each sample's MinHash signature, for the export's near-duplicate pass
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from sqlalchemy import Column, Index, Text, UniqueConstraint
+from sqlalchemy import Column, Index, LargeBinary, Text, UniqueConstraint
 from sqlalchemy.orm import configure_mappers
 from sqlalchemy.orm.instrumentation import ClassManager, manager_of_class
 from sqlmodel import Field, SQLModel
@@ -269,6 +270,19 @@ class Sample(SQLModel, table=True):
     quality_json: str | None = Field(default=None, sa_column=Column(Text))
     created_at: datetime = Field(default_factory=utcnow)
     text: str = Field(sa_column=Column(Text, nullable=False))  # last: see LLMCall.content
+
+
+class SampleSignature(SQLModel, table=True):
+    """A sample's MinHash signature (tasks.near_duplicates.signature), computed beside the build
+    once its sample is stored, so the export's near-duplicate pass reads it instead of hashing
+    every shingle at the end of the run. A cache: valid only while `text_sha1` is the digest
+    of its sample's text; the export recomputes (and stores) any other."""
+
+    __tablename__ = "sample_signature"
+    instruction_id: int = Field(primary_key=True, foreign_key="instruction.id")
+    text_sha1: str
+    # NUM_PERM uint32 minima, little-endian (numpy "<u4"): 512 bytes.
+    hashvalues: bytes = Field(sa_column=Column(LargeBinary, nullable=False))
 
 
 class SourceFile(SQLModel, table=True):

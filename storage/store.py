@@ -38,6 +38,7 @@ from storage.models import (
     Run,
     RunStatus,
     Sample,
+    SampleSignature,
     SourceFile,
     new_row,
     utcnow,
@@ -502,18 +503,40 @@ class Store:
         near-duplicate pass reads (~0.2 ms a sample)."""
         yield from self._accepted(batch_size, Sample.instruction_id, Instruction.uid, Sample.text)
 
-    def _accepted(self, batch_size: int, *columns: Any) -> Iterator[Any]:
-        """Rows of `columns` for the accepted samples (with their instruction and plan), by
-        instruction id, `batch_size` at a time; the first column is a Sample or its
-        instruction id (the batches' cursor)."""
+    def iter_signed_sample_texts(
+        self, batch_size: int = 500
+    ) -> Iterator[tuple[int, str, str, str | None, bytes | None]]:
+        """`iter_sample_texts` rows with the sample's stored signature beside each (its
+        text_sha1 and hashvalues; None, None when none was stored)."""
+        yield from self._accepted(
+            batch_size,
+            Sample.instruction_id,
+            Instruction.uid,
+            Sample.text,
+            SampleSignature.text_sha1,
+            SampleSignature.hashvalues,
+            signed=True,
+        )
+
+    def _accepted(self, batch_size: int, *columns: Any, signed: bool = False) -> Iterator[Any]:
+        """Rows of `columns` for the accepted samples (with their instruction and plan, and
+        when `signed` their signature if stored), by instruction id, `batch_size` at a time;
+        the first column is a Sample or its instruction id (the batches' cursor)."""
         last_id = 0
         while True:
+            query = (
+                select(*columns)
+                .join(Instruction, col(Instruction.id) == col(Sample.instruction_id))
+                .join(Plan, col(Plan.instruction_id) == col(Sample.instruction_id))
+            )
+            if signed:
+                query = query.outerjoin(
+                    SampleSignature,
+                    col(SampleSignature.instruction_id) == col(Sample.instruction_id),
+                )
             with self.session() as s:
                 rows = s.exec(
-                    select(*columns)
-                    .join(Instruction, col(Instruction.id) == col(Sample.instruction_id))
-                    .join(Plan, col(Plan.instruction_id) == col(Sample.instruction_id))
-                    .where(col(Sample.instruction_id) > last_id)
+                    query.where(col(Sample.instruction_id) > last_id)
                     # a sample rejected after acceptance (a near-duplicate at export) stays
                     # in the store with its reason, but is not exported
                     .where(col(Instruction.status) == InstructionStatus.ACCEPTED)

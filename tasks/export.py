@@ -11,12 +11,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from storage.models import SampleSignature, new_row
 from storage.store import Store
 from tasks.card import write_card_and_report
-from tasks.near_duplicates import THRESHOLD, find_near_duplicates
+from tasks.near_duplicates import (
+    THRESHOLD,
+    find_near_duplicate_signatures,
+    from_signature,
+    minhash,
+    signature,
+    text_sha1,
+)
 from tasks.settings import BUILD
+
+if TYPE_CHECKING:
+    from datasketch import MinHash
 
 # The shard format, read from here by its older callers (the CLI, flows, audit, tests).
 from tasks.shards import SCHEMA as SCHEMA
@@ -34,15 +45,35 @@ def accepted_texts(store: Store, batch_size: int = TEXT_BATCH) -> Iterator[tuple
 
 def drop_near_duplicates(store: Store, threshold: float = THRESHOLD) -> int:
     """Reject (stage export, reason near_duplicate) every accepted sample whose text repeats
-    an earlier accepted one; the earliest instruction keeps its sample. Returns how many."""
+    an earlier accepted one; the earliest instruction keeps its sample. Returns how many.
+
+    Each sample's MinHash comes from its stored signature when that was computed for the
+    sample's text as it is (tasks.signature_worker stores them during the build), else from
+    the text; those computed here are stored, so the next export reads them too."""
     uids: dict[int, str] = {}
+    computed: list[SampleSignature] = []
 
-    def texts() -> Iterator[tuple[int, str]]:
-        for iid, uid, text in accepted_texts(store):
+    def signatures() -> Iterator[tuple[int, MinHash]]:
+        for iid, uid, text, stored_sha1, stored in store.iter_signed_sample_texts(TEXT_BATCH):
             uids[iid] = uid
-            yield iid, text
+            digest = text_sha1(text)
+            if stored is not None and stored_sha1 == digest:
+                try:
+                    yield iid, from_signature(stored)
+                    continue
+                except ValueError:  # a damaged row: computed again below, and replaced
+                    pass
+            m = minhash(text)
+            yield iid, m
+            computed.append(
+                new_row(
+                    SampleSignature, instruction_id=iid, text_sha1=digest, hashvalues=signature(m)
+                )
+            )
 
-    found = find_near_duplicates(texts(), threshold)
+    found = find_near_duplicate_signatures(signatures(), threshold)
+    if computed:
+        store.save(*computed)
     for dup in found:
         store.reject(
             dup.key,

@@ -244,6 +244,8 @@ async def filter_instruction(rt: BuildRuntime, state: InstructionState) -> bool:
         return False
     await rt.store.asave(sample, status=(inst_id, InstructionStatus.ACCEPTED))
     rt.progress.accepted += 1
+    if rt.signatures is not None:
+        rt.signatures.submit(inst_id, sample.text)
     return True
 
 

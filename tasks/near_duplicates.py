@@ -4,6 +4,12 @@ shingles, with datasketch's LSH index to find candidates in one pass.
 Two instructions that produced the same text (a paraphrased instruction, a model that
 answered two prompts with one essay) must not both ship: the later one (by instruction id)
 is dropped with its reason stored. Pure over texts; the export stage applies it to the store.
+
+A sample's signature (its MinHash's NUM_PERM minima) depends on its text alone, so the build
+computes it beside the writing, in a worker process, as each sample is stored
+(tasks.signature_worker): the export then reads signatures instead of hashing every shingle of
+every sample at the end of the run. The verdicts are the same either way: a signature is the
+MinHash's own values, and `find_near_duplicate_signatures` is the one pass both paths take.
 """
 
 from __future__ import annotations
@@ -36,6 +42,11 @@ HASH_CHUNK = 400
 # first, little-endian.
 _SHA1_WORDS = 5
 _DIGEST = operator.methodcaller("digest")
+
+
+# A signature's bytes: the NUM_PERM minima as little-endian uint32, the dtype datasketch's
+# affine32 scheme keeps them in (`from_signature` gives back whatever dtype it keeps).
+SIGNATURE_DTYPE = "<u4"
 
 
 @dataclass(frozen=True)
@@ -78,18 +89,53 @@ def minhash(text: str) -> MinHash:
     return m
 
 
+def text_sha1(text: str) -> str:
+    """The digest a stored signature is valid for (its sample's text, UTF-8)."""
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
+def signature(m: MinHash) -> bytes:
+    """A MinHash's minima as SIGNATURE_DTYPE bytes (NUM_PERM x 4 = 512 bytes)."""
+    return m.hashvalues.astype(SIGNATURE_DTYPE).tobytes()
+
+
+def text_signature(text: str) -> tuple[str, bytes]:
+    """(text_sha1, signature) of a text: what tasks.signature_worker computes for a sample."""
+    return text_sha1(text), signature(minhash(text))
+
+
+def from_signature(data: bytes) -> MinHash:
+    """The MinHash a signature's bytes hold: the values `minhash` gave, in its dtype, with
+    seed 1 and its scheme, so its estimates are the ones the two MinHashes give."""
+    from datasketch import LeanMinHash
+
+    values = np.frombuffer(data, dtype=SIGNATURE_DTYPE)
+    if values.size != NUM_PERM:
+        raise ValueError(f"a signature holds {NUM_PERM} values, not {values.size}")
+    # The scheme (datasketch's permutation formula) of the MinHashes the values came from.
+    like = _empty_minhash()
+    hashvalues = values.astype(like.hashvalues.dtype)
+    return LeanMinHash(seed=1, hashvalues=hashvalues, scheme=like.scheme)
+
+
 def find_near_duplicates(
     texts: Iterable[tuple[int, str]], threshold: float = THRESHOLD
 ) -> list[NearDuplicate]:
     """Samples (key, text), in order, that repeat an earlier one: each is reported once,
     against the first earlier sample LSH finds at or above `threshold`."""
+    return find_near_duplicate_signatures(((k, minhash(t)) for k, t in texts), threshold)
+
+
+def find_near_duplicate_signatures(
+    signatures: Iterable[tuple[int, MinHash]], threshold: float = THRESHOLD
+) -> list[NearDuplicate]:
+    """`find_near_duplicates` over samples' MinHashes (key, minhash), in order."""
     from datasketch import MinHashLSH
 
     lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
     kept: dict[int, MinHash] = {}
     found: list[NearDuplicate] = []
-    for key, text in texts:
-        m = minhash(text)
+    for key, m in signatures:
         best: tuple[float, int] | None = None
         for other in lsh.query(m):
             sim = float(m.jaccard(kept[other]))

@@ -17,6 +17,7 @@ from storage.models import LLMCall, new_row
 from storage.store import Store
 from tasks.llm.client import ChatRequest, LLMClient, LLMError
 from tasks.settings import BUILD
+from tasks.signature_worker import SignatureWorker
 
 # The stages' own configs, from the module that imports no stage: every stage imports this
 # runtime, so it must import none of them (issue 14's cycle).
@@ -117,6 +118,9 @@ class BuildRuntime:
     judge_gate: JudgeGate | None = None
     judge_client: LLMClient | None = None
     judge_slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(16))
+    # Computes each accepted sample's near-duplicate signature beside the build, for the
+    # export to read (tasks.signature_worker); None when the build exports nothing.
+    signatures: SignatureWorker | None = None
 
 
 async def in_chain_slot(rt: BuildRuntime, work: Coroutine[Any, Any, bool]) -> bool | None:

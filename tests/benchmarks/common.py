@@ -203,6 +203,15 @@ def _is_model_server(pid: int) -> bool:
         return False
 
 
+def _is_factory_worker(pid: int) -> bool:
+    """A process the factory spawned for its own work (tasks.signature_worker's pool): its
+    CPU is the factory's, not the Prefect API server's."""
+    try:
+        return b"multiprocessing" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 @dataclass
 class CpuSample:
     t: float  # time.time()
@@ -210,6 +219,7 @@ class CpuSample:
     children_cpu_s: float  # its descendants (the Prefect API server...), model servers apart
     rss_bytes: int
     model_cpu_s: float = 0.0  # descendants serving a model (the embedded llama.cpp server)
+    worker_cpu_s: float = 0.0  # the factory's own worker processes (counted in children too)
 
 
 class ProcessSampler:
@@ -222,6 +232,7 @@ class ProcessSampler:
         self.samples: list[CpuSample] = []
         self._child_last: dict[int, float] = {}
         self._model_pids: set[int] = set()
+        self._worker_pids: set[int] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -246,6 +257,8 @@ class ProcessSampler:
                 for k in kids:
                     if k not in self._child_last and _is_model_server(k):
                         self._model_pids.add(k)
+                    if k not in self._child_last and _is_factory_worker(k):
+                        self._worker_pids.add(k)
             for k in kids:
                 c = proc_cpu_s(k)
                 if c is not None:
@@ -253,12 +266,16 @@ class ProcessSampler:
             rss = proc_rss_bytes(self.pid) or 0
             model = sum(v for k, v in self._child_last.items() if k in self._model_pids)
             others = sum(self._child_last.values()) - model
-            self.samples.append(CpuSample(time.time(), main, others, rss, model))
+            worker = sum(v for k, v in self._child_last.items() if k in self._worker_pids)
+            self.samples.append(CpuSample(time.time(), main, others, rss, model, worker))
             i += 1
             self._stop.wait(self.interval_s)
 
     def model_cpu_between(self, t0: float, t1: float) -> float:
         return self._at(t1, "model_cpu_s") - self._at(t0, "model_cpu_s")
+
+    def worker_cpu_between(self, t0: float, t1: float) -> float:
+        return self._at(t1, "worker_cpu_s") - self._at(t0, "worker_cpu_s")
 
     def cpu_between(self, t0: float, t1: float) -> tuple[float, float]:
         """(main, children) CPU seconds spent between wall times t0 and t1 (interpolated)."""

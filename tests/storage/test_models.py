@@ -273,7 +273,14 @@ def _some_values(cls: type) -> dict:
     import typing
 
     # bool before int: a bool is an int too.
-    by_type = {bool: True, str: "s", int: 7, float: 0.5, datetime: datetime(2025, 1, 2, tzinfo=UTC)}
+    by_type = {
+        bool: True,
+        str: "s",
+        bytes: b"\x00\x01",
+        int: 7,
+        float: 0.5,
+        datetime: datetime(2025, 1, 2, tzinfo=UTC),
+    }
 
     def of(annotation: Any) -> Any:
         options = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]

@@ -151,6 +151,7 @@ def test_filter_stage_batched_writes_store_what_one_transaction_each_stores(tmp_
             config=SimpleNamespace(filters=CFG),
             progress=Progress(),
             client=SimpleNamespace(model="m"),
+            signatures=None,
         )
         for s in stores
     ]
