@@ -589,6 +589,19 @@ class Store:
 
         return quality_dict(failed, cleaned, means)
 
+    def accepted_sample_words(self) -> list[int]:
+        """The words of every sample that ships: those whose instruction is still accepted (a
+        sample rejected later, as a near-duplicate or by the judge gate, stays in its table
+        with its reason, and counts in no figure of what was accepted)."""
+        with self.session() as s:
+            return list(
+                s.exec(
+                    select(Sample.words)
+                    .join(Instruction, col(Instruction.id) == col(Sample.instruction_id))
+                    .where(col(Instruction.status) == InstructionStatus.ACCEPTED)
+                ).all()
+            )
+
     def stats(self) -> dict[str, Any]:
         """Where every input record ended: instructions by status, rejections by stage and
         reason, per-source line accounting, words and tokens."""

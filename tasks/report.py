@@ -24,13 +24,8 @@ def word_percentiles(words: list[int]) -> dict[str, int]:
 
 
 def build_summary(store: Store) -> dict[str, Any]:
-    from sqlmodel import select
-
-    from storage.models import Sample
-
     stats = store.stats()
-    with store.session() as s:
-        pct = word_percentiles(list(s.exec(select(Sample.words)).all()))
+    pct = word_percentiles(store.accepted_sample_words())
     calls = stats["llm_calls"]
     return {
         "accepted": stats["samples"]["accepted"],
@@ -130,12 +125,7 @@ def _run_rows(summary: dict[str, Any]) -> list[str]:
 
 def length_histogram_png(store: Store, path: Path) -> Path | None:
     """A histogram of accepted sample lengths; None when there is nothing to plot."""
-    from sqlmodel import select
-
-    from storage.models import Sample
-
-    with store.session() as s:
-        words = list(s.exec(select(Sample.words)).all())
+    words = store.accepted_sample_words()
     if not words:
         return None
     import matplotlib
