@@ -71,6 +71,17 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def _shipped(*columns: Any) -> Any:
+    """A select of `columns` over the samples that ship: those whose instruction is still
+    accepted (one rejected later, as a near-duplicate or by the judge gate, stays in its
+    table). `stats` counts them and `accepted_sample_words` lists their words from it."""
+    return (
+        select(*columns)
+        .join(Instruction, col(Instruction.id) == col(Sample.instruction_id))
+        .where(col(Instruction.status) == InstructionStatus.ACCEPTED)
+    )
+
+
 @dataclass(frozen=True)
 class InstructionState:
     """What a rerun needs to resume one instruction."""
@@ -594,13 +605,7 @@ class Store:
         sample rejected later, as a near-duplicate or by the judge gate, stays in its table
         with its reason, and counts in no figure of what was accepted)."""
         with self.session() as s:
-            return list(
-                s.exec(
-                    select(Sample.words)
-                    .join(Instruction, col(Instruction.id) == col(Sample.instruction_id))
-                    .where(col(Instruction.status) == InstructionStatus.ACCEPTED)
-                ).all()
-            )
+            return list(s.exec(_shipped(Sample.words)).all())
 
     def stats(self) -> dict[str, Any]:
         """Where every input record ended: instructions by status, rejections by stage and
@@ -625,11 +630,7 @@ class Store:
                     func.coalesce(func.sum(LLMCall.reasoning_tokens), 0),
                 ).group_by(LLMCall.stage)
             ).all()
-            samples = s.exec(
-                select(func.count(), func.coalesce(func.sum(Sample.words), 0))
-                .join(Instruction, col(Instruction.id) == col(Sample.instruction_id))
-                .where(col(Instruction.status) == InstructionStatus.ACCEPTED)
-            ).one()
+            samples = s.exec(_shipped(func.count(), func.coalesce(func.sum(Sample.words), 0))).one()
             sources = s.exec(select(SourceFile)).all()
             ingest_rej = Counter(
                 dict(
