@@ -508,17 +508,13 @@ class Store:
         whole dataset in memory)."""
         yield from self._accepted(batch_size, Sample, Instruction, Plan)
 
-    def iter_sample_texts(self, batch_size: int = 500) -> Iterator[tuple[int, str, str]]:
-        """(instruction id, uid, text) of the samples `iter_samples` yields, in its order, as
-        plain columns: no Sample, Instruction and Plan objects built for the three values the
-        near-duplicate pass reads (~0.2 ms a sample)."""
-        yield from self._accepted(batch_size, Sample.instruction_id, Instruction.uid, Sample.text)
-
     def iter_signed_sample_texts(
         self, batch_size: int = 500
     ) -> Iterator[tuple[int, str, str, str | None, bytes | None]]:
-        """`iter_sample_texts` rows with the sample's stored signature beside each (its
-        text_sha1 and hashvalues; None, None when none was stored)."""
+        """(instruction id, uid, text) of the samples `iter_samples` yields, in its order, as
+        plain columns (no Sample, Instruction and Plan objects built for the values the
+        near-duplicate pass reads: ~0.2 ms a sample), with each sample's stored signature
+        beside it (its text_sha1 and hashvalues; None, None when none was stored)."""
         yield from self._accepted(
             batch_size,
             Sample.instruction_id,

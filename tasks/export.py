@@ -34,13 +34,9 @@ from tasks.shards import SCHEMA as SCHEMA
 from tasks.shards import export_shards, to_record
 from tasks.shards import verify_manifest as verify_manifest
 
-# Rows of (instruction id, uid, text) read at a time: memory stays flat, as iter_samples'.
+# Rows of (instruction id, uid, text, signature) read at a time: memory stays flat, as
+# iter_samples'.
 TEXT_BATCH = 500
-
-
-def accepted_texts(store: Store, batch_size: int = TEXT_BATCH) -> Iterator[tuple[int, str, str]]:
-    """(instruction id, uid, text) of the samples store.iter_samples yields, in its order."""
-    return store.iter_sample_texts(batch_size)
 
 
 def drop_near_duplicates(store: Store, threshold: float = THRESHOLD) -> int:

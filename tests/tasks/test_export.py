@@ -3,9 +3,9 @@ import json
 import datasets
 from sqlmodel import select
 
-from storage.models import Instruction, LLMCall, Plan, Rejection, Sample
+from storage.models import Instruction, LLMCall, Plan, Rejection, Sample, SampleSignature
 from storage.store import Store
-from tasks.export import accepted_texts, export_store, verify_manifest
+from tasks.export import export_store, verify_manifest
 from tasks.plan import PlanStep, steps_to_json
 from tests.fake_openai import prose
 
@@ -106,9 +106,10 @@ def test_empty_store_exports_empty_manifest(tmp_path):
     assert manifest["counts"]["samples"] == 0 and manifest["files"] == []
 
 
-def test_accepted_texts_are_what_iter_samples_yields(tmp_path):
-    """The near-duplicate pass reads three columns, not the rows: the same samples, order,
-    joins (a sample without a plan is not exported) and filter (a rejected one neither)."""
+def test_signed_sample_texts_are_what_iter_samples_yields(tmp_path):
+    """The near-duplicate pass reads columns, not the rows: the same samples, order, joins (a
+    sample without a plan is not exported) and filter (a rejected one neither); the outer
+    join to the stored signatures neither drops nor repeats a sample."""
     store = Store(f"sqlite:///{tmp_path / 's.db'}")
     fill(store, 7)
     store.save(Instruction(id=8, uid="u8", prompt="p", norm_hash="h8", status="accepted"))
@@ -118,9 +119,12 @@ def test_accepted_texts_are_what_iter_samples_yields(tmp_path):
         )
     )
     store.reject(4, "export", "near_duplicate", "test")
+    store.save(SampleSignature(instruction_id=2, text_sha1="d", hashvalues=b"x"))
     expected = [(s.instruction_id, i.uid, s.text) for s, i, _ in store.iter_samples()]
-    assert [tuple(r) for r in accepted_texts(store, batch_size=2)] == expected
+    rows = [tuple(r) for r in store.iter_signed_sample_texts(batch_size=2)]
+    assert [r[:3] for r in rows] == expected
     assert [r[0] for r in expected] == [1, 2, 3, 5, 6, 7]
+    assert [r[3:] for r in rows] == [(None, None), ("d", b"x")] + [(None, None)] * 4
 
 
 def test_near_duplicates_rejected_at_export_with_their_reason(tmp_path):
