@@ -89,17 +89,20 @@ class SignatureWorker:
 
     async def _sign(self, instruction_id: int, text: str) -> None:
         loop = asyncio.get_running_loop()
+        # The store write inside the try too: a task's exception that nothing awaits (this
+        # task is awaited only at close, if still pending) would surface as no more than
+        # asyncio's "never retrieved" line at collection.
         try:
             digest, data = await loop.run_in_executor(self._executor(), text_signature, text)
+            row = new_row(
+                SampleSignature, instruction_id=instruction_id, text_sha1=digest, hashvalues=data
+            )
+            await self.store.asave(row)
         except Exception as exc:  # noqa: BLE001 - a cache: the export computes what is missing
             if not self.failed:
                 log.warning("sample signatures: worker failed (%s); the export computes them", exc)
             self.failed = True
             return
-        row = new_row(
-            SampleSignature, instruction_id=instruction_id, text_sha1=digest, hashvalues=data
-        )
-        await self.store.asave(row)
         self.stored += 1
 
     async def aclose(self, wait: bool = True) -> None:
