@@ -10,7 +10,9 @@ from tasks.plan import PlanStep, steps_to_json
 from tests.fake_openai import prose
 
 
-def fill(store: Store, n: int) -> None:
+def fill(store: Store, n: int, texts: list[str] | None = None) -> None:
+    """n accepted samples (instructions 1..n), each with its plan; `texts[i - 1]` is sample
+    i's text when given."""
     store.save(LLMCall(key="k", stage="plan", model="m", prompt_version="plan@x", content="{}"))
     for i in range(1, n + 1):
         store.save(
@@ -35,7 +37,7 @@ def fill(store: Store, n: int) -> None:
             Sample(
                 instruction_id=i,
                 # distinct prose: identical texts are near-duplicates, dropped at export
-                text=prose(f"sample {i}", 60),
+                text=texts[i - 1] if texts else prose(f"sample {i}", 60),
                 words=2000 + 1000 * i,
                 n_paragraphs=1,
                 model="m",

@@ -9,13 +9,14 @@ from types import SimpleNamespace
 
 from sqlmodel import select
 
-from storage.models import Instruction, LLMCall, Plan, Rejection, Sample, SampleSignature
+from storage.models import Rejection, Sample, SampleSignature
 from storage.store import Store
 from tasks.export import drop_near_duplicates, export_store
 from tasks.filters import filter_instruction, written_instructions
 from tasks.near_duplicates import from_signature, minhash, text_sha1, text_signature
 from tasks.runtime import Progress
 from tasks.signature_worker import SignatureWorker
+from tests.tasks.test_export import fill
 from tests.tasks.test_filters import CFG, written_store
 from tests.tasks.test_near_duplicates import replace_words, sample
 
@@ -23,22 +24,7 @@ from tests.tasks.test_near_duplicates import replace_words, sample
 def accepted_store(path: Path, texts: list[str]) -> Store:
     """Accepted samples with these texts, instructions 1..n, and no stored signature."""
     store = Store(f"sqlite:///{path}")
-    store.save(LLMCall(key="k", stage="plan", model="m", prompt_version="plan@x", content="{}"))
-    for i, text in enumerate(texts, 1):
-        store.save(
-            Instruction(id=i, uid=f"u{i}", prompt=f"p{i}", norm_hash=f"h{i}", status="accepted"),
-            Plan(
-                instruction_id=i,
-                call_key="k",
-                steps_json="[]",
-                n_steps=1,
-                total_words=1,
-                prompt_version="plan@x",
-            ),
-            Sample(
-                instruction_id=i, text=text, words=1, n_paragraphs=1, model="m", prompt_version="v"
-            ),
-        )
+    fill(store, len(texts), texts)
     return store
 
 
